@@ -1,0 +1,53 @@
+# imagegen — the two commands are `make run` and `make test`; `make help` lists the rest.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+GEN_OUT := server/_gen
+STAMP := $(VENV)/.installed
+# protoc finds the mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) on PATH
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: help run test protos check-protos migrate venv sandbox clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) on PATH"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)  ## create the virtualenv and install the project with its dev tools
+
+run: $(STAMP)  ## migrate the embedded database and serve gRPC + HTTP with the sandbox vendors
+	$(PY) -m server migrate
+	$(PY) -m server serve
+
+migrate: $(STAMP)  ## bring the database at IMAGEGEN_DATABASE_URL to the newest schema
+	$(PY) -m server migrate
+
+test: $(STAMP) check-protos  ## the whole suite, against PostgreSQL (IMAGEGEN_TEST_DATABASE_URL) and SQLite
+	$(PY) -m pytest
+
+protos: $(STAMP)  ## regenerate server/_gen from protos/
+	rm -rf $(GEN_OUT) && mkdir -p $(GEN_OUT)
+	$(PY) -m grpc_tools.protoc -I$(GEN_OUT)=protos --python_out=. --grpc_python_out=. \
+	  --mypy_out=. --mypy_grpc_out=. $$(find protos -name '*.proto' | sort)
+	find $(GEN_OUT) -type d -exec touch {}/__init__.py \;
+
+check-protos: $(STAMP)  ## fail when the committed generated code differs from what `make protos` makes
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && mkdir -p "$$tmp/$(GEN_OUT)" && \
+	$(PY) -m grpc_tools.protoc -I$(GEN_OUT)=protos --python_out="$$tmp" --grpc_python_out="$$tmp" \
+	  --mypy_out="$$tmp" --mypy_grpc_out="$$tmp" $$(find protos -name '*.proto' | sort) && \
+	find "$$tmp/$(GEN_OUT)" -type d -exec touch {}/__init__.py \; && \
+	diff -r -x __pycache__ "$$tmp/$(GEN_OUT)" $(GEN_OUT) >/dev/null || \
+	{ echo "server/_gen is stale: run 'make protos' and commit the result"; exit 1; }
+
+sandbox: $(STAMP)  ## run the vendor sandbox alone (prints its base URL)
+	$(PY) -m providers.sandbox --host 127.0.0.1 --port 8090
+
+clean:  ## remove the virtualenv and local data
+	rm -rf $(VENV) var
