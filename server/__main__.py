@@ -1,0 +1,71 @@
+"""Entry point: `python -m server serve | migrate` (also installed as `imagegen-server`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from server.app import running_app
+from server.settings import Settings, SettingsError
+from storage import migrate
+from storage.db import make_engine
+
+log = logging.getLogger("server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, read the settings once, and run the command."""
+    parser = argparse.ArgumentParser(prog="imagegen-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve gRPC and HTTP, and run the worker")
+    serve.add_argument("--role", choices=("all", "api", "worker"), help="overrides IMAGEGEN_ROLE")
+    serve.add_argument("--migrate", action="store_true", help="migrate the database before serving")
+    commands.add_parser("migrate", help="bring the database to the newest schema and exit")
+    args = parser.parse_args(argv)
+
+    try:
+        overrides = {"role": args.role} if getattr(args, "role", None) else {}
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Alembic announces its context on every readiness check; only its warnings matter at run time.
+    logging.getLogger("alembic").setLevel(logging.WARNING if args.command == "serve" else logging.INFO)
+    if args.command == "migrate":
+        asyncio.run(_migrate(settings))
+        return 0
+    asyncio.run(_serve(settings, migrate_schema=args.migrate))
+    return 0
+
+
+async def _migrate(settings: Settings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    try:
+        await migrate.upgrade(engine)
+        log.info("database at revision %s", await migrate.current_revision(engine))
+    finally:
+        await engine.dispose()
+
+
+async def _serve(settings: Settings, *, migrate_schema: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with running_app(settings, migrate_schema=migrate_schema):
+        await stop.wait()
+        log.info("shutting down (grace %.0f s)", settings.shutdown_grace_s)
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

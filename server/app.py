@@ -1,0 +1,211 @@
+"""The composition root: the one place concrete classes are chosen and every resource's lifetime is owned."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from providers.base import ImageProvider
+from providers.bfl import BflProvider
+from providers.catalog import CATALOG
+from providers.sandbox import Sandbox
+from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from server.files import UrlSigner, signing_key
+from server.health import SERVICE_NAME, Readiness
+from server.hub import EventHub
+from server.http import http_routes
+from server.metrics import ServiceMetrics
+from server.servicer import ImageGenerationServicer
+from server.settings import Settings, split_address
+from server.worker import Worker, WorkerPolicy
+from storage import migrate
+from storage.blobs import LocalBlobStore
+from storage.db import is_postgres, make_engine
+from storage.jobs import SqlJobStore
+from storage.listener import PgListener
+
+log = logging.getLogger(__name__)
+
+#: gRPC core refuses new calls past this many pending ones; watch-heavy servers need far more than 1,000
+MAX_PENDING_REQUESTS = 20_000
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class App:
+    """A running service: what tests and the entry point need to reach."""
+
+    settings: Settings
+    grpc_port: int
+    http_port: int
+    store: SqlJobStore
+    hub: EventHub
+    worker: Worker | None
+    registry: CollectorRegistry
+    sandbox: Sandbox | None
+    providers: Mapping[str, ImageProvider]
+    readiness: Readiness
+
+    @property
+    def grpc_target(self) -> str:
+        """Where a client dials the gRPC API."""
+        host, _ = split_address(self.settings.grpc_address)
+        return f"{host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """The base URL of the HTTP side."""
+        host, _ = split_address(self.settings.http_address)
+        return f"http://{host}:{self.http_port}"
+
+
+def build_providers(settings: Settings, session: aiohttp.ClientSession, sandbox: Sandbox | None) -> dict[str, ImageProvider]:
+    """An adapter for every model whose vendor has a key, or the sandbox when it has none."""
+    providers: dict[str, ImageProvider] = {}
+    bfl = settings.vendor("bfl")
+    if bfl.api_key:
+        adapter = BflProvider(session, base_url=bfl.base_url or "https://api.bfl.ai", api_key=bfl.api_key)
+    elif sandbox is not None:
+        adapter = BflProvider(session, base_url=bfl.base_url or sandbox.base_url, api_key="sandbox")
+    else:
+        return providers
+    for model in CATALOG.values():
+        if model.vendor == "bfl":
+            providers[model.id] = adapter
+    return providers
+
+
+def needs_sandbox(settings: Settings) -> bool:
+    """Whether some vendor has no key and the sandbox should stand in for it."""
+    return settings.sandbox == "auto" and not settings.vendor("bfl").api_key
+
+
+@contextlib.asynccontextmanager
+async def running_app(
+    settings: Settings, *, providers: Mapping[str, ImageProvider] | None = None, migrate_schema: bool = False
+) -> AsyncIterator[App]:
+    """Start everything the settings ask for; stop it all, in order, when the block exits."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    assert settings.blob_dir is not None
+    registry = CollectorRegistry()
+    metrics = ServiceMetrics(registry)
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
+                         statement_timeout_s=settings.db_timeout_s)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(engine.dispose)
+        if migrate_schema:
+            await migrate.upgrade(engine)
+        store = SqlJobStore(engine)
+        blobs = LocalBlobStore(settings.blob_dir)
+        signer = UrlSigner(signing_key(settings.url_signing_key, settings.data_dir),
+                           base_url=settings.public_base_url, ttl_s=settings.url_ttl_s)
+
+        sandbox: Sandbox | None = None
+        if providers is None and needs_sandbox(settings):
+            sandbox = await stack.enter_async_context(Sandbox.running(latency_s=settings.sandbox_latency_s))
+            log.warning(
+                "no vendor API key set: serving the vendor APIs from the local SANDBOX at %s; "
+                "images are placeholders, not real generations", sandbox.base_url,
+            )
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.provider_timeout_s, connect=10))
+        )
+        if providers is None:
+            providers = build_providers(settings, session, sandbox)
+
+        worker: Worker | None = None
+        if settings.role in ("all", "worker"):
+            worker = Worker(
+                store, blobs, providers, metrics,
+                policy=WorkerPolicy(
+                    concurrency=settings.worker_concurrency,
+                    lease_s=settings.lease_s,
+                    poll_interval_s=settings.poll_interval_s,
+                    max_attempts=settings.max_attempts,
+                    retry_base_s=settings.retry_base_s,
+                    retry_max_s=settings.retry_max_s,
+                ),
+            )
+        hub = EventHub(store, poll_interval_s=settings.poll_interval_s,
+                       on_pending=worker.wake if worker is not None else None)
+        store.set_on_commit(hub.notify)
+        hub.start()
+        stack.push_async_callback(hub.close)
+
+        if is_postgres(engine):
+            listener = PgListener(settings.database_url, on_notices=hub.notify, on_reconnect=hub.request_catch_up)
+            await listener.start()
+            stack.push_async_callback(listener.close)
+
+        health_servicer = health.aio.HealthServicer()
+        readiness = Readiness(store, health_servicer)
+        await readiness.check()
+        readiness_task = asyncio.create_task(readiness.run(), name="readiness")
+        stack.callback(readiness_task.cancel)
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_pending_requests", MAX_PENDING_REQUESTS),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=None,
+        )
+        services = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if settings.role in ("all", "api"):
+            pb_grpc.add_ImageGenerationServicer_to_server(
+                ImageGenerationServicer(
+                    store, hub, signer, providers, metrics,
+                    deadline_s=settings.job_deadline_s, heartbeat_s=settings.watch_heartbeat_s,
+                ),
+                server,
+            )
+            services.append(SERVICE_NAME)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(services, server)
+        grpc_port = server.add_insecure_port(settings.grpc_address)
+        if grpc_port == 0:
+            raise OSError(f"cannot listen for gRPC on {settings.grpc_address}")
+
+        http_runner = web.AppRunner(_http_app(registry, readiness, blobs, signer), access_log=None)
+        await http_runner.setup()
+        stack.push_async_callback(http_runner.cleanup)
+        http_host, http_port = split_address(settings.http_address)
+        http_site = web.TCPSite(http_runner, http_host, http_port)
+        await http_site.start()
+        bound_http_port = http_runner.addresses[0][1]
+
+        await server.start()
+        if worker is not None:
+            worker.start()
+        app = App(settings=settings, grpc_port=grpc_port, http_port=bound_http_port, store=store, hub=hub,
+                  worker=worker, registry=registry, sandbox=sandbox, providers=providers, readiness=readiness)
+        log.info("serving gRPC on %s and HTTP on %s (role %s, database %s)", app.grpc_target, app.http_url,
+                 settings.role, engine.url.render_as_string(hide_password=True))
+        try:
+            yield app
+        finally:
+            # Graceful order: stop advertising, end watch streams (clients resume elsewhere), stop taking
+            # calls while in-flight unary calls finish, then let running jobs finish or hand them back.
+            await readiness.shutting_down()
+            await hub.close()
+            await server.stop(settings.shutdown_grace_s)
+            if worker is not None:
+                await worker.stop(settings.shutdown_grace_s)
+
+
+def _http_app(registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlobStore, signer: UrlSigner) -> web.Application:
+    app = web.Application()
+    app.add_routes(http_routes(registry, readiness, blobs, signer))
+    return app

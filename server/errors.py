@@ -1,0 +1,91 @@
+"""Domain errors into gRPC statuses (AIP-193), as data; rich details travel in grpc-status-details-bin."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.validation import FieldViolation, InvalidRequest
+from storage.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    JobNotFound,
+    LeaseLost,
+    StorageError,
+    StoreUnavailable,
+)
+
+_STATUS: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    JobNotFound: grpc.StatusCode.NOT_FOUND,
+    IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
+    InvalidTransition: grpc.StatusCode.FAILED_PRECONDITION,
+    LeaseLost: grpc.StatusCode.ABORTED,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+#: how long a client should wait before retrying after UNAVAILABLE from the database
+STORE_RETRY_DELAY_S = 1
+
+
+class ServiceError(Exception):
+    """An RPC outcome decided by the servicer itself (not by a lower layer)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    """The gRPC code of an exception, by its most specific known class; INTERNAL for the unknown."""
+    if isinstance(exc, ServiceError):
+        return exc.code
+    return next((_STATUS[c] for c in type(exc).__mro__ if c in _STATUS), grpc.StatusCode.INTERNAL)
+
+
+def bad_request(violations: Sequence[FieldViolation]) -> any_pb2.Any:
+    """google.rpc.BadRequest naming every bad field."""
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in violations
+            ]
+        )
+    )
+    return detail
+
+
+def retry_info(seconds: float) -> any_pb2.Any:
+    """google.rpc.RetryInfo: when trying again makes sense."""
+    detail = any_pb2.Any()
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(seconds * 1e9))
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return detail
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:  # type: ignore[type-arg]
+    """End the RPC with the status `exc` maps to, with BadRequest / RetryInfo details where they apply."""
+    code = status_for(exc)
+    message = exc.message if isinstance(exc, ServiceError) else str(exc)
+    details: list[any_pb2.Any] = []
+    if isinstance(exc, InvalidRequest):
+        details.append(bad_request(exc.violations))
+    elif isinstance(exc, StoreUnavailable):
+        message = "the job database is unreachable; try again"
+        details.append(retry_info(STORE_RETRY_DELAY_S))
+    elif code is grpc.StatusCode.INTERNAL and not isinstance(exc, (StorageError, ServiceError)):
+        message = "internal error"  # never a stack trace or driver text to the caller
+    status = rpc_status.to_status(
+        status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+    )
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: context.abort raises")

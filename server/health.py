@@ -1,0 +1,65 @@
+"""Readiness: whether the database answers and has the newest schema, for gRPC health and /readyz."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from grpc_health.v1 import health, health_pb2
+
+from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from storage import migrate
+from storage.errors import StoreUnavailable
+from storage.jobs import SqlJobStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGeneration"].full_name
+#: how often readiness (gRPC health and /readyz) re-checks the database
+HEALTH_CHECK_INTERVAL_S = 2.0
+
+
+class Readiness:
+    """Whether the database answers and has the newest schema; drives gRPC health and /readyz."""
+
+    def __init__(self, store: SqlJobStore, health_servicer: health.aio.HealthServicer) -> None:
+        self._store = store
+        self._health = health_servicer
+        self.ready = False
+        self.reason = "not checked yet"
+        self._shutting_down = False
+
+    async def check(self) -> bool:
+        """Check once and publish the outcome."""
+        try:
+            await self._store.ping()
+            current = await migrate.current_revision(self._store.engine)
+            head = migrate.head_revision()
+            ready, reason = (current == head), ("ok" if current == head else f"schema at {current}, needs {head}")
+        except (StoreUnavailable, OSError, TimeoutError) as exc:
+            ready, reason = False, f"database unreachable: {exc}"
+        except Exception as exc:  # e.g. a driver error while the database restarts
+            ready, reason = False, f"database check failed: {exc.__class__.__name__}"
+        if ready != self.ready:
+            log.log(logging.INFO if ready else logging.WARNING, "readiness: %s", reason)
+        self.ready, self.reason = ready, reason
+        await self._publish()
+        return ready
+
+    async def shutting_down(self) -> None:
+        """From now on, NOT_SERVING whatever the database says."""
+        self._shutting_down = True
+        await self._health.enter_graceful_shutdown()
+
+    async def run(self) -> None:
+        """Re-check forever."""
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_INTERVAL_S)
+            await self.check()
+
+    async def _publish(self) -> None:
+        if self._shutting_down:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if self.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)

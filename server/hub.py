@@ -1,0 +1,238 @@
+"""The event hub: fans committed transitions out to watch streams, one database read per changed job.
+
+Wake-ups come from the store in this process and, on PostgreSQL, from NOTIFY for every process. A
+single dispatcher task drains them, reads the new event rows of each job somebody watches once,
+and hands each event to the interested subscriptions. A periodic catch-up re-reads the versions of
+watched jobs, so a lost notification delays an event by at most one poll interval and never loses it.
+Subscriptions themselves enforce order: a WatchJob stream that sees a version gap reads the gap from
+the store (see `server.servicer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from storage.errors import StorageError
+from storage.jobs import SqlJobStore
+from storage.models import JobEvent, JobNotice, JobStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+#: how far back the catch-up looks beyond its previous run (covers transactions that commit late)
+CATCH_UP_MARGIN = timedelta(seconds=10)
+#: how many (job → version dispatched) entries the hub remembers
+REMEMBERED_JOBS = 100_000
+
+
+class Closed:
+    """Put on a subscription's queue when the hub shuts down or the subscriber fell too far behind."""
+
+    def __init__(self, reason: str, *, overflow: bool = False) -> None:
+        self.reason = reason
+        self.overflow = overflow
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One watch stream's mailbox."""
+
+    account_id: str
+    job_id: uuid.UUID | None = None
+    folder_id: str | None = None
+    statuses: frozenset[JobStatus] = frozenset()
+    max_queued: int = 0
+    started: datetime = field(default_factory=utcnow)
+    queue: asyncio.Queue[JobEvent | Closed] = field(default_factory=asyncio.Queue)
+    _closed: bool = False
+
+    def wants(self, event: JobEvent) -> bool:
+        """Whether this event belongs on this stream."""
+        job = event.job
+        if job.account_id != self.account_id:
+            return False
+        if self.job_id is not None:
+            return job.id == self.job_id
+        if event.event_time < self.started:
+            return False
+        if self.folder_id is not None and job.spec.folder_id != self.folder_id:
+            return False
+        return not self.statuses or job.status in self.statuses
+
+    def offer(self, item: JobEvent | Closed) -> None:
+        """Queue an item, closing the stream instead when the subscriber is too far behind."""
+        if self._closed:
+            return
+        if isinstance(item, Closed):
+            self._closed = True
+        elif self.max_queued and self.queue.qsize() >= self.max_queued:
+            self._closed = True
+            item = Closed("watcher fell too far behind; reconnect", overflow=True)
+        self.queue.put_nowait(item)
+
+
+class EventHub:
+    """Delivers job events to subscriptions; see the module docstring."""
+
+    def __init__(
+        self,
+        store: SqlJobStore,
+        *,
+        poll_interval_s: float,
+        on_pending: Callable[[], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._poll_interval_s = poll_interval_s
+        self._on_pending = on_pending
+        self._by_job: dict[uuid.UUID, set[Subscription]] = defaultdict(set)
+        self._by_account: dict[str, set[Subscription]] = defaultdict(set)
+        self._dispatched: OrderedDict[uuid.UUID, int] = OrderedDict()
+        self._inbox: dict[uuid.UUID, JobNotice] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_catch_up = utcnow()
+        self._catch_up_requested = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Run the dispatcher and the periodic catch-up."""
+        self._tasks = [
+            asyncio.create_task(self._dispatch_loop(), name="hub-dispatch"),
+            asyncio.create_task(self._catch_up_loop(), name="hub-catch-up"),
+        ]
+
+    async def close(self, reason: str = "server shutting down") -> None:
+        """End every subscription (streams answer UNAVAILABLE) and stop."""
+        for subscription in self._all_subscriptions():
+            subscription.offer(Closed(reason))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    @property
+    def open_subscriptions(self) -> int:
+        """How many watch streams are open."""
+        return sum(1 for _ in self._all_subscriptions())
+
+    # ------------------------------------------------------------ subscriptions
+
+    @contextlib.contextmanager
+    def subscribe(self, subscription: Subscription) -> Iterator[Subscription]:
+        """Register a subscription for the duration of a `with` block; nothing is left behind after it."""
+        index = self._by_job if subscription.job_id is not None else self._by_account
+        key = subscription.job_id if subscription.job_id is not None else subscription.account_id
+        index[key].add(subscription)  # type: ignore[index]
+        try:
+            yield subscription
+        finally:
+            members = index[key]  # type: ignore[index]
+            members.discard(subscription)
+            if not members:
+                del index[key]  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ wake-ups
+
+    def notify(self, notices: Sequence[JobNotice]) -> None:
+        """Told of committed transitions (by the store in this process, or by NOTIFY); never blocks."""
+        pending = False
+        for notice in notices:
+            if notice.status is JobStatus.PENDING:
+                pending = True
+            if notice.job_id in self._by_job or notice.account_id in self._by_account:
+                known = self._inbox.get(notice.job_id)
+                if known is None or known.version < notice.version:
+                    self._inbox[notice.job_id] = notice
+        if self._inbox:
+            self._wake.set()
+        if pending and self._on_pending is not None:
+            self._on_pending()
+
+    def request_catch_up(self) -> None:
+        """Re-read soon what may have been missed (after the NOTIFY connection came back)."""
+        self._catch_up_requested = True
+        self._wake.set()
+
+    # ------------------------------------------------------------ internals
+
+    def _all_subscriptions(self) -> Iterator[Subscription]:
+        for members in list(self._by_job.values()) + list(self._by_account.values()):
+            yield from list(members)
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._catch_up_requested:
+                self._catch_up_requested = False
+                await self._catch_up()
+            inbox, self._inbox = self._inbox, {}
+            if inbox:
+                try:
+                    await self._deliver(list(inbox.values()), from_catch_up=False)
+                except StorageError as exc:
+                    # the catch-up loop will find these again once the database answers
+                    log.warning("event hub could not read events: %s", exc)
+
+    async def _catch_up_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_interval_s)
+            self._catch_up_requested = True
+            self._wake.set()
+
+    async def _catch_up(self) -> None:
+        since = self._last_catch_up - CATCH_UP_MARGIN
+        now = utcnow()
+        try:
+            notices = await self._store.versions(list(self._by_job))
+            notices += await self._store.changed_since(list(self._by_account), since)
+            await self._deliver(notices, from_catch_up=True)
+        except StorageError as exc:
+            log.warning("event hub catch-up failed: %s", exc)
+            return
+        self._last_catch_up = now
+
+    async def _deliver(self, notices: Sequence[JobNotice], *, from_catch_up: bool) -> None:
+        bases: dict[uuid.UUID, int] = {}
+        for notice in notices:
+            dispatched = self._dispatched.get(notice.job_id)
+            if dispatched is not None and notice.version <= dispatched:
+                continue
+            if not (notice.job_id in self._by_job or notice.account_id in self._by_account):
+                continue
+            if dispatched is not None:
+                bases[notice.job_id] = dispatched
+            else:
+                # First sight of this job: a notification names exactly the new version; a catch-up
+                # knows only that something changed, so it reads the job's (short) history and lets
+                # each subscription drop what it has already seen.
+                bases[notice.job_id] = 0 if from_catch_up else notice.version - 1
+        if not bases:
+            return
+        for job_id, base in bases.items():
+            events = await self._store.events(job_id, after_version=base)
+            for event in events:
+                for subscription in self._interested(event):
+                    subscription.offer(event)
+            if events:
+                self._remember(job_id, events[-1].version)
+
+    def _interested(self, event: JobEvent) -> list[Subscription]:
+        found = [s for s in self._by_job.get(event.job.id, ()) if s.wants(event)]
+        found += [s for s in self._by_account.get(event.job.account_id, ()) if s.wants(event)]
+        return found
+
+    def _remember(self, job_id: uuid.UUID, version: int) -> None:
+        self._dispatched[job_id] = version
+        self._dispatched.move_to_end(job_id)
+        while len(self._dispatched) > REMEMBERED_JOBS:
+            self._dispatched.popitem(last=False)

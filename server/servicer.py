@@ -1,0 +1,362 @@
+"""The gRPC servicer: protobuf in, domain calls, protobuf out. No business rule lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+import grpc
+
+from providers.base import ImageProvider
+from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
+from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, event_to_pb, job_to_pb, timestamp
+from server.errors import ServiceError, abort_with, status_for
+from server.files import UrlSigner
+from server.hub import Closed, EventHub, Subscription
+from server.metrics import ServiceMetrics
+from server.validation import (
+    FieldViolation,
+    InvalidRequest,
+    folder_violation,
+    normalise_folder,
+    validate_generate,
+)
+from storage.jobs import JobFilter, PageCursor, SqlJobStore
+from storage.models import EventKind, Job, JobEvent, JobStatus, NewJob, utcnow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ACCOUNT = "default"
+ACCOUNT_HEADER = "x-account-id"
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+#: a WatchJobs stream that falls this far behind is ended (the client reconnects)
+WATCH_JOBS_MAX_QUEUED = 10_000
+
+_ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+R = TypeVar("R")
+
+
+def _unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Every failure of a unary handler becomes a precise status, never a stack trace."""
+
+    @functools.wraps(method)
+    async def handler(self: ImageGenerationServicer, request: Any, context: Context) -> R:
+        try:
+            return await method(self, request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            _log_unexpected(method.__name__, exc)
+            await abort_with(context, exc)
+
+    return handler
+
+
+def _streaming(
+    method: Callable[..., AsyncIterator[R]],
+) -> Callable[..., AsyncIterator[R]]:
+    """The same for server-streaming handlers."""
+
+    @functools.wraps(method)
+    async def handler(self: ImageGenerationServicer, request: Any, context: Context) -> AsyncIterator[R]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            _log_unexpected(method.__name__, exc)
+            await abort_with(context, exc)
+
+    return handler
+
+
+def _log_unexpected(method: str, exc: Exception) -> None:
+    if status_for(exc) is grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=exc)
+
+
+class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
+    """imagegen.v1.ImageGeneration."""
+
+    def __init__(
+        self,
+        store: SqlJobStore,
+        hub: EventHub,
+        signer: UrlSigner,
+        providers: Mapping[str, ImageProvider],
+        metrics: ServiceMetrics,
+        *,
+        deadline_s: float,
+        heartbeat_s: float,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._signer = signer
+        self._providers = providers
+        self._metrics = metrics
+        self._deadline_s = deadline_s
+        self._heartbeat_s = heartbeat_s
+
+    # ------------------------------------------------------------ unary
+
+    @_unary
+    async def GenerateImage(self, request: pb.GenerateImageRequest, context: Context) -> pb.Job:
+        account = _account(context)
+        valid = validate_generate(request)
+        if valid.model.id not in self._providers:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"provider {valid.model.id} is not configured on this server (set its API key)",
+            )
+        new = NewJob(
+            account_id=account,
+            spec=valid.spec,
+            estimated_cost_usd_micros=valid.estimated_cost_usd_micros,
+            request_id=valid.request_id,
+            deadline_s=self._deadline_s,
+        )
+        if request.validate_only:
+            now = utcnow()
+            preview = Job(id=uuid.UUID(int=0), account_id=account, status=JobStatus.PENDING, spec=valid.spec,
+                          request_id=valid.request_id, estimated_cost_usd_micros=valid.estimated_cost_usd_micros,
+                          version=0, create_time=now, update_time=now, deadline_at=now)
+            message = job_to_pb(preview, self._signer)
+            message.ClearField("id")
+            message.ClearField("status")
+            message.ClearField("create_time")
+            message.ClearField("update_time")
+            return message
+        job, created = await self._store.create(new)
+        if created:
+            self._metrics.observe_submitted(job)
+        return job_to_pb(job, self._signer)
+
+    @_unary
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
+        job = await self._store.get(_account(context), _job_id(request.job_id))
+        return job_to_pb(job, self._signer)
+
+    @_unary
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.Job:
+        job = await self._store.cancel(_account(context), _job_id(request.job_id))
+        return job_to_pb(job, self._signer)
+
+    @_unary
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        account = _account(context)
+        bad: list[FieldViolation] = []
+        if request.page_size < 0:
+            bad.append(FieldViolation("page_size", "must not be negative"))
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        statuses, status_violation = _statuses(request.statuses, "statuses")
+        if status_violation:
+            bad.append(status_violation)
+        if request.provider and request.provider not in CATALOG:
+            bad.append(FieldViolation("provider", f"unknown provider {request.provider!r}"))
+        if (violation := folder_violation(request.folder_id)) is not None:
+            bad.append(violation)
+        where = JobFilter(
+            statuses=statuses,
+            provider=request.provider,
+            folder_id=normalise_folder(request.folder_id) if request.folder_id else None,
+        )
+        after = None
+        if request.page_token:
+            after = _decode_page_token(request.page_token, where)
+            if after is None:
+                bad.append(FieldViolation("page_token", "is not a token of this listing (filters must not change)"))
+        if bad:
+            raise InvalidRequest(bad)
+        jobs, cursor = await self._store.list(account, page_size=page_size, after=after, where=where)
+        return pb.ListJobsResponse(
+            jobs=[job_to_pb(job, self._signer) for job in jobs],
+            next_page_token=_encode_page_token(cursor, where) if cursor else "",
+        )
+
+    @_unary
+    async def ListProviders(self, request: pb.ListProvidersRequest, context: Context) -> pb.ListProvidersResponse:
+        providers = []
+        for model in CATALOG.values():
+            providers.append(
+                pb.Provider(
+                    id=model.id,
+                    display_name=model.display_name,
+                    vendor=model.vendor,
+                    strengths=model.strengths,
+                    min_width=model.min_width,
+                    max_width=model.max_width,
+                    min_height=model.min_height,
+                    max_height=model.max_height,
+                    max_variants=model.max_variants,
+                    supports_seed=model.supports_seed,
+                    supports_negative_prompt=model.supports_negative_prompt,
+                    max_reference_images=model.max_reference_images,
+                    output_formats=[FORMAT_TO_PB[f] for f in model.output_formats],
+                    provider_option_keys=sorted(model.option_values),
+                    price_summary=model.price_summary,
+                    price_table_version=PRICE_TABLE_VERSION,
+                    configured=model.id in self._providers,
+                    price_1024_usd_micros=model.estimate_usd_micros(CostQuery(width=1024, height=1024,
+                                                                              num_variants=1)),
+                )
+            )
+        return pb.ListProvidersResponse(providers=providers)
+
+    # ------------------------------------------------------------ streams
+
+    @_streaming
+    async def WatchJob(self, request: pb.WatchJobRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
+        account = _account(context)
+        job_id = _job_id(request.job_id)
+        if request.after_version < 0:
+            raise InvalidRequest([FieldViolation("after_version", "must not be negative")])
+        # Subscribe before reading, so no transition can slip between the read and the subscription.
+        with self._hub.subscribe(Subscription(account_id=account, job_id=job_id)) as subscription, \
+                self._counted("WatchJob"):
+            job = await self._store.get(account, job_id)
+            if request.after_version > job.version:
+                raise InvalidRequest(
+                    [FieldViolation("after_version", f"is ahead of the job (version {job.version})")]
+                )
+            if request.after_version == 0:
+                last = job
+                yield event_to_pb(_snapshot(job, EventKind.SNAPSHOT), self._signer)
+            else:
+                last = None
+                for event in await self._store.events(job_id, after_version=request.after_version):
+                    last = event.job
+                    yield event_to_pb(event, self._signer)
+                if last is None:
+                    last = job if job.version == request.after_version else None
+                    if last is None:  # events were not written for this range: cannot resume
+                        raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, "no events to resume from")
+            while not last.status.terminal:
+                item = await self._next(subscription)
+                if item is None:
+                    yield event_to_pb(_snapshot(last, EventKind.HEARTBEAT), self._signer)
+                    continue
+                if isinstance(item, Closed):
+                    raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{item.reason}; resume with after_version")
+                if item.version <= last.version:
+                    continue  # already sent
+                events = [item]
+                if item.version > last.version + 1:
+                    # a wake-up was missed or arrived out of order: read the gap, in order
+                    events = await self._store.events(job_id, after_version=last.version, up_to=item.version)
+                for event in events:
+                    last = event.job
+                    yield event_to_pb(event, self._signer)
+
+    @_streaming
+    async def WatchJobs(self, request: pb.WatchJobsRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
+        account = _account(context)
+        statuses, violation = _statuses(request.statuses, "statuses")
+        bad = [v for v in (violation, folder_violation(request.folder_id)) if v is not None]
+        if bad:
+            raise InvalidRequest(bad)
+        subscription = Subscription(
+            account_id=account,
+            folder_id=normalise_folder(request.folder_id) if request.folder_id else None,
+            statuses=statuses,
+            max_queued=WATCH_JOBS_MAX_QUEUED,
+        )
+        with self._hub.subscribe(subscription), self._counted("WatchJobs"):
+            await context.send_initial_metadata(())  # the caller knows the watch is live
+            while True:
+                item = await self._next(subscription)
+                if item is None:
+                    yield pb.JobEvent(kind=pb.JOB_EVENT_KIND_HEARTBEAT, event_time=timestamp(utcnow()))
+                elif isinstance(item, Closed):
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED if item.overflow else grpc.StatusCode.UNAVAILABLE
+                    raise ServiceError(code, item.reason)
+                else:
+                    yield event_to_pb(item, self._signer)
+
+    async def _next(self, subscription: Subscription) -> JobEvent | Closed | None:
+        """The next queued item, or None after a heartbeat interval of silence."""
+        try:
+            async with asyncio.timeout(self._heartbeat_s):
+                return await subscription.queue.get()
+        except TimeoutError:
+            return None
+
+    def _counted(self, method: str) -> _StreamGauge:
+        return _StreamGauge(self._metrics, method)
+
+
+class _StreamGauge:
+    def __init__(self, metrics: ServiceMetrics, method: str) -> None:
+        self._gauge = metrics.watch_streams.labels(method)
+
+    def __enter__(self) -> None:
+        self._gauge.inc()
+
+    def __exit__(self, *_: object) -> None:
+        self._gauge.dec()
+
+
+def _snapshot(job: Job, kind: EventKind) -> JobEvent:
+    return JobEvent(job=job, version=job.version, previous_status=None, event_time=utcnow(), kind=kind,
+                    message=job.message if kind is EventKind.SNAPSHOT else "")
+
+
+def _account(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == ACCOUNT_HEADER:
+            account = value if isinstance(value, str) else value.decode()
+            if not _ACCOUNT_ID.fullmatch(account):
+                raise InvalidRequest([FieldViolation(ACCOUNT_HEADER, "must be 1-128 of letters, digits, '_', '-'")])
+            return account
+    return DEFAULT_ACCOUNT
+
+
+def _job_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidRequest([FieldViolation("job_id", "must be a job id (UUID)" if raw else "is required")]) from None
+
+
+def _statuses(values: Any, field: str) -> tuple[frozenset[JobStatus], FieldViolation | None]:
+    statuses = set()
+    for value in values:
+        status = STATUS_FROM_PB.get(value)
+        if status is None:
+            return frozenset(), FieldViolation(field, f"unknown or unspecified status {value}")
+        statuses.add(status)
+    return frozenset(statuses), None
+
+
+def _filter_digest(where: JobFilter) -> str:
+    canonical = json.dumps([sorted(s.value for s in where.statuses), where.provider, where.folder_id])
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _encode_page_token(cursor: PageCursor, where: JobFilter) -> str:
+    data = {"t": cursor.create_time.isoformat(), "id": str(cursor.job_id), "f": _filter_digest(where)}
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, where: JobFilter) -> PageCursor | None:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if data["f"] != _filter_digest(where):
+            return None
+        return PageCursor(create_time=datetime.fromisoformat(data["t"]), job_id=uuid.UUID(data["id"]))
+    except (ValueError, KeyError, TypeError):
+        return None

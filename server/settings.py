@@ -1,0 +1,144 @@
+"""Configuration: environment variables read once, at start, into one frozen object.
+
+Every variable has the `IMAGEGEN_` prefix except the vendor keys, which keep the names the vendors'
+own tools use (`BFL_API_KEY`, `OPENAI_API_KEY`, `ARK_API_KEY`, `GEMINI_API_KEY`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREFIX = "IMAGEGEN_"
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the service cannot use."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VendorSettings:
+    """How to reach one vendor API."""
+
+    api_key: str = ""
+    base_url: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the process is configured with. Field docs are the README's configuration table."""
+
+    #: gRPC listen address; port 0 picks a free port (tests)
+    grpc_address: str = "127.0.0.1:50051"
+    #: HTTP side: /metrics, /healthz, /readyz, /files
+    http_address: str = "127.0.0.1:8080"
+    #: where the embedded database, result images and the local URL-signing key live
+    data_dir: Path = Path("./var")
+    #: postgresql://… (production, replicas) or sqlite:///… (embedded); default: SQLite in data_dir
+    database_url: str = ""
+    db_pool_size: int = 10
+    #: seconds any single database statement or connection attempt may take
+    db_timeout_s: float = 10.0
+    #: result images; default data_dir/blobs
+    blob_dir: Path | None = None
+    #: base of the signed image URLs handed to callers; default http://<http_address>
+    public_base_url: str = ""
+    #: HMAC key for image URLs; default: a random key kept in data_dir (share one key across replicas)
+    url_signing_key: str = ""
+    url_ttl_s: float = 3600.0
+    #: all | api | worker
+    role: str = "all"
+    #: jobs one process runs at once
+    worker_concurrency: int = 64
+    lease_s: float = 30.0
+    #: how often workers look for due jobs and the event hub re-reads what it may have missed
+    poll_interval_s: float = 2.0
+    job_deadline_s: float = 300.0
+    max_attempts: int = 4
+    retry_base_s: float = 1.0
+    retry_max_s: float = 30.0
+    watch_heartbeat_s: float = 15.0
+    shutdown_grace_s: float = 10.0
+    #: per HTTP request to a vendor
+    provider_timeout_s: float = 120.0
+    #: auto: serve vendors without a key from the in-process sandbox; off: leave them unconfigured
+    sandbox: str = "auto"
+    #: how long sandbox tasks take (so that PROCESSING is visible in a demo)
+    sandbox_latency_s: float = 1.0
+    log_level: str = "INFO"
+    bfl: VendorSettings = field(default_factory=VendorSettings)
+    openai: VendorSettings = field(default_factory=VendorSettings)
+    ark: VendorSettings = field(default_factory=VendorSettings)
+    gemini: VendorSettings = field(default_factory=VendorSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read the environment (or `env`); `overrides` win over both (tests use them)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("bfl", "openai", "ark", "gemini"):
+                continue
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw, f.type)
+        for vendor, key_var in (("bfl", "BFL_API_KEY"), ("openai", "OPENAI_API_KEY"), ("ark", "ARK_API_KEY"),
+                                ("gemini", "GEMINI_API_KEY")):
+            values[vendor] = VendorSettings(
+                api_key=env.get(key_var, ""), base_url=env.get(f"{PREFIX}{vendor.upper()}_BASE_URL", "")
+            )
+        values.update(overrides)
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        """Check cross-field rules and fill the derived defaults."""
+        if self.role not in ("all", "api", "worker"):
+            raise SettingsError(f"{PREFIX}ROLE must be all, api or worker, not {self.role!r}")
+        if self.sandbox not in ("auto", "off"):
+            raise SettingsError(f"{PREFIX}SANDBOX must be auto or off, not {self.sandbox!r}")
+        for name in ("worker_concurrency", "max_attempts", "db_pool_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
+        for name in ("lease_s", "poll_interval_s", "job_deadline_s", "url_ttl_s", "watch_heartbeat_s"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
+        changes: dict[str, Any] = {}
+        if not self.database_url:
+            changes["database_url"] = f"sqlite+aiosqlite:///{(self.data_dir / 'imagegen.db').resolve()}"
+        if self.blob_dir is None:
+            changes["blob_dir"] = self.data_dir / "blobs"
+        if not self.public_base_url:
+            changes["public_base_url"] = f"http://{self.http_address}"
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def vendor(self, name: str) -> VendorSettings:
+        """The settings of vendor `name` ("bfl", "openai", "ark", "gemini")."""
+        value = getattr(self, name)
+        assert isinstance(value, VendorSettings)
+        return value
+
+
+def _parse(name: str, raw: str, annotation: Any) -> Any:
+    kind = str(annotation)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if "Path" in kind:
+            return Path(raw)
+        return raw
+    except ValueError:
+        raise SettingsError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from None
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' into (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SettingsError(f"address {address!r} must be host:port")
+    return host.strip("[]"), int(port)

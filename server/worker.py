@@ -1,0 +1,351 @@
+"""The worker: claims due jobs, runs them on their provider, stores the images, and ends each attempt.
+
+Every write of an attempt is fenced by (job id, attempt, owner): a worker whose lease was lost (the job
+was cancelled, or another worker took it over after this one stalled) cannot overwrite the job, and
+discards what it produced. A heartbeat extends the lease while the provider call runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from providers.base import (
+    GenerationRequest,
+    GenerationResult,
+    ImageProvider,
+    InvalidProviderResponse,
+    ProviderError,
+)
+from providers.catalog import CATALOG
+from providers.imaging import FittedImage, fit_image
+from server.metrics import ServiceMetrics
+from storage.blobs import LocalBlobStore, image_key, job_prefix
+from storage.errors import LeaseLost, StorageError, StoreUnavailable
+from storage.jobs import Fence, SqlJobStore
+from storage.models import Job, JobError, StoredImage, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerPolicy:
+    """How the worker paces itself and retries."""
+
+    concurrency: int = 64
+    lease_s: float = 30.0
+    poll_interval_s: float = 2.0
+    max_attempts: int = 4
+    retry_base_s: float = 1.0
+    retry_max_s: float = 30.0
+    claim_batch: int = 32
+
+
+class _Checkpoint:
+    """providers.base.Checkpoint backed by the job row, fenced like every other write of the attempt."""
+
+    def __init__(self, store: SqlJobStore, fence: Fence) -> None:
+        self._store, self._fence = store, fence
+
+    async def save(self, state: Mapping[str, Any]) -> None:
+        await self._store.save_provider_state(self._fence, state)
+
+
+class Worker:
+    """Runs jobs from the store on the configured providers, at most `policy.concurrency` at once."""
+
+    def __init__(
+        self,
+        store: SqlJobStore,
+        blobs: LocalBlobStore,
+        providers: Mapping[str, ImageProvider],
+        metrics: ServiceMetrics,
+        *,
+        policy: WorkerPolicy,
+        owner: str | None = None,
+    ) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._providers = providers
+        self._metrics = metrics
+        self._policy = policy
+        self.owner = owner or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self._wake = asyncio.Event()
+        self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._attempts: dict[uuid.UUID, tuple[Fence, asyncio.Task[None]]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Begin claiming jobs."""
+        self._loop_task = asyncio.create_task(self._claim_loop(), name="worker-claim")
+
+    def wake(self) -> None:
+        """Look for due jobs now (a job was submitted or handed back)."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs this worker is running."""
+        return len(self._running)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; give running jobs `grace_s` to finish, then hand the rest back to the queue."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._running:
+            await asyncio.wait(list(self._running.values()), timeout=grace_s)
+        leftovers = list(self._attempts.values())
+        for _fence, attempt in leftovers:
+            attempt.cancel()
+        for fence, attempt in leftovers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await attempt
+            with contextlib.suppress(StorageError):
+                await self._store.release(fence, message="handed back: worker shutting down")
+                log.info("job %s handed back on shutdown", fence.job_id)
+        if self._running:
+            await asyncio.wait(list(self._running.values()), timeout=1.0)
+
+    # ------------------------------------------------------------ claiming
+
+    async def _claim_loop(self) -> None:
+        backoff = self._policy.poll_interval_s
+        while not self._stopping:
+            free = self._policy.concurrency - len(self._running)
+            claimed: list[Job] = []
+            if free > 0:
+                try:
+                    claimed = await self._store.claim(
+                        owner=self.owner, limit=min(free, self._policy.claim_batch), lease_s=self._policy.lease_s
+                    )
+                    backoff = self._policy.poll_interval_s
+                except StoreUnavailable as exc:
+                    log.warning("worker cannot reach the database (%s); pausing %.1f s", exc, backoff)
+                    await self._idle(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                for job in claimed:
+                    self._metrics.observe_claim(job)
+                    task = asyncio.create_task(self._execute(job), name=f"job-{job.id}")
+                    self._running[job.id] = task
+                    task.add_done_callback(lambda _t, job_id=job.id: self._finished(job_id))
+            if claimed and len(claimed) == min(free, self._policy.claim_batch):
+                continue  # there may be more due jobs right now
+            await self._idle(self._policy.poll_interval_s)
+
+    async def _idle(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        self._wake.clear()
+
+    def _finished(self, job_id: uuid.UUID) -> None:
+        self._running.pop(job_id, None)
+        if not self._stopping:
+            self._wake.set()  # a slot is free
+
+    # ------------------------------------------------------------ one attempt
+
+    async def _execute(self, job: Job) -> None:
+        fence = Fence(job_id=job.id, attempt=job.attempt, owner=self.owner)
+        attempt = asyncio.create_task(self._attempt(job, fence), name=f"attempt-{job.id}")
+        self._attempts[job.id] = (fence, attempt)
+        heartbeat = asyncio.create_task(self._heartbeat(fence), name=f"heartbeat-{job.id}")
+        try:
+            await asyncio.wait({attempt, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+            if not attempt.done():
+                # the lease is gone: cancelled by the caller, or taken over after this worker stalled
+                attempt.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await attempt
+                await self._discard(job, "lease lost")
+            elif not attempt.cancelled() and (exc := attempt.exception()) is not None:
+                log.error("job %s attempt %s crashed", job.id, job.attempt, exc_info=exc)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            self._attempts.pop(job.id, None)
+
+    async def _heartbeat(self, fence: Fence) -> None:
+        interval = self._policy.lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self._store.heartbeat(fence, lease_s=self._policy.lease_s):
+                    return
+            except StoreUnavailable as exc:
+                log.warning("heartbeat of job %s failed (%s); the lease runs on", fence.job_id, exc)
+
+    async def _attempt(self, job: Job, fence: Fence) -> None:
+        try:
+            await self._run(job, fence)
+        except LeaseLost:
+            await self._discard(job, "lease lost before the result was saved")
+        except StoreUnavailable as exc:
+            # Nothing more can be written; the lease expires and another attempt picks the job up.
+            log.warning("job %s attempt %s: database unreachable (%s)", job.id, job.attempt, exc)
+
+    async def _run(self, job: Job, fence: Fence) -> None:
+        spec = job.spec
+        now = utcnow()
+        if now >= job.deadline_at:
+            await self._fail(job, fence, JobError(code="DEADLINE_EXCEEDED", message="the job deadline passed"))
+            return
+        if job.attempt > self._policy.max_attempts:
+            last = job.error.message if job.error else "no attempt finished"
+            await self._fail(
+                job, fence,
+                JobError(code=job.error.code if job.error else "PROVIDER_UNAVAILABLE",
+                         message=f"gave up after {self._policy.max_attempts} attempts; last: {last}",
+                         retryable=True),
+            )
+            return
+        provider = self._providers.get(spec.provider)
+        if provider is None:
+            await self._fail(
+                job, fence,
+                JobError(code="PROVIDER_UNAVAILABLE", message=f"{spec.provider} is not configured on this server",
+                         retryable=True),
+            )
+            return
+        request = _generation_request(job)
+        remaining = (job.deadline_at - now).total_seconds()
+        try:
+            async with asyncio.timeout(remaining):
+                result = await provider.generate(request, _Checkpoint(self._store, fence))
+                images = await self._store_images(job, result)
+        except TimeoutError:
+            await self._fail(
+                job, fence,
+                JobError(code="DEADLINE_EXCEEDED", message=f"no result within the job deadline ({remaining:.0f} s left)"),
+            )
+            return
+        except ProviderError as exc:
+            await self._provider_failed(job, fence, exc)
+            return
+        cost = result.cost_usd_micros if result.cost_usd_micros is not None else job.estimated_cost_usd_micros
+        try:
+            done = await self._store.complete(fence, images=images, cost_usd_micros=cost)
+        except LeaseLost:
+            await self._blobs.delete_prefix(job_prefix(job.account_id, spec.folder_id, job.id))
+            raise
+        self._metrics.observe_finished(done)
+        log.info("job %s completed on %s in attempt %s (%d images, %d µ$)", job.id, spec.provider, job.attempt,
+                 len(images), cost)
+
+    async def _store_images(self, job: Job, result: GenerationResult) -> list[StoredImage]:
+        spec = job.spec
+        if len(result.images) != spec.num_variants:
+            raise InvalidProviderResponse(f"asked for {spec.num_variants} images, got {len(result.images)}")
+        stored: list[StoredImage] = []
+        for index, image in enumerate(result.images):
+            # decode, crop and encode are CPU work: off the event loop, so RPCs never wait on them
+            fitted: FittedImage = await asyncio.to_thread(
+                fit_image, image.data, width=spec.width, height=spec.height, output_format=spec.output_format
+            )
+            key = image_key(job.account_id, spec.folder_id, job.id, index, fitted.content_type)
+            await self._blobs.put(key, fitted.data)
+            stored.append(
+                StoredImage(
+                    key=key,
+                    width=fitted.width,
+                    height=fitted.height,
+                    content_type=fitted.content_type,
+                    size_bytes=len(fitted.data),
+                    sha256=fitted.sha256,
+                    seed=image.seed,
+                    native_width=fitted.native_width,
+                    native_height=fitted.native_height,
+                )
+            )
+        return stored
+
+    async def _provider_failed(self, job: Job, fence: Fence, exc: ProviderError) -> None:
+        error = JobError(code=exc.code, message=exc.message, retryable=exc.retryable)
+        if not exc.retryable:
+            await self._fail(job, fence, error)
+            return
+        if job.attempt >= self._policy.max_attempts:
+            await self._fail(
+                job, fence,
+                JobError(code=exc.code, message=f"{exc.message} (gave up after {job.attempt} attempts)",
+                         retryable=True),
+            )
+            return
+        delay = self._backoff(job.attempt, exc.retry_after_s)
+        at = utcnow() + timedelta(seconds=delay)
+        if at >= job.deadline_at:
+            await self._fail(
+                job, fence,
+                JobError(code=exc.code, message=f"{exc.message} (no time for another attempt before the deadline)",
+                         retryable=True),
+            )
+            return
+        message = (f"retrying in {delay:.1f} s after: {exc.message} "
+                   f"(attempt {job.attempt + 1} of {self._policy.max_attempts})")
+        await self._store.retry_later(fence, error=error, at=at, message=message)
+        self._metrics.observe_retry(job, exc.code)
+        log.info("job %s: %s", job.id, message)
+        # wake this worker when the job is due, rather than at the next poll
+        asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+        """Exponential backoff with full jitter; a vendor's own Retry-After is honoured as a floor."""
+        ceiling = min(self._policy.retry_max_s, self._policy.retry_base_s * 2 ** (attempt - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self._policy.retry_max_s * 4))
+        return delay
+
+    async def _fail(self, job: Job, fence: Fence, error: JobError) -> None:
+        failed = await self._store.fail(fence, error)
+        self._metrics.observe_finished(failed)
+        log.info("job %s failed on %s in attempt %s: %s: %s", job.id, job.spec.provider, job.attempt,
+                 error.code, error.message)
+
+    async def _discard(self, job: Job, why: str) -> None:
+        log.info("job %s attempt %s: %s; result discarded", job.id, job.attempt, why)
+        with contextlib.suppress(OSError):
+            await self._blobs.delete_prefix(job_prefix(job.account_id, job.spec.folder_id, job.id))
+
+
+def _generation_request(job: Job) -> GenerationRequest:
+    spec = job.spec
+    model = CATALOG[spec.provider]
+    prompt, negative = spec.prompt, spec.negative_prompt or None
+    if negative and not model.supports_negative_prompt:
+        # No model of the catalog takes a negative prompt natively; saying it in the prompt is what
+        # each vendor's own guidance recommends.
+        prompt, negative = f"{prompt}\n\nAvoid: {negative}", None
+    return GenerationRequest(
+        job_id=str(job.id),
+        model=spec.provider,
+        prompt=prompt,
+        width=spec.width,
+        height=spec.height,
+        num_variants=spec.num_variants,
+        negative_prompt=negative,
+        seed=spec.seed,
+        output_format=spec.output_format,
+        reference_image_urls=spec.reference_image_urls,
+        options=spec.provider_options,
+        resume_state=job.provider_state,
+    )

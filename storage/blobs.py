@@ -1,0 +1,63 @@
+"""Result images on the local file system, under `{account}/{folder or root}/{job_id}/{n}.{ext}`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from storage.models import ROOT_FOLDER
+
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+
+class BlobKeyError(ValueError):
+    """A blob key that could name a file outside the store."""
+
+
+def image_key(account_id: str, folder_id: str, job_id: uuid.UUID, index: int, content_type: str) -> str:
+    """The key of variant `index` of a job."""
+    return "/".join(
+        (account_id, folder_id or ROOT_FOLDER, str(job_id), f"{index}.{_EXTENSIONS.get(content_type, 'bin')}")
+    )
+
+
+def job_prefix(account_id: str, folder_id: str, job_id: uuid.UUID) -> str:
+    """The key prefix under which all of a job's images live."""
+    return "/".join((account_id, folder_id or ROOT_FOLDER, str(job_id)))
+
+
+class LocalBlobStore:
+    """Blobs as files below one directory; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root.resolve()
+
+    def path(self, key: str) -> Path:
+        """The file of `key`; BlobKeyError for keys that are not plain relative segment paths."""
+        segments = key.split("/")
+        if not segments or not all(_SEGMENT.fullmatch(s) and s not in (".", "..") for s in segments):
+            raise BlobKeyError(f"invalid blob key {key!r}")
+        return self._root.joinpath(*segments)
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Store `data` under `key`, replacing what was there."""
+        await asyncio.to_thread(self._put, self.path(key), data)
+
+    async def delete_prefix(self, prefix: str) -> None:
+        """Remove every blob under `prefix` (a job's images whose result was discarded)."""
+        await asyncio.to_thread(shutil.rmtree, self.path(prefix), True)
+
+    @staticmethod
+    def _put(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)

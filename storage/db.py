@@ -1,0 +1,58 @@
+"""Engines for the two supported databases: PostgreSQL (production, replicas) and SQLite (embedded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+def normalise_url(url: str) -> URL:
+    """Accept plain `postgresql://` and `sqlite:///` URLs and pick the async driver for them."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+asyncpg"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    if parsed.drivername in ("sqlite", "sqlite+aiosqlite"):
+        return parsed.set(drivername="sqlite+aiosqlite")
+    raise ValueError(f"unsupported database URL scheme {parsed.drivername!r}: use postgresql:// or sqlite://")
+
+
+def is_postgres(engine: AsyncEngine) -> bool:
+    """Whether the engine talks to PostgreSQL (LISTEN/NOTIFY, SKIP LOCKED) rather than SQLite."""
+    return engine.dialect.name == "postgresql"
+
+
+def make_engine(url: str, *, pool_size: int = 10, statement_timeout_s: float = 10.0) -> AsyncEngine:
+    """An engine whose every wait is bounded, so an unreachable database fails calls instead of hanging them."""
+    parsed = normalise_url(url)
+    if parsed.drivername == "sqlite+aiosqlite":
+        # One connection: SQLite has one writer, and serialising in-process turns lock contention
+        # ("database is locked") into a short queue. SQLite serves one process; replicas need PostgreSQL.
+        engine = create_async_engine(parsed, pool_size=1, max_overflow=0, pool_timeout=statement_timeout_s)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    connect_args: dict[str, Any] = {
+        "timeout": statement_timeout_s,  # connection establishment
+        "command_timeout": statement_timeout_s,  # each statement
+        "server_settings": {"application_name": "imagegen"},
+    }
+    return create_async_engine(
+        parsed,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_timeout=statement_timeout_s,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args=connect_args,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()

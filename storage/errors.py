@@ -1,0 +1,58 @@
+"""Errors of the storage layer. Each states a fact; the server maps them to gRPC codes.
+
+    StorageError
+    ├── JobNotFound            no such job in this account
+    ├── IdempotencyConflict    request_id reused with a different body
+    ├── InvalidTransition      the job's status does not allow the change (e.g. cancel a completed job)
+    ├── LeaseLost              a worker's fenced write found the job no longer held by it
+    └── StoreUnavailable       the database could not be reached
+"""
+
+from __future__ import annotations
+
+import uuid
+
+
+class StorageError(Exception):
+    """Something the job store could not do."""
+
+
+class JobNotFound(StorageError):
+    """No job with this id exists in the caller's account."""
+
+    def __init__(self, job_id: uuid.UUID | str) -> None:
+        super().__init__(f"job {job_id} not found")
+        self.job_id = job_id
+
+
+class IdempotencyConflict(StorageError):
+    """A request_id was reused with a different request body."""
+
+    def __init__(self, request_id: str, job_id: uuid.UUID) -> None:
+        super().__init__(
+            f"request_id {request_id!r} was already used for job {job_id} with a different request"
+        )
+        self.request_id = request_id
+        self.job_id = job_id
+
+
+class InvalidTransition(StorageError):
+    """The job's current status does not allow the requested change."""
+
+    def __init__(self, job_id: uuid.UUID, status: str, action: str) -> None:
+        super().__init__(f"job {job_id} is {status}; cannot {action}")
+        self.job_id = job_id
+        self.status = status
+
+
+class LeaseLost(StorageError):
+    """The job is no longer held by this worker and attempt (cancelled, expired or taken over)."""
+
+    def __init__(self, job_id: uuid.UUID, attempt: int) -> None:
+        super().__init__(f"job {job_id} attempt {attempt} no longer holds its lease")
+        self.job_id = job_id
+        self.attempt = attempt
+
+
+class StoreUnavailable(StorageError):
+    """The database could not be reached or answered with a connection-level error."""

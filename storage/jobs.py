@@ -1,0 +1,686 @@
+"""The job store: the jobs table is the queue, and every transition writes its event in the same transaction.
+
+One implementation serves PostgreSQL and SQLite. On PostgreSQL, claims skip rows other workers hold
+(`FOR UPDATE SKIP LOCKED`) and each transaction NOTIFYs the event hub of every process; on SQLite the
+engine has one connection, which makes the same statements single-writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy.exc
+from sqlalchemy import Row, and_, bindparam, func, insert, or_, select, text, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from storage.db import is_postgres
+from storage.errors import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost, StoreUnavailable
+from storage.models import (
+    ALLOWED_TRANSITIONS,
+    Job,
+    JobError,
+    JobEvent,
+    JobNotice,
+    JobSpec,
+    JobStatus,
+    NewJob,
+    StoredImage,
+    utcnow,
+)
+from storage.schema import job_events, jobs
+
+log = logging.getLogger(__name__)
+
+#: the NOTIFY channel every process LISTENs on
+NOTIFY_CHANNEL = "imagegen_events"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fence:
+    """Who may write a processing job: the worker that claimed it, for that attempt only."""
+
+    job_id: uuid.UUID
+    attempt: int
+    owner: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PageCursor:
+    """Where a ListJobs page ends: the last job's (create_time, id)."""
+
+    create_time: datetime
+    job_id: uuid.UUID
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFilter:
+    """ListJobs / catch-up filters; empty fields match everything."""
+
+    statuses: frozenset[JobStatus] = frozenset()
+    provider: str = ""
+    #: "" matches every folder; "root" is stored as ""
+    folder_id: str | None = None
+
+
+class SqlJobStore:
+    """Jobs and their events in PostgreSQL or SQLite."""
+
+    def __init__(self, engine: AsyncEngine, *, on_commit: Callable[[Sequence[JobNotice]], None] | None = None):
+        self._engine = engine
+        self._postgres = is_postgres(engine)
+        self._on_commit = on_commit
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine (for health checks and the event listener)."""
+        return self._engine
+
+    def set_on_commit(self, callback: Callable[[Sequence[JobNotice]], None] | None) -> None:
+        """Who is told, in this process, about each committed transition."""
+        self._on_commit = callback
+
+    # ---------------------------------------------------------------- API side
+
+    async def create(self, new: NewJob) -> tuple[Job, bool]:
+        """Persist a job in PENDING with its first event; returns (job, created).
+
+        With a request_id, a second call with the same body returns the first job (created=False);
+        a different body raises IdempotencyConflict.
+        """
+        request_hash = spec_hash(new.spec)
+        if new.request_id:
+            existing = await self._by_request_id(new.account_id, new.request_id)
+            if existing is not None:
+                return self._idempotent(existing, new.request_id, request_hash), False
+        now = utcnow()
+        job = Job(
+            id=uuid.uuid4(),
+            account_id=new.account_id,
+            status=JobStatus.PENDING,
+            spec=new.spec,
+            request_id=new.request_id,
+            estimated_cost_usd_micros=new.estimated_cost_usd_micros,
+            version=1,
+            create_time=now,
+            update_time=now,
+            deadline_at=now + timedelta(seconds=new.deadline_s),
+            next_attempt_at=now,
+            message="accepted",
+        )
+        try:
+            async with self._transaction() as conn:
+                await conn.execute(insert(jobs).values(_job_values(job, request_hash)))
+                await self._record_events(conn, [(job, None)])
+        except sqlalchemy.exc.IntegrityError:
+            # a concurrent call with the same request_id won the insert
+            existing = await self._by_request_id(new.account_id, new.request_id) if new.request_id else None
+            if existing is None:
+                raise
+            return self._idempotent(existing, new.request_id, request_hash), False
+        self._committed([job])
+        return job, True
+
+    async def get(self, account_id: str, job_id: uuid.UUID) -> Job:
+        """The job, if it belongs to the account; JobNotFound otherwise."""
+        async with self._connection() as conn:
+            row = (
+                await conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.account_id == account_id))
+            ).first()
+        if row is None:
+            raise JobNotFound(job_id)
+        return _job_from_row(row)
+
+    async def list(
+        self, account_id: str, *, page_size: int, after: PageCursor | None = None, where: JobFilter = JobFilter()
+    ) -> tuple[list[Job], PageCursor | None]:
+        """One page of the account's jobs, newest first, and the cursor of the next page (None at the end)."""
+        query = select(jobs).where(jobs.c.account_id == account_id, *_filter_clauses(where))
+        if after is not None:
+            query = query.where(tuple_(jobs.c.create_time, jobs.c.id) < tuple_(after.create_time, after.job_id))
+        query = query.order_by(jobs.c.create_time.desc(), jobs.c.id.desc()).limit(page_size + 1)
+        async with self._connection() as conn:
+            rows = (await conn.execute(query)).all()
+        page = [_job_from_row(row) for row in rows[:page_size]]
+        more = len(rows) > page_size
+        cursor = PageCursor(create_time=page[-1].create_time, job_id=page[-1].id) if more and page else None
+        return page, cursor
+
+    async def cancel(self, account_id: str, job_id: uuid.UUID, *, message: str = "cancelled by the caller") -> Job:
+        """Cancel a pending or processing job; a cancelled job is returned as it is (idempotent).
+
+        A processing job's worker finds its lease gone at its next fenced write and discards the result.
+        Completed and failed jobs raise InvalidTransition.
+        """
+        async with self._transaction() as conn:
+            row = (
+                await conn.execute(
+                    select(jobs).where(jobs.c.id == job_id, jobs.c.account_id == account_id).with_for_update()
+                )
+            ).first()
+            if row is None:
+                raise JobNotFound(job_id)
+            current = _job_from_row(row)
+            if current.status is JobStatus.CANCELLED:
+                return current
+            if current.status.terminal:
+                raise InvalidTransition(job_id, current.status.value, "cancel")
+            now = utcnow()
+            job = await self._update(
+                conn,
+                current,
+                JobStatus.CANCELLED,
+                message,
+                values={
+                    "end_time": now,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "next_attempt_at": None,
+                    "cost_usd_micros": 0,
+                },
+                now=now,
+            )
+        self._committed([job])
+        return job
+
+    # ---------------------------------------------------------------- worker side
+
+    async def claim(
+        self, *, owner: str, limit: int, lease_s: float, exclude_providers: Iterable[str] = ()
+    ) -> list[Job]:
+        """Take up to `limit` runnable jobs: pending ones that are due, and processing ones whose lease expired.
+
+        Each claimed job becomes PROCESSING under a lease held by `owner`, with `attempt` incremented
+        (the fencing token for every later write of this attempt).
+        """
+        now = utcnow()
+        runnable = or_(
+            and_(jobs.c.status == JobStatus.PENDING.value, jobs.c.next_attempt_at <= now),
+            and_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_expires_at < now),
+        )
+        candidates = select(jobs).where(runnable)
+        excluded = list(exclude_providers)
+        if excluded:
+            candidates = candidates.where(jobs.c.provider.not_in(excluded))
+        candidates = candidates.order_by(jobs.c.next_attempt_at).limit(limit).with_for_update(skip_locked=True)
+        claimed: list[Job] = []
+        async with self._transaction() as conn:
+            rows = (await conn.execute(candidates)).all()
+            if not rows:
+                return []
+            transitions: list[tuple[Job, JobStatus | None]] = []
+            for row in rows:
+                before = _job_from_row(row)
+                attempt = before.attempt + 1
+                if before.status is JobStatus.PROCESSING:
+                    message = f"lease of {before.lease_owner} expired; taken over (attempt {attempt})"
+                else:
+                    message = f"started (attempt {attempt})"
+                job = before.evolve(
+                    status=JobStatus.PROCESSING,
+                    attempt=attempt,
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_s),
+                    start_time=before.start_time or now,
+                    version=before.version + 1,
+                    update_time=now,
+                    message=message,
+                )
+                claimed.append(job)
+                transitions.append((job, before.status))
+            await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == bindparam("b_id"))
+                .values(
+                    status=JobStatus.PROCESSING.value,
+                    attempt=bindparam("b_attempt"),
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_s),
+                    start_time=func.coalesce(jobs.c.start_time, bindparam("b_now", type_=jobs.c.start_time.type)),
+                    version=bindparam("b_version"),
+                    update_time=now,
+                    message=bindparam("b_message"),
+                ),
+                [
+                    {"b_id": j.id, "b_attempt": j.attempt, "b_now": now, "b_version": j.version,
+                     "b_message": j.message}
+                    for j in claimed
+                ],
+            )
+            await self._record_events(conn, transitions)
+        self._committed(claimed)
+        return claimed
+
+    async def heartbeat(self, fence: Fence, *, lease_s: float) -> bool:
+        """Extend the lease; False when the job is no longer this attempt's (cancelled or taken over)."""
+        async with self._transaction() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(*_fenced(fence))
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+            )
+        return result.rowcount == 1
+
+    async def save_provider_state(self, fence: Fence, state: Mapping[str, Any]) -> None:
+        """Keep an adapter's checkpoint (vendor task ids) with the job; LeaseLost if no longer held."""
+        async with self._transaction() as conn:
+            result = await conn.execute(
+                update(jobs).where(*_fenced(fence)).values(provider_state=dict(state))
+            )
+        if result.rowcount != 1:
+            raise LeaseLost(fence.job_id, fence.attempt)
+
+    async def complete(
+        self, fence: Fence, *, images: Sequence[StoredImage], cost_usd_micros: int, message: str = "completed"
+    ) -> Job:
+        """PROCESSING → COMPLETED with the stored images and the actual cost."""
+        now = utcnow()
+        return await self._fenced_transition(
+            fence,
+            JobStatus.COMPLETED,
+            message,
+            {
+                "images": [image.to_json() for image in images],
+                "cost_usd_micros": cost_usd_micros,
+                "end_time": now,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "next_attempt_at": None,
+                "error_code": None,
+                "error_message": None,
+                "error_retryable": False,
+            },
+            now,
+        )
+
+    async def fail(self, fence: Fence, error: JobError) -> Job:
+        """PROCESSING → FAILED; failed jobs cost nothing."""
+        now = utcnow()
+        return await self._fenced_transition(
+            fence,
+            JobStatus.FAILED,
+            f"failed: {error.code}: {error.message}",
+            {
+                "error_code": error.code,
+                "error_message": error.message,
+                "error_retryable": error.retryable,
+                "cost_usd_micros": 0,
+                "end_time": now,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "next_attempt_at": None,
+            },
+            now,
+        )
+
+    async def retry_later(self, fence: Fence, *, error: JobError, at: datetime, message: str) -> Job:
+        """PROCESSING → PENDING until `at`, keeping the attempt's error for watchers to see."""
+        return await self._fenced_transition(
+            fence,
+            JobStatus.PENDING,
+            message,
+            {
+                "error_code": error.code,
+                "error_message": error.message,
+                "error_retryable": error.retryable,
+                "next_attempt_at": at,
+                "lease_owner": None,
+                "lease_expires_at": None,
+            },
+            utcnow(),
+        )
+
+    async def release(self, fence: Fence, *, message: str) -> Job:
+        """PROCESSING → PENDING at once: a worker shutting down hands its job back."""
+        now = utcnow()
+        return await self._fenced_transition(
+            fence,
+            JobStatus.PENDING,
+            message,
+            {"next_attempt_at": now, "lease_owner": None, "lease_expires_at": None},
+            now,
+        )
+
+    # ---------------------------------------------------------------- watchers
+
+    async def events(self, job_id: uuid.UUID, *, after_version: int, up_to: int | None = None) -> list[JobEvent]:
+        """The job's events with version > after_version (and ≤ up_to), oldest first."""
+        query = select(job_events).where(job_events.c.job_id == job_id, job_events.c.version > after_version)
+        if up_to is not None:
+            query = query.where(job_events.c.version <= up_to)
+        async with self._connection() as conn:
+            rows = (await conn.execute(query.order_by(job_events.c.version))).all()
+        return [_event_from_row(row) for row in rows]
+
+    async def versions(self, job_ids: Sequence[uuid.UUID]) -> list[JobNotice]:
+        """The current version of each of these jobs (for the event hub's periodic catch-up)."""
+        notices: list[JobNotice] = []
+        async with self._connection() as conn:
+            for start in range(0, len(job_ids), 500):
+                chunk = job_ids[start : start + 500]
+                rows = await conn.execute(
+                    select(jobs.c.id, jobs.c.version, jobs.c.status, jobs.c.account_id).where(jobs.c.id.in_(chunk))
+                )
+                notices.extend(_notice_from_row(row) for row in rows)
+        return notices
+
+    async def changed_since(self, account_ids: Sequence[str], since: datetime) -> list[JobNotice]:
+        """Jobs of these accounts that changed at or after `since` (for the event hub's catch-up)."""
+        if not account_ids:
+            return []
+        async with self._connection() as conn:
+            rows = await conn.execute(
+                select(jobs.c.id, jobs.c.version, jobs.c.status, jobs.c.account_id).where(
+                    jobs.c.update_time >= since, jobs.c.account_id.in_(list(account_ids))
+                )
+            )
+            return [_notice_from_row(row) for row in rows]
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers."""
+        async with self._connection() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    # ---------------------------------------------------------------- internals
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection]:
+        async with _unavailable_on_connection_errors(), self._engine.connect() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with _unavailable_on_connection_errors(), self._engine.begin() as conn:
+            yield conn
+
+    async def _by_request_id(self, account_id: str, request_id: str) -> Row[Any] | None:
+        async with self._connection() as conn:
+            return (
+                await conn.execute(
+                    select(jobs).where(jobs.c.account_id == account_id, jobs.c.request_id == request_id)
+                )
+            ).first()
+
+    @staticmethod
+    def _idempotent(row: Row[Any], request_id: str, request_hash: str) -> Job:
+        job = _job_from_row(row)
+        if row.request_hash != request_hash:
+            raise IdempotencyConflict(request_id, job.id)
+        return job
+
+    async def _fenced_transition(
+        self, fence: Fence, status: JobStatus, message: str, values: dict[str, Any], now: datetime
+    ) -> Job:
+        assert status in ALLOWED_TRANSITIONS[JobStatus.PROCESSING]
+        async with self._transaction() as conn:
+            row = (
+                await conn.execute(
+                    update(jobs)
+                    .where(*_fenced(fence))
+                    .values(status=status.value, version=jobs.c.version + 1, update_time=now, message=message,
+                            **values)
+                    .returning(*jobs.c)
+                )
+            ).first()
+            if row is None:
+                raise LeaseLost(fence.job_id, fence.attempt)
+            job = _job_from_row(row)
+            await self._record_events(conn, [(job, JobStatus.PROCESSING)])
+        self._committed([job])
+        return job
+
+    async def _update(
+        self, conn: AsyncConnection, current: Job, status: JobStatus, message: str, *, values: dict[str, Any],
+        now: datetime,
+    ) -> Job:
+        if status not in ALLOWED_TRANSITIONS[current.status]:
+            raise InvalidTransition(current.id, current.status.value, f"become {status.value}")
+        row = (
+            await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == current.id)
+                .values(status=status.value, version=jobs.c.version + 1, update_time=now, message=message, **values)
+                .returning(*jobs.c)
+            )
+        ).one()
+        job = _job_from_row(row)
+        await self._record_events(conn, [(job, current.status)])
+        return job
+
+    async def _record_events(self, conn: AsyncConnection, transitions: Sequence[tuple[Job, JobStatus | None]]) -> None:
+        await conn.execute(
+            insert(job_events),
+            [
+                {
+                    "job_id": job.id,
+                    "account_id": job.account_id,
+                    "version": job.version,
+                    "status": job.status.value,
+                    "previous_status": previous.value if previous else None,
+                    "message": job.message,
+                    "event_time": job.update_time,
+                    "snapshot": job_to_json(job),
+                }
+                for job, previous in transitions
+            ],
+        )
+        if self._postgres:
+            # Delivered to every LISTENing process when (and only if) this transaction commits.
+            payloads = [_notice(job).encode() for job, _ in transitions]
+            await conn.execute(
+                text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"),
+                {"channel": NOTIFY_CHANNEL, "payloads": payloads},
+            )
+
+    def _committed(self, changed: Sequence[Job]) -> None:
+        if self._on_commit is not None and changed:
+            self._on_commit([_notice(job) for job in changed])
+
+
+def spec_hash(spec: JobSpec) -> str:
+    """A digest of the canonical request, to tell a retried submit from a different one."""
+    canonical = json.dumps(spec.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@contextlib.asynccontextmanager
+async def _unavailable_on_connection_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except sqlalchemy.exc.DBAPIError as exc:
+        if exc.connection_invalidated or isinstance(exc, sqlalchemy.exc.InterfaceError) or _is_connection_error(exc):
+            raise StoreUnavailable(f"database unreachable: {exc.orig!s}") from exc
+        raise
+    except (OSError, TimeoutError, sqlalchemy.exc.TimeoutError) as exc:
+        raise StoreUnavailable(f"database unreachable: {exc!s}") from exc
+
+
+def _is_connection_error(exc: sqlalchemy.exc.DBAPIError) -> bool:
+    # asyncpg's connection errors and PostgreSQL's SQLSTATE class 08 (connection exception) and 57P
+    # (operator intervention: admin shutdown, terminated backend) mean "try again later".
+    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(getattr(exc.orig, "__cause__", None), "sqlstate", None)
+    if isinstance(sqlstate, str) and (sqlstate.startswith("08") or sqlstate.startswith("57P")):
+        return True
+    cause = getattr(exc.orig, "__cause__", None)
+    return isinstance(cause, (OSError, TimeoutError, ConnectionError))
+
+
+def _fenced(fence: Fence) -> list[Any]:
+    return [
+        jobs.c.id == fence.job_id,
+        jobs.c.status == JobStatus.PROCESSING.value,
+        jobs.c.attempt == fence.attempt,
+        jobs.c.lease_owner == fence.owner,
+    ]
+
+
+def _filter_clauses(where: JobFilter) -> list[Any]:
+    clauses: list[Any] = []
+    if where.statuses:
+        clauses.append(jobs.c.status.in_(sorted(status.value for status in where.statuses)))
+    if where.provider:
+        clauses.append(jobs.c.provider == where.provider)
+    if where.folder_id is not None:
+        clauses.append(jobs.c.folder_id == where.folder_id)
+    return clauses
+
+
+def _notice(job: Job) -> JobNotice:
+    return JobNotice(job_id=job.id, version=job.version, status=job.status, account_id=job.account_id)
+
+
+def _notice_from_row(row: Row[Any]) -> JobNotice:
+    return JobNotice(job_id=row.id, version=row.version, status=JobStatus(row.status), account_id=row.account_id)
+
+
+def _job_values(job: Job, request_hash: str) -> dict[str, Any]:
+    spec = job.spec
+    return {
+        "id": job.id,
+        "account_id": job.account_id,
+        "request_id": job.request_id or None,
+        "request_hash": request_hash,
+        "status": job.status.value,
+        "version": job.version,
+        "attempt": job.attempt,
+        "provider": spec.provider,
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "width": spec.width,
+        "height": spec.height,
+        "num_variants": spec.num_variants,
+        "seed": spec.seed,
+        "output_format": spec.output_format,
+        "folder_id": spec.folder_id,
+        "reference_image_urls": list(spec.reference_image_urls),
+        "provider_options": dict(spec.provider_options),
+        "labels": dict(spec.labels),
+        "next_attempt_at": job.next_attempt_at,
+        "deadline_at": job.deadline_at,
+        "images": [],
+        "message": job.message,
+        "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
+        "cost_usd_micros": 0,
+        "create_time": job.create_time,
+        "update_time": job.update_time,
+    }
+
+
+def _job_from_row(row: Row[Any]) -> Job:
+    m = row._mapping
+    error = (
+        JobError(code=m["error_code"], message=m["error_message"] or "", retryable=bool(m["error_retryable"]))
+        if m["error_code"]
+        else None
+    )
+    return Job(
+        id=m["id"],
+        account_id=m["account_id"],
+        status=JobStatus(m["status"]),
+        spec=JobSpec(
+            prompt=m["prompt"],
+            provider=m["provider"],
+            width=m["width"],
+            height=m["height"],
+            num_variants=m["num_variants"],
+            folder_id=m["folder_id"],
+            negative_prompt=m["negative_prompt"],
+            seed=m["seed"],
+            output_format=m["output_format"],
+            reference_image_urls=tuple(m["reference_image_urls"]),
+            provider_options=m["provider_options"],
+            labels=m["labels"],
+        ),
+        request_id=m["request_id"] or "",
+        images=tuple(StoredImage.from_json(image) for image in m["images"]),
+        error=error,
+        estimated_cost_usd_micros=m["estimated_cost_usd_micros"],
+        cost_usd_micros=m["cost_usd_micros"],
+        attempt=m["attempt"],
+        version=m["version"],
+        create_time=m["create_time"],
+        update_time=m["update_time"],
+        start_time=m["start_time"],
+        end_time=m["end_time"],
+        deadline_at=m["deadline_at"],
+        next_attempt_at=m["next_attempt_at"],
+        lease_owner=m["lease_owner"],
+        lease_expires_at=m["lease_expires_at"],
+        provider_state=m["provider_state"],
+        message=m["message"],
+    )
+
+
+def job_to_json(job: Job) -> dict[str, Any]:
+    """The job as JSON, as kept in each event row (lease fields left out: they are not history)."""
+    return {
+        "id": str(job.id),
+        "account_id": job.account_id,
+        "status": job.status.value,
+        "spec": job.spec.to_json(),
+        "request_id": job.request_id,
+        "images": [image.to_json() for image in job.images],
+        "error": None
+        if job.error is None
+        else {"code": job.error.code, "message": job.error.message, "retryable": job.error.retryable},
+        "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
+        "cost_usd_micros": job.cost_usd_micros,
+        "attempt": job.attempt,
+        "version": job.version,
+        "create_time": job.create_time.isoformat(),
+        "update_time": job.update_time.isoformat(),
+        "start_time": job.start_time.isoformat() if job.start_time else None,
+        "end_time": job.end_time.isoformat() if job.end_time else None,
+        "deadline_at": job.deadline_at.isoformat(),
+        "message": job.message,
+    }
+
+
+def job_from_json(data: Mapping[str, Any]) -> Job:
+    """Inverse of `job_to_json`."""
+    spec = dict(data["spec"])
+    spec["reference_image_urls"] = tuple(spec["reference_image_urls"])
+    error = data["error"]
+
+    def when(key: str) -> datetime | None:
+        value = data[key]
+        return datetime.fromisoformat(value) if value else None
+
+    return Job(
+        id=uuid.UUID(data["id"]),
+        account_id=data["account_id"],
+        status=JobStatus(data["status"]),
+        spec=JobSpec(**spec),
+        request_id=data["request_id"],
+        images=tuple(StoredImage.from_json(image) for image in data["images"]),
+        error=None if error is None else JobError(**error),
+        estimated_cost_usd_micros=data["estimated_cost_usd_micros"],
+        cost_usd_micros=data["cost_usd_micros"],
+        attempt=data["attempt"],
+        version=data["version"],
+        create_time=datetime.fromisoformat(data["create_time"]),
+        update_time=datetime.fromisoformat(data["update_time"]),
+        start_time=when("start_time"),
+        end_time=when("end_time"),
+        deadline_at=datetime.fromisoformat(data["deadline_at"]),
+        message=data["message"],
+    )
+
+
+def _event_from_row(row: Row[Any]) -> JobEvent:
+    m = row._mapping
+    previous = m["previous_status"]
+    return JobEvent(
+        job=job_from_json(m["snapshot"]),
+        version=m["version"],
+        previous_status=JobStatus(previous) if previous else None,
+        event_time=m["event_time"],
+        message=m["message"],
+    )

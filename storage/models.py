@@ -1,0 +1,216 @@
+"""Domain types of the job store: jobs, their events, and the lifecycle rules.
+
+These are plain frozen dataclasses; SQL rows never leave `storage/`.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its lifecycle (the strings are what the database stores)."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether no transition leaves this status."""
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+#: every status change the store performs; anything else is a bug
+ALLOWED_TRANSITIONS: Mapping[JobStatus | None, frozenset[JobStatus]] = {
+    None: frozenset({JobStatus.PENDING}),
+    JobStatus.PENDING: frozenset({JobStatus.PROCESSING, JobStatus.CANCELLED}),
+    JobStatus.PROCESSING: frozenset(
+        # PROCESSING -> PROCESSING is a lease taken over from a worker that died
+        {JobStatus.PENDING, JobStatus.PROCESSING, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+    ),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+#: the folder id under which images of jobs without a folder are stored
+ROOT_FOLDER = "root"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredImage:
+    """One stored output image; `key` is its blob-store key, turned into a signed URL when served."""
+
+    key: str
+    width: int
+    height: int
+    content_type: str
+    size_bytes: int
+    sha256: str
+    seed: int | None = None
+    native_width: int = 0
+    native_height: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form kept in the jobs table and in event snapshots."""
+        return {
+            "key": self.key,
+            "width": self.width,
+            "height": self.height,
+            "content_type": self.content_type,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "seed": self.seed,
+            "native_width": self.native_width,
+            "native_height": self.native_height,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StoredImage:
+        """Inverse of `to_json`."""
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobError:
+    """Why a job failed (or why its last attempt did, while it waits to retry)."""
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """A validated, normalised generation request: what a job was asked to do."""
+
+    prompt: str
+    provider: str
+    width: int
+    height: int
+    num_variants: int
+    folder_id: str = ""
+    negative_prompt: str = ""
+    seed: int | None = None
+    output_format: str = "png"
+    reference_image_urls: tuple[str, ...] = ()
+    provider_options: Mapping[str, Any] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A canonical JSON form: equal specs give equal JSON (used for idempotency checks)."""
+        return {
+            "prompt": self.prompt,
+            "provider": self.provider,
+            "width": self.width,
+            "height": self.height,
+            "num_variants": self.num_variants,
+            "folder_id": self.folder_id,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "output_format": self.output_format,
+            "reference_image_urls": list(self.reference_image_urls),
+            "provider_options": dict(self.provider_options),
+            "labels": dict(self.labels),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewJob:
+    """What `JobStore.create` persists."""
+
+    account_id: str
+    spec: JobSpec
+    estimated_cost_usd_micros: int
+    request_id: str = ""
+    #: how long the job may take overall, from its creation
+    deadline_s: float = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """A job as stored."""
+
+    id: uuid.UUID
+    account_id: str
+    status: JobStatus
+    spec: JobSpec
+    request_id: str = ""
+    images: tuple[StoredImage, ...] = ()
+    error: JobError | None = None
+    estimated_cost_usd_micros: int = 0
+    cost_usd_micros: int = 0
+    attempt: int = 0
+    version: int = 1
+    create_time: datetime
+    update_time: datetime
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    deadline_at: datetime
+    next_attempt_at: datetime | None = None
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    #: adapter scratch space (vendor task ids) kept across attempts; see providers.base.Checkpoint
+    provider_state: Mapping[str, Any] | None = None
+    #: the message of the latest transition
+    message: str = ""
+
+    def evolve(self, **changes: Any) -> Job:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+class EventKind(enum.StrEnum):
+    """Why a watcher receives an event."""
+
+    SNAPSHOT = "snapshot"
+    TRANSITION = "transition"
+    HEARTBEAT = "heartbeat"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobEvent:
+    """One transition of one job, with the whole job as of that version."""
+
+    job: Job
+    version: int
+    previous_status: JobStatus | None
+    event_time: datetime
+    message: str = ""
+    kind: EventKind = EventKind.TRANSITION
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobNotice:
+    """The small wake-up sent after a transition commits (PostgreSQL NOTIFY payload or in-process)."""
+
+    job_id: uuid.UUID
+    version: int
+    status: JobStatus
+    account_id: str
+
+    def encode(self) -> str:
+        """The NOTIFY payload (well under PostgreSQL's 8000-byte limit)."""
+        return f"{self.job_id} {self.version} {self.status.value} {self.account_id}"
+
+    @classmethod
+    def decode(cls, payload: str) -> JobNotice:
+        """Inverse of `encode`; raises ValueError on a foreign payload."""
+        job_id, version, status, account_id = payload.split(" ", 3)
+        return cls(job_id=uuid.UUID(job_id), version=int(version), status=JobStatus(status),
+                   account_id=account_id)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (the one clock of the store)."""
+    return datetime.now(UTC)
