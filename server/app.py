@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -107,8 +108,15 @@ async def running_app(
             await migrate.upgrade(engine)
         store = SqlJobStore(engine)
         blobs = LocalBlobStore(settings.blob_dir)
+        # Bind the HTTP port first: with port 0 the image URLs must name the port actually bound.
+        http_host, http_port = split_address(settings.http_address)
+        http_socket = stack.enter_context(
+            socket.create_server((http_host, http_port), family=socket.AF_INET6 if ":" in http_host else socket.AF_INET)
+        )
+        bound_http_port = http_socket.getsockname()[1]
+        public_base_url = settings.public_base_url or f"http://{_url_host(http_host)}:{bound_http_port}"
         signer = UrlSigner(signing_key(settings.url_signing_key, settings.data_dir),
-                           base_url=settings.public_base_url, ttl_s=settings.url_ttl_s)
+                           base_url=public_base_url, ttl_s=settings.url_ttl_s)
 
         sandbox: Sandbox | None = None
         if providers is None and needs_sandbox(settings):
@@ -137,13 +145,14 @@ async def running_app(
                 ),
             )
         hub = EventHub(store, poll_interval_s=settings.poll_interval_s,
-                       on_pending=worker.wake if worker is not None else None)
+                       on_notices=worker.observe if worker is not None else None)
         store.set_on_commit(hub.notify)
         hub.start()
         stack.push_async_callback(hub.close)
 
         if is_postgres(engine):
-            listener = PgListener(settings.database_url, on_notices=hub.notify, on_reconnect=hub.request_catch_up)
+            listener = PgListener(settings.database_url, on_notices=hub.notify, on_reconnect=hub.request_catch_up,
+                                  connect_timeout_s=settings.db_timeout_s)
             await listener.start()
             stack.push_async_callback(listener.close)
 
@@ -181,10 +190,7 @@ async def running_app(
         http_runner = web.AppRunner(_http_app(registry, readiness, blobs, signer), access_log=None)
         await http_runner.setup()
         stack.push_async_callback(http_runner.cleanup)
-        http_host, http_port = split_address(settings.http_address)
-        http_site = web.TCPSite(http_runner, http_host, http_port)
-        await http_site.start()
-        bound_http_port = http_runner.addresses[0][1]
+        await web.SockSite(http_runner, http_socket).start()
 
         await server.start()
         if worker is not None:
@@ -209,3 +215,7 @@ def _http_app(registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlo
     app = web.Application()
     app.add_routes(http_routes(registry, readiness, blobs, signer))
     return app
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

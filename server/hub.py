@@ -85,11 +85,11 @@ class EventHub:
         store: SqlJobStore,
         *,
         poll_interval_s: float,
-        on_pending: Callable[[], None] | None = None,
+        on_notices: Callable[[Sequence[JobNotice]], None] | None = None,
     ) -> None:
         self._store = store
         self._poll_interval_s = poll_interval_s
-        self._on_pending = on_pending
+        self._on_notices = on_notices
         self._by_job: dict[uuid.UUID, set[Subscription]] = defaultdict(set)
         self._by_account: dict[str, set[Subscription]] = defaultdict(set)
         self._dispatched: OrderedDict[uuid.UUID, int] = OrderedDict()
@@ -144,18 +144,15 @@ class EventHub:
 
     def notify(self, notices: Sequence[JobNotice]) -> None:
         """Told of committed transitions (by the store in this process, or by NOTIFY); never blocks."""
-        pending = False
         for notice in notices:
-            if notice.status is JobStatus.PENDING:
-                pending = True
             if notice.job_id in self._by_job or notice.account_id in self._by_account:
                 known = self._inbox.get(notice.job_id)
                 if known is None or known.version < notice.version:
                     self._inbox[notice.job_id] = notice
         if self._inbox:
             self._wake.set()
-        if pending and self._on_pending is not None:
-            self._on_pending()
+        if self._on_notices is not None:
+            self._on_notices(notices)  # the worker: new work to claim, or a job of its was cancelled
 
     def request_catch_up(self) -> None:
         """Re-read soon what may have been missed (after the NOTIFY connection came back)."""

@@ -45,7 +45,7 @@ class Settings:
     db_timeout_s: float = 10.0
     #: result images; default data_dir/blobs
     blob_dir: Path | None = None
-    #: base of the signed image URLs handed to callers; default http://<http_address>
+    #: base of the signed image URLs handed to callers; default http://<host:port the HTTP side bound>
     public_base_url: str = ""
     #: HMAC key for image URLs; default: a random key kept in data_dir (share one key across replicas)
     url_signing_key: str = ""
@@ -111,8 +111,6 @@ class Settings:
             changes["database_url"] = f"sqlite+aiosqlite:///{(self.data_dir / 'imagegen.db').resolve()}"
         if self.blob_dir is None:
             changes["blob_dir"] = self.data_dir / "blobs"
-        if not self.public_base_url:
-            changes["public_base_url"] = f"http://{self.http_address}"
         return dataclasses.replace(self, **changes) if changes else self
 
     def vendor(self, name: str) -> VendorSettings:

@@ -13,7 +13,7 @@ import logging
 import random
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -31,7 +31,7 @@ from server.metrics import ServiceMetrics
 from storage.blobs import LocalBlobStore, image_key, job_prefix
 from storage.errors import LeaseLost, StorageError, StoreUnavailable
 from storage.jobs import Fence, SqlJobStore
-from storage.models import Job, JobError, StoredImage, utcnow
+from storage.models import Job, JobError, JobNotice, JobStatus, StoredImage, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,14 @@ class Worker:
     def wake(self) -> None:
         """Look for due jobs now (a job was submitted or handed back)."""
         self._wake.set()
+
+    def observe(self, notices: Sequence[JobNotice]) -> None:
+        """Act on committed transitions from any process: claim new work, drop cancelled jobs at once."""
+        for notice in notices:
+            if notice.status is JobStatus.PENDING:
+                self._wake.set()
+            elif notice.status is JobStatus.CANCELLED and (held := self._attempts.get(notice.job_id)):
+                held[1].cancel()  # `_execute` sees the attempt end without a result and discards it
 
     @property
     def in_flight(self) -> int:
@@ -173,6 +181,8 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await attempt
                 await self._discard(job, "lease lost")
+            elif attempt.cancelled() and not self._stopping:
+                await self._discard(job, "cancelled by the caller")
             elif not attempt.cancelled() and (exc := attempt.exception()) is not None:
                 log.error("job %s attempt %s crashed", job.id, job.attempt, exc_info=exc)
         except asyncio.CancelledError:

@@ -1,0 +1,152 @@
+"""The process around the API: health, reflection, the HTTP side, signed file URLs, WatchJobs, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from server.app import App
+from server.files import UrlSigner
+from server.settings import Settings, SettingsError
+from tests.helpers import events_until_end, finished
+
+
+async def test_grpc_health_and_readyz_agree(app: App) -> None:
+    async with grpc.aio.insecure_channel(app.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "imagegen.v1.ImageGeneration"):
+            response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{app.http_url}/healthz") as response:
+            assert response.status == 200
+        async with http.get(f"{app.http_url}/readyz") as response:
+            assert response.status == 200 and (await response.json())["ready"] is True
+
+
+async def test_reflection_lists_the_service(app: App) -> None:
+    async with grpc.aio.insecure_channel(app.grpc_target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        async for response in responses:
+            names = {service.name for service in response.list_services_response.service}
+            break
+    assert {"imagegen.v1.ImageGeneration", "grpc.health.v1.Health"} <= names
+
+
+async def test_metrics_parse_and_count_jobs(stub, app: App) -> None:
+    job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="x", width=256, height=256))
+    await finished(stub, job.id)
+    async with aiohttp.ClientSession() as http, http.get(f"{app.http_url}/metrics") as response:
+        assert response.status == 200
+        exposition = await response.text()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+    assert samples[("imagegen_jobs_submitted_total", (("provider", "flux_2_pro"),))] == 1
+    assert samples[("imagegen_jobs_finished_total",
+                    (("code", ""), ("provider", "flux_2_pro"), ("status", "completed")))] == 1
+
+
+async def test_file_urls_are_signed_and_expire(stub, app: App) -> None:
+    job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="x", width=256, height=256))
+    done = await finished(stub, job.id)
+    url = done.images[0].url
+    base, query = url.split("?")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as response:
+            assert response.status == 200 and len(await response.read()) == done.images[0].size_bytes
+        for tampered in (f"{base}?{query[:-2]}xx", base, base.replace(f"/{job.id}/", f"/{job.id}/../") + "?" + query,
+                         base.replace("/0.png", "/1.png") + "?" + query):
+            async with http.get(tampered) as response:
+                assert response.status in (403, 404), tampered
+                assert response.status != 200
+
+    signer = UrlSigner(b"k", base_url="http://h", ttl_s=60)
+    signed = signer.sign("a/root/j/0.png", now=1_000)
+    expires, signature = signed.split("expires=")[1].split("&sig=")
+    assert signer.verify("a/root/j/0.png", expires, signature, now=1_050)
+    assert not signer.verify("a/root/j/0.png", expires, signature, now=1_061)
+    assert not signer.verify("a/root/j/1.png", expires, signature, now=1_050)
+    assert not UrlSigner(b"other", base_url="http://h", ttl_s=60).verify("a/root/j/0.png", expires, signature,
+                                                                         now=1_050)
+    assert not signer.verify("a/root/j/0.png", str(int(time.time()) + 10**6), signature)
+
+
+async def test_watch_jobs_streams_the_accounts_events(stub, app: App) -> None:
+    everything = stub.WatchJobs(pb.WatchJobsRequest())
+    in_folder = stub.WatchJobs(pb.WatchJobsRequest(folder_id="posters", statuses=[pb.JOB_STATUS_COMPLETED]))
+    foreign = stub.WatchJobs(pb.WatchJobsRequest(), metadata=(("x-account-id", "other"),))
+    for stream in (everything, in_folder, foreign):
+        await stream.initial_metadata()  # subscribed
+    assert app.hub.open_subscriptions == 3
+
+    first = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a", width=256, height=256))
+    second = await stub.GenerateImage(pb.GenerateImageRequest(prompt="b", width=256, height=256, folder_id="posters"))
+    await finished(stub, first.id)
+    await finished(stub, second.id)
+
+    async def read(stream, count: int) -> list[pb.JobEvent]:
+        async with asyncio.timeout(10):
+            return [await stream.read() for _ in range(count)]
+
+    events = await read(everything, 6)  # pending, processing, completed for each
+    by_job: dict[str, list[int]] = {}
+    for event in events:
+        by_job.setdefault(event.job.id, []).append(event.version)
+    assert by_job == {first.id: [1, 2, 3], second.id: [1, 2, 3]}
+
+    [completed] = await read(in_folder, 1)
+    assert completed.job.id == second.id and completed.job.status == pb.JOB_STATUS_COMPLETED
+
+    for stream in (everything, in_folder, foreign):
+        stream.cancel()
+    async with asyncio.timeout(5):
+        while app.hub.open_subscriptions:
+            await asyncio.sleep(0.01)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.WatchJobs(pb.WatchJobsRequest(folder_id="../x")):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_many_watchers_of_one_job_all_see_every_transition(stub) -> None:
+    job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="crowd", width=256, height=256))
+    streams = await asyncio.gather(*(events_until_end(stub, job.id) for _ in range(50)))
+    finals = {events[-1].version for events in streams}
+    assert len(finals) == 1
+    for events in streams:
+        versions = [e.version for e in events]
+        assert versions == list(range(versions[0], versions[-1] + 1))
+        assert events[-1].job.status == pb.JOB_STATUS_COMPLETED
+
+
+def test_settings_from_environment(tmp_path: Path) -> None:
+    settings = Settings.from_env({
+        "IMAGEGEN_GRPC_ADDRESS": "0.0.0.0:6000",
+        "IMAGEGEN_DATA_DIR": str(tmp_path),
+        "IMAGEGEN_WORKER_CONCURRENCY": "8",
+        "IMAGEGEN_JOB_DEADLINE_S": "60",
+        "BFL_API_KEY": "k",
+        "IMAGEGEN_BFL_BASE_URL": "https://api.eu.bfl.ai",
+    })
+    assert settings.grpc_address == "0.0.0.0:6000" and settings.worker_concurrency == 8
+    assert settings.job_deadline_s == 60.0
+    assert settings.database_url == f"sqlite+aiosqlite:///{(tmp_path / 'imagegen.db').resolve()}"
+    assert settings.vendor("bfl").api_key == "k" and settings.vendor("bfl").base_url == "https://api.eu.bfl.ai"
+    with pytest.raises(SettingsError, match="IMAGEGEN_WORKER_CONCURRENCY"):
+        Settings.from_env({"IMAGEGEN_WORKER_CONCURRENCY": "many"})
+    with pytest.raises(SettingsError, match="IMAGEGEN_ROLE"):
+        Settings.from_env({"IMAGEGEN_ROLE": "boss"})

@@ -1,0 +1,173 @@
+"""The job store itself, on both databases it supports: claims, leases, fencing, events, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+
+from storage import migrate
+from storage.db import make_engine
+from storage.errors import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost
+from storage.jobs import Fence, JobFilter, SqlJobStore
+from storage.models import JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
+from storage.schema import metadata
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> AsyncIterator[SqlJobStore]:
+    """A migrated, empty store on each supported database."""
+    if request.param == "postgresql":
+        engine = make_engine(pg_url)
+        async with engine.begin() as connection:
+            await connection.execute(text("TRUNCATE jobs, job_events"))
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+        await migrate.upgrade(engine)
+    try:
+        yield SqlJobStore(engine)
+    finally:
+        await engine.dispose()
+
+
+def _new(prompt: str = "a cat", *, account: str = "acct", request_id: str = "", deadline_s: float = 300) -> NewJob:
+    spec = JobSpec(prompt=prompt, provider="flux_2_pro", width=512, height=512, num_variants=1)
+    return NewJob(account_id=account, spec=spec, estimated_cost_usd_micros=30_000, request_id=request_id,
+                  deadline_s=deadline_s)
+
+
+async def test_migrations_match_the_table_definitions(store: SqlJobStore) -> None:
+    async with store.engine.connect() as connection:
+        differences = await connection.run_sync(
+            lambda sync: compare_metadata(MigrationContext.configure(sync, opts={"compare_type": True}), metadata)
+        )
+    assert differences == []
+    assert await migrate.current_revision(store.engine) == migrate.head_revision()
+
+
+async def test_create_get_and_events(store: SqlJobStore) -> None:
+    seen: list[JobNotice] = []
+    store.set_on_commit(seen.extend)
+    job, created = await store.create(_new())
+    assert created and job.status is JobStatus.PENDING and job.version == 1
+
+    assert await store.get("acct", job.id) == job
+    with pytest.raises(JobNotFound):
+        await store.get("someone-else", job.id)
+    [event] = await store.events(job.id, after_version=0)
+    assert event.version == 1 and event.previous_status is None
+    assert event.job == job.evolve(next_attempt_at=None)  # snapshots keep history, not queue internals
+    assert seen == [JobNotice(job_id=job.id, version=1, status=JobStatus.PENDING, account_id="acct")]
+
+
+async def test_idempotent_create(store: SqlJobStore) -> None:
+    first, created = await store.create(_new(request_id="r1"))
+    again, created_again = await store.create(_new(request_id="r1"))
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(IdempotencyConflict):
+        await store.create(_new("a dog", request_id="r1"))
+    results = await asyncio.gather(*(store.create(_new("burst", request_id="r2")) for _ in range(10)))
+    assert len({job.id for job, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+
+
+async def test_claim_fences_and_completes(store: SqlJobStore) -> None:
+    job, _ = await store.create(_new())
+    [claimed] = await store.claim(owner="w1", limit=10, lease_s=30)
+    assert claimed.status is JobStatus.PROCESSING and claimed.attempt == 1 and claimed.version == 2
+    assert await store.claim(owner="w2", limit=10, lease_s=30) == []  # held
+
+    fence = Fence(job_id=job.id, attempt=1, owner="w1")
+    assert await store.heartbeat(fence, lease_s=30)
+    await store.save_provider_state(fence, {"tasks": [{"id": "t1"}]})
+    image = StoredImage(key="acct/root/x/0.png", width=512, height=512, content_type="image/png", size_bytes=10,
+                        sha256="00", seed=3, native_width=512, native_height=512)
+    done = await store.complete(fence, images=[image], cost_usd_micros=45_000)
+    assert done.status is JobStatus.COMPLETED and done.images == (image,) and done.cost_usd_micros == 45_000
+    assert done.end_time is not None and done.lease_owner is None
+
+    # a finished job cannot be written again by the same fence, nor cancelled
+    with pytest.raises(LeaseLost):
+        await store.fail(fence, JobError(code="X", message="late"))
+    with pytest.raises(InvalidTransition):
+        await store.cancel("acct", job.id)
+    assert [e.version for e in await store.events(job.id, after_version=0)] == [1, 2, 3]
+
+
+async def test_an_expired_lease_is_taken_over_and_the_old_worker_is_fenced_out(store: SqlJobStore) -> None:
+    job, _ = await store.create(_new())
+    [first] = await store.claim(owner="w1", limit=1, lease_s=0.05)
+    async with store.engine.begin() as connection:  # the lease ran out (w1 died or stalled)
+        await connection.execute(
+            text("UPDATE jobs SET lease_expires_at = :past"), {"past": utcnow() - timedelta(seconds=1)}
+        )
+    [second] = await store.claim(owner="w2", limit=1, lease_s=30)
+    assert second.id == job.id and second.attempt == 2 and second.lease_owner == "w2"
+    [takeover] = await store.events(job.id, after_version=2)
+    assert takeover.previous_status is JobStatus.PROCESSING and "taken over" in takeover.message
+
+    stale = Fence(job_id=job.id, attempt=first.attempt, owner="w1")
+    assert not await store.heartbeat(stale, lease_s=30)
+    with pytest.raises(LeaseLost):
+        await store.complete(stale, images=[], cost_usd_micros=1)
+    with pytest.raises(LeaseLost):
+        await store.save_provider_state(stale, {"tasks": []})
+    current = await store.get("acct", job.id)
+    assert current.status is JobStatus.PROCESSING and current.lease_owner == "w2"
+
+
+async def test_retry_later_waits_for_its_time(store: SqlJobStore) -> None:
+    job, _ = await store.create(_new())
+    [claimed] = await store.claim(owner="w1", limit=1, lease_s=30)
+    fence = Fence(job_id=job.id, attempt=claimed.attempt, owner="w1")
+    error = JobError(code="PROVIDER_UNAVAILABLE", message="HTTP 503", retryable=True)
+    retried = await store.retry_later(fence, error=error, at=utcnow() + timedelta(hours=1), message="later")
+    assert retried.status is JobStatus.PENDING and retried.error == error
+    assert await store.claim(owner="w1", limit=1, lease_s=30) == []  # not due yet
+
+
+async def test_cancel_processing_fences_out_the_worker(store: SqlJobStore) -> None:
+    job, _ = await store.create(_new())
+    [claimed] = await store.claim(owner="w1", limit=1, lease_s=30)
+    cancelled = await store.cancel("acct", job.id)
+    assert cancelled.status is JobStatus.CANCELLED
+    assert await store.cancel("acct", job.id) == cancelled  # idempotent
+    with pytest.raises(LeaseLost):
+        await store.complete(Fence(job_id=job.id, attempt=claimed.attempt, owner="w1"), images=[],
+                             cost_usd_micros=1)
+
+
+async def test_concurrent_claims_never_share_a_job(store: SqlJobStore) -> None:
+    for index in range(40):
+        await store.create(_new(f"job {index}"))
+    batches = await asyncio.gather(*(store.claim(owner=f"w{n}", limit=7, lease_s=30) for n in range(8)))
+    claimed = [job.id for batch in batches for job in batch]
+    assert len(claimed) == 40 and len(set(claimed)) == 40
+
+
+async def test_list_filters_and_pages(store: SqlJobStore) -> None:
+    ids = [(await store.create(_new(f"job {i}")))[0].id for i in range(5)]
+    page, cursor = await store.list("acct", page_size=2)
+    assert [job.id for job in page] == ids[::-1][:2] and cursor is not None
+    page, cursor = await store.list("acct", page_size=10, after=cursor)
+    assert [job.id for job in page] == ids[::-1][2:] and cursor is None
+    pending, _ = await store.list("acct", page_size=10, where=JobFilter(statuses=frozenset({JobStatus.FAILED})))
+    assert pending == []
+
+
+async def test_catch_up_queries(store: SqlJobStore) -> None:
+    before = utcnow()
+    job, _ = await store.create(_new())
+    other, _ = await store.create(_new(account="other"))
+    assert {n.job_id for n in await store.changed_since(["acct"], before)} == {job.id}
+    assert await store.changed_since([], before) == []
+    [notice] = await store.versions([job.id, uuid.uuid4()])
+    assert notice.version == 1 and notice.account_id == "acct"
+    assert other.id not in {n.job_id for n in await store.versions([job.id])}
