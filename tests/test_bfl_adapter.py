@@ -291,7 +291,7 @@ async def test_unknown_task_is_forgotten(
 @pytest.mark.parametrize(
     ("tag", "error_class", "fragment"),
     [
-        ("moderated", ContentModerated, 'input moderation) of task'),
+        ("moderated", ContentModerated, "input moderation) of task"),
         ("moderated-output", ContentModerated, '"Content Moderated"'),
         ("rate-limited", ProviderUnavailable, "BFL answered HTTP 429 (rate limited)"),
         ("server-error", ProviderUnavailable, "HTTP 500"),
@@ -498,7 +498,7 @@ async def test_result_shape_and_tasks_live_on_the_cluster_host(
 
 async def test_tampered_or_expired_download_is_403(session: aiohttp.ClientSession) -> None:
     async with Sandbox.running(port=0, result_ttl_s=0) as sandbox:
-        status, answer = await submit(session, sandbox, {"prompt": "x", "width": 64, "height": 64})
+        _, answer = await submit(session, sandbox, {"prompt": "x", "width": 64, "height": 64})
         async with session.get(answer["polling_url"], headers={"x-key": API_KEY}) as response:
             sample = (await response.json())["result"]["sample"]
 

@@ -177,7 +177,7 @@ def test_decompression_bombs_are_refused(size: tuple[int, int]) -> None:
     assert size[0] * size[1] > MAX_PIXELS
     data = encode(Image.new("1", size), "PNG")  # a few kB that decode to tens of megapixels
 
-    with pytest.raises(InvalidProviderResponse, match="too large|limit"):
+    with pytest.raises(InvalidProviderResponse, match=r"too large|limit"):
         fit_image(data, width=64, height=64, output_format="png")
 
 
