@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # protoc finds the mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) on PATH
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help run test protos check-protos migrate venv sandbox clean
+.PHONY: help run test tools protos check-protos migrate venv sandbox clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -23,14 +23,23 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)  ## create the virtualenv and install the project with its dev tools
 
 run: $(STAMP)  ## migrate the embedded database and serve gRPC + HTTP with the sandbox vendors
-	$(PY) -m server migrate
-	$(PY) -m server serve
+	IMAGEGEN_LOG_FORMAT=$${IMAGEGEN_LOG_FORMAT:-text} $(PY) -m server migrate
+	IMAGEGEN_LOG_FORMAT=$${IMAGEGEN_LOG_FORMAT:-text} $(PY) -m server serve
 
 migrate: $(STAMP)  ## bring the database at IMAGEGEN_DATABASE_URL to the newest schema
 	$(PY) -m server migrate
 
-test: $(STAMP) check-protos  ## the whole suite, against PostgreSQL (IMAGEGEN_TEST_DATABASE_URL) and SQLite
+test: $(STAMP) tools check-protos  ## the whole suite, against PostgreSQL (IMAGEGEN_TEST_DATABASE_URL) and SQLite
 	$(PY) -m pytest
+
+tools:  ## the system tools the suite uses: promtool and prometheus (Debian's prometheus package)
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's prometheus package (promtool, prometheus)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq prometheus >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null && apt-get install -y -qq prometheus >/dev/null; }; \
+	  else echo "make test needs promtool and prometheus: sudo apt-get install prometheus"; exit 1; fi; }
 
 protos: $(STAMP)  ## regenerate server/_gen from protos/
 	rm -rf $(GEN_OUT) && mkdir -p $(GEN_OUT)

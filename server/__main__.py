@@ -9,6 +9,7 @@ import signal
 import sys
 
 from server.app import running_app
+from server.logs import configure_logging
 from server.settings import Settings, SettingsError
 from storage import migrate
 from storage.db import make_engine
@@ -32,14 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Alembic announces its context on every readiness check; only its warnings matter at run time.
-    logging.getLogger("alembic").setLevel(logging.WARNING if args.command == "serve" else logging.INFO)
+    configure_logging(settings.log_level, settings.log_format)
     if args.command == "migrate":
+        logging.getLogger("alembic").setLevel(logging.INFO)
         asyncio.run(_migrate(settings))
         return 0
     asyncio.run(_serve(settings, migrate_schema=args.migrate))

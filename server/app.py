@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -25,7 +25,7 @@ from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness
 from server.hub import EventHub
 from server.http import http_routes
-from server.metrics import ServiceMetrics
+from server.metrics import GrpcMetricsInterceptor, QueueSampler, ServiceMetrics
 from server.servicer import ImageGenerationServicer
 from server.settings import Settings, split_address
 from server.worker import Worker, WorkerPolicy
@@ -70,14 +70,16 @@ class App:
         return f"http://{host}:{self.http_port}"
 
 
-def build_providers(settings: Settings, session: aiohttp.ClientSession, sandbox: Sandbox | None) -> dict[str, ImageProvider]:
+def build_providers(
+    settings: Settings, session_for: Callable[[str], aiohttp.ClientSession], sandbox: Sandbox | None
+) -> dict[str, ImageProvider]:
     """An adapter for every model whose vendor has a key, or the sandbox when it has none."""
     providers: dict[str, ImageProvider] = {}
     bfl = settings.vendor("bfl")
     if bfl.api_key:
-        adapter = BflProvider(session, base_url=bfl.base_url or "https://api.bfl.ai", api_key=bfl.api_key)
+        adapter = BflProvider(session_for("bfl"), base_url=bfl.base_url or "https://api.bfl.ai", api_key=bfl.api_key)
     elif sandbox is not None:
-        adapter = BflProvider(session, base_url=bfl.base_url or sandbox.base_url, api_key="sandbox")
+        adapter = BflProvider(session_for("bfl"), base_url=bfl.base_url or sandbox.base_url, api_key="sandbox")
     else:
         return providers
     for model in CATALOG.values():
@@ -100,6 +102,7 @@ async def running_app(
     assert settings.blob_dir is not None
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
+    metrics.initialise(CATALOG)
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
                          statement_timeout_s=settings.db_timeout_s)
     async with contextlib.AsyncExitStack() as stack:
@@ -125,11 +128,20 @@ async def running_app(
                 "no vendor API key set: serving the vendor APIs from the local SANDBOX at %s; "
                 "images are placeholders, not real generations", sandbox.base_url,
             )
-        session = await stack.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.provider_timeout_s, connect=10))
-        )
+        # One connection pool for every vendor; a session per vendor only so that each request's metrics
+        # carry its vendor's name.
+        connector = aiohttp.TCPConnector(limit=max(100, 2 * settings.worker_concurrency), limit_per_host=0)
+        stack.push_async_callback(connector.close)
+        timeout = aiohttp.ClientTimeout(total=settings.provider_timeout_s, connect=10)
+
+        def session_for(vendor: str) -> aiohttp.ClientSession:
+            session = aiohttp.ClientSession(connector=connector, connector_owner=False, timeout=timeout,
+                                            trace_configs=[metrics.trace_config(vendor)])
+            stack.push_async_callback(session.close)
+            return session
+
         if providers is None:
-            providers = build_providers(settings, session, sandbox)
+            providers = build_providers(settings, session_for, sandbox)
 
         worker: Worker | None = None
         if settings.role in ("all", "worker"):
@@ -157,10 +169,12 @@ async def running_app(
             stack.push_async_callback(listener.close)
 
         health_servicer = health.aio.HealthServicer()
-        readiness = Readiness(store, health_servicer)
+        readiness = Readiness(store, health_servicer, on_change=metrics.database_up.set)
         await readiness.check()
-        readiness_task = asyncio.create_task(readiness.run(), name="readiness")
-        stack.callback(readiness_task.cancel)
+        sampler = QueueSampler(store, metrics, interval_s=max(1.0, settings.poll_interval_s))
+        for background in (readiness.run(), sampler.run()):
+            task = asyncio.create_task(background)
+            stack.callback(task.cancel)
 
         server = grpc.aio.server(
             options=[
@@ -170,6 +184,7 @@ async def running_app(
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=None,
+            interceptors=[GrpcMetricsInterceptor(registry)],
         )
         services = [health.SERVICE_NAME, reflection.SERVICE_NAME]
         if settings.role in ("all", "api"):

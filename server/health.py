@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 
@@ -22,8 +23,12 @@ HEALTH_CHECK_INTERVAL_S = 2.0
 class Readiness:
     """Whether the database answers and has the newest schema; drives gRPC health and /readyz."""
 
-    def __init__(self, store: SqlJobStore, health_servicer: health.aio.HealthServicer) -> None:
+    def __init__(
+        self, store: SqlJobStore, health_servicer: health.aio.HealthServicer,
+        *, on_change: Callable[[bool], None] | None = None,
+    ) -> None:
         self._store = store
+        self._on_change = on_change
         self._health = health_servicer
         self.ready = False
         self.reason = "not checked yet"
@@ -43,6 +48,8 @@ class Readiness:
         if ready != self.ready:
             log.log(logging.INFO if ready else logging.WARNING, "readiness: %s", reason)
         self.ready, self.reason = ready, reason
+        if self._on_change is not None:
+            self._on_change(ready)
         await self._publish()
         return ready
 

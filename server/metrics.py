@@ -1,53 +1,347 @@
-"""Prometheus metrics of one process, in a registry the app owns (nothing registered at module level)."""
+"""Prometheus metrics of one process, in a registry the app owns (nothing is registered at module level).
+
+Label values are bounded: provider ids, vendors, statuses, error codes, gRPC method names, endpoint
+names from a fixed list. Job ids, accounts and prompts never become labels.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from types import SimpleNamespace
+from typing import Any
 
-from storage.models import Job
+import aiohttp
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from storage.errors import StorageError
+from storage.jobs import SqlJobStore
+from storage.models import Job, JobStatus, utcnow
+
+#: job latencies: seconds to many minutes
+_JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+#: RPC latencies: sub-millisecond to seconds
+_RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class ServiceMetrics:
-    """The job metrics; label values are bounded (provider ids, statuses, error codes)."""
+    """Job, queue, watch and provider-HTTP metrics."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.jobs_submitted = Counter(
             "imagegen_jobs_submitted", "Jobs accepted by GenerateImage.", ["provider"], registry=registry
         )
-        self.jobs_started = Counter(
+        self.attempts_started = Counter(
             "imagegen_job_attempts_started", "Attempts started by workers of this process.", ["provider"],
             registry=registry,
         )
         self.jobs_finished = Counter(
-            "imagegen_jobs_finished", "Jobs that reached a terminal status in this process.",
+            "imagegen_jobs_finished", "Jobs that reached a terminal status (code: the error code of failed jobs).",
             ["provider", "status", "code"], registry=registry,
         )
         self.job_retries = Counter(
-            "imagegen_job_retries", "Attempts that ended in a retry.", ["provider", "code"], registry=registry
+            "imagegen_job_retries", "Attempts that failed transiently and were scheduled again.",
+            ["provider", "reason"], registry=registry,
+        )
+        self.lease_takeovers = Counter(
+            "imagegen_lease_takeovers", "Jobs taken over from a worker whose lease expired.", ["provider"],
+            registry=registry,
         )
         self.cost_usd = Counter(
             "imagegen_cost_usd", "What completed jobs cost, in USD.", ["provider"], registry=registry
         )
+        self.queue_wait = Histogram(
+            "imagegen_job_queue_wait_seconds", "From a job being due to a worker starting it.", ["provider"],
+            buckets=_JOB_BUCKETS, registry=registry,
+        )
+        self.run_time = Histogram(
+            "imagegen_job_run_seconds", "From a job's first start to its terminal status.", ["provider", "status"],
+            buckets=_JOB_BUCKETS, registry=registry,
+        )
+        self.in_flight = Gauge(
+            "imagegen_jobs_in_flight", "Attempts this process is running now.", ["provider"], registry=registry
+        )
+        self.pending = Gauge(
+            "imagegen_jobs_pending", "Jobs waiting in the queue (whole database; every replica reports it).",
+            registry=registry,
+        )
+        self.processing = Gauge(
+            "imagegen_jobs_processing", "Jobs held by a worker (whole database).", registry=registry
+        )
+        self.oldest_pending_age = Gauge(
+            "imagegen_oldest_pending_job_age_seconds",
+            "Age of the oldest job that is due and still pending (whole database; 0 when none).",
+            registry=registry,
+        )
+        self.queue_sampled = Gauge(
+            "imagegen_queue_sample_timestamp_seconds", "When the queue gauges were last read from the database.",
+            registry=registry,
+        )
         self.watch_streams = Gauge(
             "imagegen_watch_streams", "Open WatchJob and WatchJobs streams.", ["method"], registry=registry
         )
+        self.database_up = Gauge(
+            "imagegen_database_up", "1 while the database answers and its schema is current.", registry=registry
+        )
+        self.provider_requests = Counter(
+            "imagegen_provider_requests",
+            "HTTP requests to vendor APIs (outcome: 2xx, 4xx, 429, 5xx, timeout, connection_error).",
+            ["vendor", "endpoint", "outcome"], registry=registry,
+        )
+        self.provider_latency = Histogram(
+            "imagegen_provider_request_seconds", "Duration of HTTP requests to vendor APIs, to the response headers.",
+            ["vendor", "endpoint"], buckets=_JOB_BUCKETS, registry=registry,
+        )
+        self.provider_bytes = Counter(
+            "imagegen_provider_response_bytes", "Bytes received from vendor APIs (images and JSON), by Content-Length.",
+            ["vendor", "endpoint"], registry=registry,
+        )
+
+    def initialise(self, providers: Iterable[str]) -> None:
+        """Export zeros for every model up front, so dashboards and `increase()` see 0 rather than nothing."""
+        for provider in providers:
+            self.jobs_submitted.labels(provider)
+            self.attempts_started.labels(provider)
+            self.lease_takeovers.labels(provider)
+            self.cost_usd.labels(provider)
+            self.in_flight.labels(provider)
+            for status in (JobStatus.COMPLETED, JobStatus.CANCELLED):
+                self.jobs_finished.labels(provider, status.value, "")
+
+    # ------------------------------------------------------------ jobs
 
     def observe_submitted(self, job: Job) -> None:
         """A job was created."""
         self.jobs_submitted.labels(job.spec.provider).inc()
 
-    def observe_claim(self, job: Job) -> None:
-        """A worker took a job."""
-        self.jobs_started.labels(job.spec.provider).inc()
+    def observe_claim(self, job: Job, *, taken_over: bool) -> None:
+        """A worker took a job (`job` as claimed)."""
+        provider = job.spec.provider
+        self.attempts_started.labels(provider).inc()
+        if taken_over:
+            self.lease_takeovers.labels(provider).inc()
+        due = max(job.create_time, job.next_attempt_at or job.create_time)
+        self.queue_wait.labels(provider).observe(max(0.0, (utcnow() - due).total_seconds()))
 
     def observe_finished(self, job: Job) -> None:
         """A job reached a terminal status."""
-        code = job.error.code if job.error is not None and job.status.value == "failed" else ""
-        self.jobs_finished.labels(job.spec.provider, job.status.value, code).inc()
+        provider = job.spec.provider
+        code = job.error.code if job.error is not None and job.status is JobStatus.FAILED else ""
+        self.jobs_finished.labels(provider, job.status.value, code).inc()
         if job.cost_usd_micros:
-            self.cost_usd.labels(job.spec.provider).inc(job.cost_usd_micros / 1_000_000)
+            self.cost_usd.labels(provider).inc(job.cost_usd_micros / 1_000_000)
+        if job.start_time is not None and job.end_time is not None:
+            self.run_time.labels(provider, job.status.value).observe((job.end_time - job.start_time).total_seconds())
 
-    def observe_retry(self, job: Job, code: str) -> None:
-        """An attempt failed and the job will be tried again."""
-        self.job_retries.labels(job.spec.provider, code).inc()
+    def observe_retry(self, job: Job, reason: str) -> None:
+        """An attempt failed transiently and the job will be tried again."""
+        self.job_retries.labels(job.spec.provider, reason).inc()
+
+    # ------------------------------------------------------------ vendor HTTP
+
+    def trace_config(self, vendor: str) -> aiohttp.TraceConfig:
+        """Hooks for a vendor's aiohttp session: every request counted, timed and its bytes summed."""
+        config = aiohttp.TraceConfig()
+
+        async def on_start(_s: aiohttp.ClientSession, ctx: SimpleNamespace, params: Any) -> None:
+            ctx.started = time.perf_counter()
+            ctx.endpoint = endpoint_of(str(params.url.path))
+
+        async def on_headers(_s: aiohttp.ClientSession, ctx: SimpleNamespace, params: Any) -> None:
+            status = params.response.status
+            outcome = "429" if status == 429 else f"{status // 100}xx"
+            self.provider_requests.labels(vendor, ctx.endpoint, outcome).inc()
+            self.provider_latency.labels(vendor, ctx.endpoint).observe(time.perf_counter() - ctx.started)
+            # Adapters stream bodies with a size cap (aiohttp signals chunks only from read()), so the
+            # announced length is what is counted; vendors send it for images and JSON alike.
+            length = params.response.content_length
+            if length:
+                self.provider_bytes.labels(vendor, ctx.endpoint).inc(length)
+
+        async def on_exception(_s: aiohttp.ClientSession, ctx: SimpleNamespace, params: Any) -> None:
+            error = params.exception
+            outcome = "timeout" if isinstance(error, TimeoutError) else "connection_error"
+            self.provider_requests.labels(vendor, getattr(ctx, "endpoint", "other"), outcome).inc()
+
+        config.on_request_start.append(on_start)
+        config.on_request_end.append(on_headers)
+        config.on_request_exception.append(on_exception)
+        return config
+
+
+#: vendor API paths, matched by suffix, to a bounded endpoint label; anything else is a file download
+_ENDPOINTS = (
+    ("/v1/flux-2-pro", "submit"),
+    ("/v1/get_result", "poll"),
+    ("/v1/images/generations", "generations"),
+    ("/v1/images/edits", "edits"),
+    ("/api/v3/images/generations", "generations"),
+    (":generateContent", "generate_content"),
+)
+
+
+def endpoint_of(path: str) -> str:
+    """The endpoint label of a vendor URL path."""
+    for suffix, name in _ENDPOINTS:
+        if path.endswith(suffix):
+            return name
+    return "download"
+
+
+class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """grpc_server_* metrics under the names of the gRPC ecosystem's Prometheus middleware.
+
+    `grpc_server_handling_seconds` is observed for unary calls only: a WatchJob stream that lives for
+    minutes says nothing about latency, and would drown the signal.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=registry)
+        self.handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server, regardless of success or failure.",
+            [*labels, "grpc_code"], registry=registry,
+        )
+        self.received = Counter(
+            "grpc_server_msg_received", "Stream messages received on the server.", labels, registry=registry
+        )
+        self.sent = Counter("grpc_server_msg_sent", "Stream messages sent by the server.", labels, registry=registry)
+        self.handling = Histogram(
+            "grpc_server_handling_seconds", "Response latency of unary RPCs handled by the server.", labels,
+            buckets=_RPC_BUCKETS, registry=registry,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, ("unary", service, method)),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._server_stream(handler.unary_stream, ("server_stream", service, method)),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._bidi(handler.stream_stream, ("bidi_stream", service, method)),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer,
+            )
+        return handler  # client streaming: this service has none
+
+    def _unary(self, behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self.started.labels(*labels).inc()
+            self.received.labels(*labels).inc()
+            begun = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                response = await behaviour(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                self.sent.labels(*labels).inc()
+                return response
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                raise
+            finally:
+                self.handled.labels(*labels, _code_name(code)).inc()
+                self.handling.labels(*labels).observe(time.perf_counter() - begun)
+
+        return wrapped
+
+    def _server_stream(self, behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            self.started.labels(*labels).inc()
+            self.received.labels(*labels).inc()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                async for message in behaviour(request, context):
+                    self.sent.labels(*labels).inc()
+                    yield message
+                code = context.code() or grpc.StatusCode.OK
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                raise
+            finally:
+                self.handled.labels(*labels, _code_name(code)).inc()
+
+        return wrapped
+
+    def _bidi(self, behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
+        async def wrapped(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            self.started.labels(*labels).inc()
+
+            async def counted() -> AsyncIterator[Any]:
+                async for request in requests:
+                    self.received.labels(*labels).inc()
+                    yield request
+
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                async for message in behaviour(counted(), context):
+                    self.sent.labels(*labels).inc()
+                    yield message
+                code = context.code() or grpc.StatusCode.OK
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                raise
+            finally:
+                self.handled.labels(*labels, _code_name(code)).inc()
+
+        return wrapped
+
+
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    if isinstance(exc, grpc.aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+#: grpc_code label values as the ecosystem's middleware writes them (Go's codes.Code.String())
+_CODE_LABELS = {
+    code: "".join(part.capitalize() for part in code.name.split("_")) for code in grpc.StatusCode
+} | {grpc.StatusCode.OK: "OK", grpc.StatusCode.CANCELLED: "Canceled"}
+
+
+def _code_name(code: Any) -> str:
+    # context.code() may hand back the StatusCode or its integer value, depending on how it was set
+    if not isinstance(code, grpc.StatusCode):
+        code = next((status for status in grpc.StatusCode if status.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return _CODE_LABELS[code]
+
+
+class QueueSampler:
+    """Reads the queue's size and age from the database into gauges, periodically (one small query)."""
+
+    def __init__(self, store: SqlJobStore, metrics: ServiceMetrics, *, interval_s: float) -> None:
+        self._store, self._metrics, self._interval_s = store, metrics, interval_s
+
+    async def sample(self) -> None:
+        """Read once; on a database error keep the last values (their timestamp shows their age)."""
+        try:
+            stats = await self._store.queue_stats()
+        except StorageError:
+            return
+        self._metrics.pending.set(stats.pending)
+        self._metrics.processing.set(stats.processing)
+        self._metrics.oldest_pending_age.set(stats.oldest_due_pending_age_s)
+        self._metrics.queue_sampled.set(time.time())
+
+    async def run(self) -> None:
+        """Sample forever."""
+        while True:
+            await self.sample()
+            await asyncio.sleep(self._interval_s)

@@ -144,6 +144,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         job, created = await self._store.create(new)
         if created:
             self._metrics.observe_submitted(job)
+            log.info("job accepted", extra={"job_id": str(job.id), "account": account, "provider": job.spec.provider,
+                                            "variants": job.spec.num_variants, "outcome": "pending"})
         return job_to_pb(job, self._signer)
 
     @_unary
@@ -153,7 +155,13 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     @_unary
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.Job:
-        job = await self._store.cancel(_account(context), _job_id(request.job_id))
+        job, cancelled_now = await self._store.cancel(_account(context), _job_id(request.job_id))
+        if not cancelled_now:
+            return job_to_pb(job, self._signer)
+        self._metrics.observe_finished(job)
+        log.info("job cancelled", extra={"job_id": str(job.id), "account": job.account_id,
+                                         "provider": job.spec.provider, "attempt": job.attempt,
+                                         "outcome": "cancelled"})
         return job_to_pb(job, self._signer)
 
     @_unary

@@ -24,7 +24,7 @@ class SettingsError(ValueError):
 class VendorSettings:
     """How to reach one vendor API."""
 
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)  # never in a log line or a traceback
     base_url: str = ""
 
 
@@ -70,6 +70,8 @@ class Settings:
     #: how long sandbox tasks take (so that PROCESSING is visible in a demo)
     sandbox_latency_s: float = 1.0
     log_level: str = "INFO"
+    #: json (one object per line, for log pipelines) or text (for people; `make run` uses it)
+    log_format: str = "json"
     bfl: VendorSettings = field(default_factory=VendorSettings)
     openai: VendorSettings = field(default_factory=VendorSettings)
     ark: VendorSettings = field(default_factory=VendorSettings)
@@ -98,6 +100,8 @@ class Settings:
         """Check cross-field rules and fill the derived defaults."""
         if self.role not in ("all", "api", "worker"):
             raise SettingsError(f"{PREFIX}ROLE must be all, api or worker, not {self.role!r}")
+        if self.log_format not in ("json", "text"):
+            raise SettingsError(f"{PREFIX}LOG_FORMAT must be json or text, not {self.log_format!r}")
         if self.sandbox not in ("auto", "off"):
             raise SettingsError(f"{PREFIX}SANDBOX must be auto or off, not {self.sandbox!r}")
         for name in ("worker_concurrency", "max_attempts", "db_pool_size"):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,7 @@ from providers.imaging import FittedImage, fit_image
 from server.metrics import ServiceMetrics
 from storage.blobs import LocalBlobStore, image_key, job_prefix
 from storage.errors import LeaseLost, StorageError, StoreUnavailable
-from storage.jobs import Fence, SqlJobStore
+from storage.jobs import Claim, Fence, SqlJobStore
 from storage.models import Job, JobError, JobNotice, JobStatus, StoredImage, utcnow
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ class Worker:
                 await attempt
             with contextlib.suppress(StorageError):
                 await self._store.release(fence, message="handed back: worker shutting down")
-                log.info("job %s handed back on shutdown", fence.job_id)
+                log.info("job handed back", extra={"job_id": str(fence.job_id), "attempt": fence.attempt,
+                                                   "outcome": "handed_back"})
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=1.0)
 
@@ -134,7 +136,7 @@ class Worker:
         backoff = self._policy.poll_interval_s
         while not self._stopping:
             free = self._policy.concurrency - len(self._running)
-            claimed: list[Job] = []
+            claimed: list[Claim] = []
             if free > 0:
                 try:
                     claimed = await self._store.claim(
@@ -146,11 +148,18 @@ class Worker:
                     await self._idle(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
-                for job in claimed:
-                    self._metrics.observe_claim(job)
+                for claim in claimed:
+                    job = claim.job
+                    self._metrics.observe_claim(job, taken_over=claim.taken_over)
+                    self._metrics.in_flight.labels(job.spec.provider).inc()
+                    log.info("job started", extra={"job_id": str(job.id), "account": job.account_id,
+                                                   "provider": job.spec.provider, "attempt": job.attempt,
+                                                   "outcome": "taken_over" if claim.taken_over else "started"})
                     task = asyncio.create_task(self._execute(job), name=f"job-{job.id}")
                     self._running[job.id] = task
-                    task.add_done_callback(lambda _t, job_id=job.id: self._finished(job_id))
+                    task.add_done_callback(
+                        lambda _t, job_id=job.id, provider=job.spec.provider: self._finished(job_id, provider)
+                    )
             if claimed and len(claimed) == min(free, self._policy.claim_batch):
                 continue  # there may be more due jobs right now
             await self._idle(self._policy.poll_interval_s)
@@ -161,8 +170,9 @@ class Worker:
                 await self._wake.wait()
         self._wake.clear()
 
-    def _finished(self, job_id: uuid.UUID) -> None:
+    def _finished(self, job_id: uuid.UUID, provider: str) -> None:
         self._running.pop(job_id, None)
+        self._metrics.in_flight.labels(provider).dec()
         if not self._stopping:
             self._wake.set()  # a slot is free
 
@@ -258,8 +268,7 @@ class Worker:
             await self._blobs.delete_prefix(job_prefix(job.account_id, spec.folder_id, job.id))
             raise
         self._metrics.observe_finished(done)
-        log.info("job %s completed on %s in attempt %s (%d images, %d µ$)", job.id, spec.provider, job.attempt,
-                 len(images), cost)
+        log.info("job completed", extra=_fields(done, "completed", images=len(images), cost_usd_micros=cost))
 
     async def _store_images(self, job: Job, result: GenerationResult) -> list[StoredImage]:
         spec = job.spec
@@ -312,8 +321,9 @@ class Worker:
         message = (f"retrying in {delay:.1f} s after: {exc.message} "
                    f"(attempt {job.attempt + 1} of {self._policy.max_attempts})")
         await self._store.retry_later(fence, error=error, at=at, message=message)
-        self._metrics.observe_retry(job, exc.code)
-        log.info("job %s: %s", job.id, message)
+        self._metrics.observe_retry(job, retry_reason(exc))
+        log.info("job retrying", extra=_fields(job, "retry", code=exc.code, reason=retry_reason(exc),
+                                               delay_s=round(delay, 3), error=exc.message))
         # wake this worker when the job is due, rather than at the next poll
         asyncio.get_running_loop().call_later(delay, self._wake.set)
 
@@ -328,13 +338,43 @@ class Worker:
     async def _fail(self, job: Job, fence: Fence, error: JobError) -> None:
         failed = await self._store.fail(fence, error)
         self._metrics.observe_finished(failed)
-        log.info("job %s failed on %s in attempt %s: %s: %s", job.id, job.spec.provider, job.attempt,
-                 error.code, error.message)
+        log.info("job failed", extra=_fields(failed, "failed", code=error.code, error=error.message))
 
     async def _discard(self, job: Job, why: str) -> None:
-        log.info("job %s attempt %s: %s; result discarded", job.id, job.attempt, why)
+        log.info("job result discarded", extra=_fields(job, "discarded", why=why))
         with contextlib.suppress(OSError):
             await self._blobs.delete_prefix(job_prefix(job.account_id, job.spec.folder_id, job.id))
+
+
+def _fields(job: Job, outcome: str, **extra: Any) -> dict[str, Any]:
+    """The structured fields of a job's log line (never the prompt: it is the customer's content)."""
+    started = job.start_time or job.create_time
+    fields = {
+        "job_id": str(job.id),
+        "account": job.account_id,
+        "provider": job.spec.provider,
+        "attempt": job.attempt,
+        "outcome": outcome,
+        "duration_s": round(((job.end_time or utcnow()) - started).total_seconds(), 3),
+    }
+    fields.update(extra)
+    return fields
+
+
+_REASONS = (
+    (re.compile(r"\b429\b|rate.?limit|throttl|RESOURCE_EXHAUSTED", re.I), "rate_limited"),
+    (re.compile(r"time[ds]? ?out|deadline", re.I), "timeout"),
+    (re.compile(r"\b5\d\d\b|server error|overloaded|unavailable", re.I), "server_error"),
+    (re.compile(r"connect|disconnect|dropped|truncat|reset", re.I), "connection"),
+)
+
+
+def retry_reason(exc: ProviderError) -> str:
+    """A bounded label for why a transient failure happened, read from the adapter's message."""
+    for pattern, reason in _REASONS:
+        if pattern.search(exc.message):
+            return reason
+    return "other"
 
 
 def _generation_request(job: Job) -> GenerationRequest:

@@ -53,6 +53,25 @@ class Fence:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Claim:
+    """A job a worker just took."""
+
+    job: Job
+    #: whether the job was taken over from a worker whose lease expired (rather than taken from the queue)
+    taken_over: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueStats:
+    """The queue at a glance, for metrics and alerts."""
+
+    pending: int
+    processing: int
+    #: seconds since the oldest due pending job became due (0 when none is due)
+    oldest_due_pending_age_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class PageCursor:
     """Where a ListJobs page ends: the last job's (create_time, id)."""
 
@@ -153,8 +172,12 @@ class SqlJobStore:
         cursor = PageCursor(create_time=page[-1].create_time, job_id=page[-1].id) if more and page else None
         return page, cursor
 
-    async def cancel(self, account_id: str, job_id: uuid.UUID, *, message: str = "cancelled by the caller") -> Job:
-        """Cancel a pending or processing job; a cancelled job is returned as it is (idempotent).
+    async def cancel(
+        self, account_id: str, job_id: uuid.UUID, *, message: str = "cancelled by the caller"
+    ) -> tuple[Job, bool]:
+        """Cancel a pending or processing job; returns (job, whether this call cancelled it).
+
+        A cancelled job is returned as it is (idempotent).
 
         A processing job's worker finds its lease gone at its next fenced write and discards the result.
         Completed and failed jobs raise InvalidTransition.
@@ -169,7 +192,7 @@ class SqlJobStore:
                 raise JobNotFound(job_id)
             current = _job_from_row(row)
             if current.status is JobStatus.CANCELLED:
-                return current
+                return current, False
             if current.status.terminal:
                 raise InvalidTransition(job_id, current.status.value, "cancel")
             now = utcnow()
@@ -188,13 +211,13 @@ class SqlJobStore:
                 now=now,
             )
         self._committed([job])
-        return job
+        return job, True
 
     # ---------------------------------------------------------------- worker side
 
     async def claim(
         self, *, owner: str, limit: int, lease_s: float, exclude_providers: Iterable[str] = ()
-    ) -> list[Job]:
+    ) -> list[Claim]:
         """Take up to `limit` runnable jobs: pending ones that are due, and processing ones whose lease expired.
 
         Each claimed job becomes PROCESSING under a lease held by `owner`, with `attempt` incremented
@@ -211,6 +234,7 @@ class SqlJobStore:
             candidates = candidates.where(jobs.c.provider.not_in(excluded))
         candidates = candidates.order_by(jobs.c.next_attempt_at).limit(limit).with_for_update(skip_locked=True)
         claimed: list[Job] = []
+        taken_over: list[bool] = []
         async with self._transaction() as conn:
             rows = (await conn.execute(candidates)).all()
             if not rows:
@@ -234,6 +258,7 @@ class SqlJobStore:
                     message=message,
                 )
                 claimed.append(job)
+                taken_over.append(before.status is JobStatus.PROCESSING)
                 transitions.append((job, before.status))
             await conn.execute(
                 update(jobs)
@@ -256,7 +281,7 @@ class SqlJobStore:
             )
             await self._record_events(conn, transitions)
         self._committed(claimed)
-        return claimed
+        return [Claim(job=job, taken_over=over) for job, over in zip(claimed, taken_over, strict=True)]
 
     async def heartbeat(self, fence: Fence, *, lease_s: float) -> bool:
         """Extend the lease; False when the job is no longer this attempt's (cancelled or taken over)."""
@@ -382,6 +407,32 @@ class SqlJobStore:
                 )
             )
             return [_notice_from_row(row) for row in rows]
+
+    async def queue_stats(self) -> QueueStats:
+        """How many jobs wait and run, and how long the oldest due job has waited."""
+        now = utcnow()
+        async with self._connection() as conn:
+            counts = dict(
+                (await conn.execute(
+                    select(jobs.c.status, func.count()).where(
+                        jobs.c.status.in_([JobStatus.PENDING.value, JobStatus.PROCESSING.value])
+                    ).group_by(jobs.c.status)
+                )).all()
+            )
+            oldest = (await conn.execute(
+                select(func.min(jobs.c.next_attempt_at)).where(
+                    jobs.c.status == JobStatus.PENDING.value, jobs.c.next_attempt_at <= now
+                )
+            )).scalar_one_or_none()
+        if oldest is not None and oldest.tzinfo is None:  # SQLite hands aggregates back as naive or text
+            oldest = oldest.replace(tzinfo=now.tzinfo)
+        elif isinstance(oldest, str):
+            oldest = datetime.fromisoformat(oldest).replace(tzinfo=now.tzinfo)
+        return QueueStats(
+            pending=int(counts.get(JobStatus.PENDING.value, 0)),
+            processing=int(counts.get(JobStatus.PROCESSING.value, 0)),
+            oldest_due_pending_age_s=max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0,
+        )
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""

@@ -80,7 +80,9 @@ async def test_idempotent_create(store: SqlJobStore) -> None:
 
 async def test_claim_fences_and_completes(store: SqlJobStore) -> None:
     job, _ = await store.create(_new())
-    [claimed] = await store.claim(owner="w1", limit=10, lease_s=30)
+    [claim] = await store.claim(owner="w1", limit=10, lease_s=30)
+    claimed = claim.job
+    assert not claim.taken_over
     assert claimed.status is JobStatus.PROCESSING and claimed.attempt == 1 and claimed.version == 2
     assert await store.claim(owner="w2", limit=10, lease_s=30) == []  # held
 
@@ -103,12 +105,15 @@ async def test_claim_fences_and_completes(store: SqlJobStore) -> None:
 
 async def test_an_expired_lease_is_taken_over_and_the_old_worker_is_fenced_out(store: SqlJobStore) -> None:
     job, _ = await store.create(_new())
-    [first] = await store.claim(owner="w1", limit=1, lease_s=0.05)
+    [first_claim] = await store.claim(owner="w1", limit=1, lease_s=0.05)
+    first = first_claim.job
     async with store.engine.begin() as connection:  # the lease ran out (w1 died or stalled)
         await connection.execute(
             text("UPDATE jobs SET lease_expires_at = :past"), {"past": utcnow() - timedelta(seconds=1)}
         )
-    [second] = await store.claim(owner="w2", limit=1, lease_s=30)
+    [second_claim] = await store.claim(owner="w2", limit=1, lease_s=30)
+    second = second_claim.job
+    assert second_claim.taken_over
     assert second.id == job.id and second.attempt == 2 and second.lease_owner == "w2"
     [takeover] = await store.events(job.id, after_version=2)
     assert takeover.previous_status is JobStatus.PROCESSING and "taken over" in takeover.message
@@ -125,8 +130,8 @@ async def test_an_expired_lease_is_taken_over_and_the_old_worker_is_fenced_out(s
 
 async def test_retry_later_waits_for_its_time(store: SqlJobStore) -> None:
     job, _ = await store.create(_new())
-    [claimed] = await store.claim(owner="w1", limit=1, lease_s=30)
-    fence = Fence(job_id=job.id, attempt=claimed.attempt, owner="w1")
+    [claim] = await store.claim(owner="w1", limit=1, lease_s=30)
+    fence = Fence(job_id=job.id, attempt=claim.job.attempt, owner="w1")
     error = JobError(code="PROVIDER_UNAVAILABLE", message="HTTP 503", retryable=True)
     retried = await store.retry_later(fence, error=error, at=utcnow() + timedelta(hours=1), message="later")
     assert retried.status is JobStatus.PENDING and retried.error == error
@@ -135,12 +140,12 @@ async def test_retry_later_waits_for_its_time(store: SqlJobStore) -> None:
 
 async def test_cancel_processing_fences_out_the_worker(store: SqlJobStore) -> None:
     job, _ = await store.create(_new())
-    [claimed] = await store.claim(owner="w1", limit=1, lease_s=30)
-    cancelled = await store.cancel("acct", job.id)
-    assert cancelled.status is JobStatus.CANCELLED
-    assert await store.cancel("acct", job.id) == cancelled  # idempotent
+    [claim] = await store.claim(owner="w1", limit=1, lease_s=30)
+    cancelled, changed = await store.cancel("acct", job.id)
+    assert changed and cancelled.status is JobStatus.CANCELLED
+    assert await store.cancel("acct", job.id) == (cancelled, False)  # idempotent
     with pytest.raises(LeaseLost):
-        await store.complete(Fence(job_id=job.id, attempt=claimed.attempt, owner="w1"), images=[],
+        await store.complete(Fence(job_id=job.id, attempt=claim.job.attempt, owner="w1"), images=[],
                              cost_usd_micros=1)
 
 
@@ -148,7 +153,7 @@ async def test_concurrent_claims_never_share_a_job(store: SqlJobStore) -> None:
     for index in range(40):
         await store.create(_new(f"job {index}"))
     batches = await asyncio.gather(*(store.claim(owner=f"w{n}", limit=7, lease_s=30) for n in range(8)))
-    claimed = [job.id for batch in batches for job in batch]
+    claimed = [claim.job.id for batch in batches for claim in batch]
     assert len(claimed) == 40 and len(set(claimed)) == 40
 
 
@@ -160,6 +165,16 @@ async def test_list_filters_and_pages(store: SqlJobStore) -> None:
     assert [job.id for job in page] == ids[::-1][2:] and cursor is None
     pending, _ = await store.list("acct", page_size=10, where=JobFilter(statuses=frozenset({JobStatus.FAILED})))
     assert pending == []
+
+
+async def test_queue_stats(store: SqlJobStore) -> None:
+    assert (await store.queue_stats()).pending == 0
+    for index in range(3):
+        await store.create(_new(f"job {index}"))
+    await store.claim(owner="w1", limit=1, lease_s=30)
+    stats = await store.queue_stats()
+    assert (stats.pending, stats.processing) == (2, 1)
+    assert 0 <= stats.oldest_due_pending_age_s < 60
 
 
 async def test_catch_up_queries(store: SqlJobStore) -> None:
