@@ -26,13 +26,14 @@ from server.health import SERVICE_NAME, Readiness
 from server.hub import EventHub
 from server.http import http_routes
 from server.metrics import GrpcMetricsInterceptor, QueueSampler, ServiceMetrics
-from server.servicer import ImageGenerationServicer
+from server.reaper import Reaper
+from server.servicer import Admission, ImageGenerationServicer
 from server.settings import Settings, split_address
 from server.worker import Worker, WorkerPolicy
 from storage import migrate
 from storage.blobs import LocalBlobStore
 from storage.db import is_postgres, make_engine
-from storage.jobs import SqlJobStore
+from storage.jobs import ConcurrencyCap, SqlJobStore
 from storage.listener import PgListener
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,15 @@ def build_providers(
         if model.vendor == "bfl":
             providers[model.id] = adapter
     return providers
+
+
+def vendor_caps(settings: Settings) -> tuple[ConcurrencyCap, ...]:
+    """IMAGEGEN_VENDOR_CONCURRENCY as claim-time caps over each vendor's models."""
+    return tuple(
+        ConcurrencyCap(name=vendor, max_tasks=limit,
+                       providers=frozenset(model.id for model in CATALOG.values() if model.vendor == vendor))
+        for vendor, limit in settings.vendor_caps().items()
+    )
 
 
 def needs_sandbox(settings: Settings) -> bool:
@@ -154,6 +164,7 @@ async def running_app(
                     max_attempts=settings.max_attempts,
                     retry_base_s=settings.retry_base_s,
                     retry_max_s=settings.retry_max_s,
+                    caps=vendor_caps(settings),
                 ),
             )
         hub = EventHub(store, poll_interval_s=settings.poll_interval_s,
@@ -172,7 +183,8 @@ async def running_app(
         readiness = Readiness(store, health_servicer, on_change=metrics.database_up.set)
         await readiness.check()
         sampler = QueueSampler(store, metrics, interval_s=max(1.0, settings.poll_interval_s))
-        for background in (readiness.run(), sampler.run()):
+        reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3))
+        for background in (readiness.run(), sampler.run(), reaper.run()):
             task = asyncio.create_task(background)
             stack.callback(task.cancel)
 
@@ -192,6 +204,9 @@ async def running_app(
                 ImageGenerationServicer(
                     store, hub, signer, providers, metrics,
                     deadline_s=settings.job_deadline_s, heartbeat_s=settings.watch_heartbeat_s,
+                    admission=Admission(max_pending=settings.max_pending_jobs,
+                                        max_pending_per_account=settings.max_pending_jobs_per_account,
+                                        pending_estimate=lambda: sampler.pending),
                 ),
                 server,
             )
@@ -213,7 +228,8 @@ async def running_app(
         app = App(settings=settings, grpc_port=grpc_port, http_port=bound_http_port, store=store, hub=hub,
                   worker=worker, registry=registry, sandbox=sandbox, providers=providers, readiness=readiness)
         log.info("serving gRPC on %s and HTTP on %s (role %s, database %s)", app.grpc_target, app.http_url,
-                 settings.role, engine.url.render_as_string(hide_password=True))
+                 settings.role, engine.url.render_as_string(hide_password=True),
+                 extra={"grpc_target": app.grpc_target, "http_url": app.http_url, "role": settings.role})
         try:
             yield app
         finally:

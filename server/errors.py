@@ -42,6 +42,14 @@ class ServiceError(Exception):
         self.message = message
 
 
+class Overloaded(ServiceError):
+    """Backpressure: the queue (or the caller's share of it) is full; try again after `retry_after_s`."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        self.retry_after_s = retry_after_s
+
+
 def status_for(exc: Exception) -> grpc.StatusCode:
     """The gRPC code of an exception, by its most specific known class; INTERNAL for the unknown."""
     if isinstance(exc, ServiceError):
@@ -79,6 +87,8 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
     details: list[any_pb2.Any] = []
     if isinstance(exc, InvalidRequest):
         details.append(bad_request(exc.violations))
+    elif isinstance(exc, Overloaded):
+        details.append(retry_info(exc.retry_after_s))
     elif isinstance(exc, StoreUnavailable):
         message = "the job database is unreachable; try again"
         details.append(retry_info(STORE_RETRY_DELAY_S))

@@ -328,6 +328,8 @@ class QueueSampler:
 
     def __init__(self, store: SqlJobStore, metrics: ServiceMetrics, *, interval_s: float) -> None:
         self._store, self._metrics, self._interval_s = store, metrics, interval_s
+        #: pending jobs at the last sample (backpressure reads it rather than counting per submit)
+        self.pending = 0
 
     async def sample(self) -> None:
         """Read once; on a database error keep the last values (their timestamp shows their age)."""
@@ -335,6 +337,7 @@ class QueueSampler:
             stats = await self._store.queue_stats()
         except StorageError:
             return
+        self.pending = stats.pending
         self._metrics.pending.set(stats.pending)
         self._metrics.processing.set(stats.processing)
         self._metrics.oldest_pending_age.set(stats.oldest_due_pending_age_s)

@@ -11,6 +11,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, event_to_pb, job_to_pb, timestamp
-from server.errors import ServiceError, abort_with, status_for
+from server.errors import Overloaded, ServiceError, abort_with, status_for
 from server.files import UrlSigner
 from server.hub import Closed, EventHub, Subscription
 from server.metrics import ServiceMetrics
@@ -103,6 +104,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         *,
         deadline_s: float,
         heartbeat_s: float,
+        admission: Admission | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -111,6 +113,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._metrics = metrics
         self._deadline_s = deadline_s
         self._heartbeat_s = heartbeat_s
+        self._admission = admission or Admission()
 
     # ------------------------------------------------------------ unary
 
@@ -141,6 +144,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             message.ClearField("create_time")
             message.ClearField("update_time")
             return message
+        await self._admission.check(self._store, account)
         job, created = await self._store.create(new)
         if created:
             self._metrics.observe_submitted(job)
@@ -305,6 +309,35 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     def _counted(self, method: str) -> _StreamGauge:
         return _StreamGauge(self._metrics, method)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Admission:
+    """Backpressure on GenerateImage: caps on the whole queue and on one account's share of it (0: none).
+
+    The whole-queue figure is the periodic sample (a count per submit would cost as much as the queue is
+    long), so the cap holds within one sampling interval; the per-account count is exact but bounded by
+    its cap. Concurrent submits may overshoot either by a few jobs: this protects the queue, it is not a
+    budget.
+    """
+
+    max_pending: int = 0
+    max_pending_per_account: int = 0
+    pending_estimate: Callable[[], int] = lambda: 0
+    retry_after_s: float = 5.0
+
+    async def check(self, store: SqlJobStore, account: str) -> None:
+        """Raise Overloaded when the queue or the account's share is full."""
+        if self.max_pending and self.pending_estimate() >= self.max_pending:
+            raise Overloaded(f"the queue is full ({self.max_pending} pending jobs); try again later",
+                             retry_after_s=self.retry_after_s)
+        if self.max_pending_per_account:
+            pending = await store.count_pending(account, up_to=self.max_pending_per_account)
+            if pending >= self.max_pending_per_account:
+                raise Overloaded(
+                    f"account {account} has {pending} pending jobs, the most it may queue; try again later",
+                    retry_after_s=self.retry_after_s,
+                )
 
 
 class _StreamGauge:

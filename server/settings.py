@@ -59,6 +59,12 @@ class Settings:
     poll_interval_s: float = 2.0
     job_deadline_s: float = 300.0
     max_attempts: int = 4
+    #: vendor tasks (variants) running at once across all replicas, per vendor: "bfl=24,openai=0" (0: no cap)
+    vendor_concurrency: str = "bfl=24"
+    #: GenerateImage answers RESOURCE_EXHAUSTED past this many pending jobs (whole queue; 0: no cap)
+    max_pending_jobs: int = 100_000
+    #: … or past this many pending jobs of the caller's account (0: no cap)
+    max_pending_jobs_per_account: int = 5_000
     retry_base_s: float = 1.0
     retry_max_s: float = 30.0
     watch_heartbeat_s: float = 15.0
@@ -110,12 +116,27 @@ class Settings:
         for name in ("lease_s", "poll_interval_s", "job_deadline_s", "url_ttl_s", "watch_heartbeat_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
+        self.vendor_caps()  # raises on a malformed value
         changes: dict[str, Any] = {}
         if not self.database_url:
             changes["database_url"] = f"sqlite+aiosqlite:///{(self.data_dir / 'imagegen.db').resolve()}"
         if self.blob_dir is None:
             changes["blob_dir"] = self.data_dir / "blobs"
         return dataclasses.replace(self, **changes) if changes else self
+
+    def vendor_caps(self) -> dict[str, int]:
+        """IMAGEGEN_VENDOR_CONCURRENCY as {vendor: max tasks}, without the uncapped (0) ones."""
+        caps: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in self.vendor_concurrency.split(","))):
+            vendor, sep, value = item.partition("=")
+            if not sep or not value.strip().isdigit() or vendor.strip() not in ("bfl", "openai", "ark", "gemini"):
+                raise SettingsError(
+                    f"{PREFIX}VENDOR_CONCURRENCY must look like 'bfl=24,openai=0' (vendors: bfl, openai, ark, "
+                    f"gemini), not {self.vendor_concurrency!r}"
+                )
+            if int(value):
+                caps[vendor.strip()] = int(value)
+        return caps
 
     def vendor(self, name: str) -> VendorSettings:
         """The settings of vendor `name` ("bfl", "openai", "ark", "gemini")."""

@@ -14,7 +14,7 @@ import random
 import re
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -31,7 +31,7 @@ from providers.imaging import FittedImage, fit_image
 from server.metrics import ServiceMetrics
 from storage.blobs import LocalBlobStore, image_key, job_prefix
 from storage.errors import LeaseLost, StorageError, StoreUnavailable
-from storage.jobs import Claim, Fence, SqlJobStore
+from storage.jobs import Claim, ConcurrencyCap, Fence, SqlJobStore
 from storage.models import Job, JobError, JobNotice, JobStatus, StoredImage, utcnow
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class WorkerPolicy:
     retry_base_s: float = 1.0
     retry_max_s: float = 30.0
     claim_batch: int = 32
+    #: vendor task caps applied at claim time, across replicas
+    caps: tuple[ConcurrencyCap, ...] = ()
 
 
 class _Checkpoint:
@@ -140,7 +142,8 @@ class Worker:
             if free > 0:
                 try:
                     claimed = await self._store.claim(
-                        owner=self.owner, limit=min(free, self._policy.claim_batch), lease_s=self._policy.lease_s
+                        owner=self.owner, limit=min(free, self._policy.claim_batch), lease_s=self._policy.lease_s,
+                        caps=self._policy.caps,
                     )
                     backoff = self._policy.poll_interval_s
                 except StoreUnavailable as exc:
@@ -263,7 +266,7 @@ class Worker:
             return
         cost = result.cost_usd_micros if result.cost_usd_micros is not None else job.estimated_cost_usd_micros
         try:
-            done = await self._store.complete(fence, images=images, cost_usd_micros=cost)
+            done = await self._durably(lambda: self._store.complete(fence, images=images, cost_usd_micros=cost))
         except LeaseLost:
             await self._blobs.delete_prefix(job_prefix(job.account_id, spec.folder_id, job.id))
             raise
@@ -320,12 +323,29 @@ class Worker:
             return
         message = (f"retrying in {delay:.1f} s after: {exc.message} "
                    f"(attempt {job.attempt + 1} of {self._policy.max_attempts})")
-        await self._store.retry_later(fence, error=error, at=at, message=message)
+        await self._durably(lambda: self._store.retry_later(fence, error=error, at=at, message=message))
         self._metrics.observe_retry(job, retry_reason(exc))
         log.info("job retrying", extra=_fields(job, "retry", code=exc.code, reason=retry_reason(exc),
                                                delay_s=round(delay, 3), error=exc.message))
         # wake this worker when the job is due, rather than at the next poll
         asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    async def _durably(self, write: Callable[[], Awaitable[Job]]) -> Job:
+        """Retry an attempt's final write through a database blip, for as long as the lease would last.
+
+        Giving up sooner would throw away a result the vendor was paid for; past the lease, another
+        worker may own the job and the write would be refused anyway.
+        """
+        give_up = asyncio.get_running_loop().time() + self._policy.lease_s
+        delay = 0.1
+        while True:
+            try:
+                return await write()
+            except StoreUnavailable:
+                if asyncio.get_running_loop().time() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         """Exponential backoff with full jitter; a vendor's own Retry-After is honoured as a floor."""
@@ -336,7 +356,7 @@ class Worker:
         return delay
 
     async def _fail(self, job: Job, fence: Fence, error: JobError) -> None:
-        failed = await self._store.fail(fence, error)
+        failed = await self._durably(lambda: self._store.fail(fence, error))
         self._metrics.observe_finished(failed)
         log.info("job failed", extra=_fields(failed, "failed", code=error.code, error=error.message))
 

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: the NOTIFY channel every process LISTENs on
 NOTIFY_CHANNEL = "imagegen_events"
+#: the advisory lock that serialises capped claims across replicas ("imagegen" in ASCII, as a number)
+_CLAIM_LOCK_KEY = 0x696D61676567656E
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +61,15 @@ class Claim:
     job: Job
     #: whether the job was taken over from a worker whose lease expired (rather than taken from the queue)
     taken_over: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConcurrencyCap:
+    """At most `max_tasks` vendor tasks (variants) of these models may run at once, across all replicas."""
+
+    name: str
+    providers: frozenset[str]
+    max_tasks: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,29 +227,22 @@ class SqlJobStore:
     # ---------------------------------------------------------------- worker side
 
     async def claim(
-        self, *, owner: str, limit: int, lease_s: float, exclude_providers: Iterable[str] = ()
+        self, *, owner: str, limit: int, lease_s: float, caps: Sequence[ConcurrencyCap] = ()
     ) -> list[Claim]:
         """Take up to `limit` runnable jobs: pending ones that are due, and processing ones whose lease expired.
 
         Each claimed job becomes PROCESSING under a lease held by `owner`, with `attempt` incremented
-        (the fencing token for every later write of this attempt).
+        (the fencing token for every later write of this attempt). Jobs of a capped vendor are taken only
+        while its active tasks stay within the cap; the rest wait in PENDING, in order, and jobs of other
+        vendors are not held up by them.
         """
         now = utcnow()
-        runnable = or_(
-            and_(jobs.c.status == JobStatus.PENDING.value, jobs.c.next_attempt_at <= now),
-            and_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_expires_at < now),
-        )
-        candidates = select(jobs).where(runnable)
-        excluded = list(exclude_providers)
-        if excluded:
-            candidates = candidates.where(jobs.c.provider.not_in(excluded))
-        candidates = candidates.order_by(jobs.c.next_attempt_at).limit(limit).with_for_update(skip_locked=True)
-        claimed: list[Job] = []
-        taken_over: list[bool] = []
         async with self._transaction() as conn:
-            rows = (await conn.execute(candidates)).all()
+            rows = await self._claimable(conn, now=now, limit=limit, caps=caps)
             if not rows:
                 return []
+            claimed: list[Job] = []
+            taken_over: list[bool] = []
             transitions: list[tuple[Job, JobStatus | None]] = []
             for row in rows:
                 before = _job_from_row(row)
@@ -282,6 +286,106 @@ class SqlJobStore:
             await self._record_events(conn, transitions)
         self._committed(claimed)
         return [Claim(job=job, taken_over=over) for job, over in zip(claimed, taken_over, strict=True)]
+
+    async def _claimable(
+        self, conn: AsyncConnection, *, now: datetime, limit: int, caps: Sequence[ConcurrencyCap]
+    ) -> list[Row[Any]]:
+        runnable = select(jobs).where(
+            or_(
+                and_(jobs.c.status == JobStatus.PENDING.value, jobs.c.next_attempt_at <= now),
+                and_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_expires_at < now),
+            )
+        )
+
+        def first(query: Any, count: int) -> Any:
+            return query.order_by(jobs.c.next_attempt_at).limit(count).with_for_update(skip_locked=True)
+
+        capped = {provider for cap in caps for provider in cap.providers}
+        if caps and self._postgres:
+            # Counting a vendor's active tasks and claiming within the cap must not interleave across
+            # replicas, or two could each see room for the last slot.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK_KEY})
+        query = runnable.where(jobs.c.provider.not_in(sorted(capped))) if capped else runnable
+        rows = list((await conn.execute(first(query, limit))).all())
+        for cap in caps:
+            in_use = (
+                await conn.execute(
+                    select(func.coalesce(func.sum(jobs.c.num_variants), 0)).where(
+                        jobs.c.status == JobStatus.PROCESSING.value, jobs.c.provider.in_(sorted(cap.providers))
+                    )
+                )
+            ).scalar_one()
+            room = cap.max_tasks - int(in_use)
+            if room <= 0:
+                continue
+            for row in (await conn.execute(first(runnable.where(jobs.c.provider.in_(sorted(cap.providers))),
+                                                  min(limit, room)))).all():
+                # a taken-over job's tasks are already counted (it is still PROCESSING)
+                needs = 0 if row.status == JobStatus.PROCESSING.value else row.num_variants
+                if needs > room and not (in_use == 0 and not rows):
+                    break  # first come, first served: a big job is not overtaken by smaller ones behind it
+                rows.append(row)
+                room -= needs
+                in_use += needs
+        rows.sort(key=lambda row: row.next_attempt_at)
+        return rows[:limit]
+
+    async def reap(self, *, limit: int = 100) -> list[Job]:
+        """Tidy what no worker is tending: expired leases back to the queue, overdue jobs failed (free).
+
+        Workers also take expired leases over when they claim; the reaper makes sure a job is never
+        shown as PROCESSING without a live lease, and that no job outlives its deadline, even while no
+        worker runs.
+        """
+        now = utcnow()
+        changed: list[Job] = []
+        async with self._transaction() as conn:
+            rows = (
+                await conn.execute(
+                    select(jobs)
+                    .where(
+                        or_(
+                            and_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_expires_at < now),
+                            and_(jobs.c.status == JobStatus.PENDING.value, jobs.c.deadline_at <= now),
+                        )
+                    )
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            for row in rows:
+                current = _job_from_row(row)
+                if current.deadline_at <= now:
+                    job = await self._update(
+                        conn, current, JobStatus.FAILED,
+                        "failed: DEADLINE_EXCEEDED: the job deadline passed before it could finish",
+                        values={"error_code": "DEADLINE_EXCEEDED",
+                                "error_message": "the job deadline passed before it could finish",
+                                "error_retryable": True, "cost_usd_micros": 0, "end_time": now,
+                                "lease_owner": None, "lease_expires_at": None, "next_attempt_at": None},
+                        now=now,
+                    )
+                else:
+                    job = await self._update(
+                        conn, current, JobStatus.PENDING,
+                        f"lease of {current.lease_owner} expired; returned to the queue",
+                        values={"lease_owner": None, "lease_expires_at": None, "next_attempt_at": now},
+                        now=now,
+                    )
+                changed.append(job)
+        self._committed(changed)
+        return changed
+
+    async def count_pending(self, account_id: str, *, up_to: int) -> int:
+        """The account's pending jobs, counted up to `up_to` (so the cost is bounded by the cap, not the queue)."""
+        async with self._connection() as conn:
+            inner = (
+                select(jobs.c.id)
+                .where(jobs.c.account_id == account_id, jobs.c.status == JobStatus.PENDING.value)
+                .limit(up_to)
+                .subquery()
+            )
+            return int((await conn.execute(select(func.count()).select_from(inner))).scalar_one())
 
     async def heartbeat(self, fence: Fence, *, lease_s: float) -> bool:
         """Extend the lease; False when the job is no longer this attempt's (cancelled or taken over)."""

@@ -33,7 +33,8 @@ TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED
 #: every status change the store performs; anything else is a bug
 ALLOWED_TRANSITIONS: Mapping[JobStatus | None, frozenset[JobStatus]] = {
     None: frozenset({JobStatus.PENDING}),
-    JobStatus.PENDING: frozenset({JobStatus.PROCESSING, JobStatus.CANCELLED}),
+    # PENDING -> FAILED: the deadline passed while the job waited (no worker, or the vendor's cap was full)
+    JobStatus.PENDING: frozenset({JobStatus.PROCESSING, JobStatus.CANCELLED, JobStatus.FAILED}),
     JobStatus.PROCESSING: frozenset(
         # PROCESSING -> PROCESSING is a lease taken over from a worker that died
         {JobStatus.PENDING, JobStatus.PROCESSING, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}

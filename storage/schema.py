@@ -106,6 +106,9 @@ jobs = Table(
           sqlite_where=text("status = 'pending'")),
     Index("ix_jobs_leases", "lease_expires_at", postgresql_where=text("status = 'processing'"),
           sqlite_where=text("status = 'processing'")),
+    # per-account backpressure counts only the account's pending jobs
+    Index("ix_jobs_account_pending", "account_id", postgresql_where=text("status = 'pending'"),
+          sqlite_where=text("status = 'pending'")),
     # ListJobs: newest first within an account
     Index("ix_jobs_account_created", "account_id", "create_time", "id"),
     # AIP-155 idempotency; NULL request ids never collide

@@ -250,3 +250,22 @@ async def test_store_outage_answers_unavailable_with_retry_info(tmp_path, databa
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert any(d.type_url.endswith("google.rpc.RetryInfo") for d in status_details(caught.value).details)
         assert not app.readiness.ready
+
+
+async def test_backpressure_answers_resource_exhausted_with_retry_info(tmp_path, database_url) -> None:
+    from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+    from server.app import running_app
+    from tests.conftest import test_settings
+
+    settings = test_settings(tmp_path, database_url, role="api", max_pending_jobs_per_account=2)
+    async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        for _ in range(2):
+            await stub.GenerateImage(pb.GenerateImageRequest(prompt="queued"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GenerateImage(pb.GenerateImageRequest(prompt="one too many"))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert any(d.type_url.endswith("google.rpc.RetryInfo") for d in status_details(caught.value).details)
+        assert (await _count_rows(app))[0] == 2
+        # another account's share is its own
+        await stub.GenerateImage(pb.GenerateImageRequest(prompt="mine"), metadata=OTHER_ACCOUNT)

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import text, update
 
 from storage import migrate
 from storage.db import make_engine
 from storage.errors import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost
-from storage.jobs import Fence, JobFilter, SqlJobStore
+from storage.jobs import ConcurrencyCap, Fence, JobFilter, SqlJobStore
 from storage.models import JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
-from storage.schema import metadata
+from storage.schema import jobs, metadata
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -108,9 +108,7 @@ async def test_an_expired_lease_is_taken_over_and_the_old_worker_is_fenced_out(s
     [first_claim] = await store.claim(owner="w1", limit=1, lease_s=0.05)
     first = first_claim.job
     async with store.engine.begin() as connection:  # the lease ran out (w1 died or stalled)
-        await connection.execute(
-            text("UPDATE jobs SET lease_expires_at = :past"), {"past": utcnow() - timedelta(seconds=1)}
-        )
+        await connection.execute(update(jobs).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
     [second_claim] = await store.claim(owner="w2", limit=1, lease_s=30)
     second = second_claim.job
     assert second_claim.taken_over
@@ -186,3 +184,56 @@ async def test_catch_up_queries(store: SqlJobStore) -> None:
     [notice] = await store.versions([job.id, uuid.uuid4()])
     assert notice.version == 1 and notice.account_id == "acct"
     assert other.id not in {n.job_id for n in await store.versions([job.id])}
+
+
+def _variants(prompt: str, provider: str, variants: int) -> NewJob:
+    spec = JobSpec(prompt=prompt, provider=provider, width=512, height=512, num_variants=variants)
+    return NewJob(account_id="acct", spec=spec, estimated_cost_usd_micros=1)
+
+
+async def test_vendor_caps_hold_jobs_in_order_without_blocking_other_vendors(store: SqlJobStore) -> None:
+    for index in range(5):
+        await store.create(_variants(f"flux {index}", "flux_2_pro", 2))
+    for index in range(3):
+        await store.create(_variants(f"seedream {index}", "seedream_4", 4))
+    bfl = ConcurrencyCap(name="bfl", providers=frozenset({"flux_2_pro"}), max_tasks=5)
+
+    first = await store.claim(owner="w1", limit=20, lease_s=30, caps=[bfl])
+    by_provider = sorted(claim.job.spec.provider for claim in first)
+    # two flux jobs use 4 of 5 tasks; the third needs 2 and waits; seedream is not capped
+    assert by_provider == ["flux_2_pro"] * 2 + ["seedream_4"] * 3
+    assert await store.claim(owner="w2", limit=20, lease_s=30, caps=[bfl]) == []
+
+    flux = next(claim.job for claim in first if claim.job.spec.provider == "flux_2_pro")
+    await store.complete(Fence(job_id=flux.id, attempt=1, owner="w1"), images=[], cost_usd_micros=0)
+    [next_flux] = await store.claim(owner="w2", limit=20, lease_s=30, caps=[bfl])
+    assert next_flux.job.spec.prompt == "flux 2"  # first come, first served
+
+
+async def test_reaper_requeues_expired_leases_and_fails_overdue_jobs(store: SqlJobStore) -> None:
+    running, _ = await store.create(_new("running"))
+    overdue, _ = await store.create(_new("overdue", deadline_s=0.01))
+    [claim] = await store.claim(owner="w1", limit=1, lease_s=30)
+    assert claim.job.id == running.id
+    past, later = utcnow() - timedelta(seconds=1), utcnow() + timedelta(hours=1)
+    async with store.engine.begin() as connection:
+        await connection.execute(update(jobs).where(jobs.c.id == running.id)
+                                 .values(lease_expires_at=past, deadline_at=later))
+        await connection.execute(update(jobs).where(jobs.c.id == overdue.id).values(deadline_at=past))
+    reaped = {job.id: job for job in await store.reap()}
+    assert reaped[running.id].status is JobStatus.PENDING and reaped[running.id].lease_owner is None
+    assert "returned to the queue" in reaped[running.id].message
+    assert reaped[overdue.id].status is JobStatus.FAILED and reaped[overdue.id].error is not None
+    assert reaped[overdue.id].error.code == "DEADLINE_EXCEEDED" and reaped[overdue.id].cost_usd_micros == 0
+    assert await store.reap() == []
+    with pytest.raises(LeaseLost):  # the worker that lost the lease cannot finish the job any more
+        await store.complete(Fence(job_id=running.id, attempt=1, owner="w1"), images=[], cost_usd_micros=1)
+
+
+async def test_count_pending_is_bounded(store: SqlJobStore) -> None:
+    for index in range(6):
+        await store.create(_new(f"job {index}"))
+    await store.create(_new("elsewhere", account="other"))
+    assert await store.count_pending("acct", up_to=100) == 6
+    assert await store.count_pending("acct", up_to=4) == 4
+    assert await store.count_pending("nobody", up_to=4) == 0

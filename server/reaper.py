@@ -1,0 +1,41 @@
+"""The reaper: in every process, tidies jobs no worker is tending (expired leases, passed deadlines)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from server.metrics import ServiceMetrics
+from storage.errors import StorageError
+from storage.jobs import SqlJobStore
+from storage.models import JobStatus
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    """Runs `SqlJobStore.reap` periodically; safe in any number of replicas (rows are claimed with SKIP LOCKED)."""
+
+    def __init__(self, store: SqlJobStore, metrics: ServiceMetrics, *, interval_s: float) -> None:
+        self._store, self._metrics, self._interval_s = store, metrics, interval_s
+
+    async def reap_once(self) -> int:
+        """One pass; returns how many jobs it changed."""
+        try:
+            changed = await self._store.reap()
+        except StorageError as exc:
+            log.warning("reaper could not reach the database: %s", exc)
+            return 0
+        for job in changed:
+            if job.status is JobStatus.FAILED:
+                self._metrics.observe_finished(job)
+            log.info("job reaped", extra={"job_id": str(job.id), "account": job.account_id,
+                                          "provider": job.spec.provider, "attempt": job.attempt,
+                                          "outcome": job.status.value})
+        return len(changed)
+
+    async def run(self) -> None:
+        """Reap forever."""
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self.reap_once()
