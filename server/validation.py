@@ -26,6 +26,8 @@ MAX_LABELS = 32
 MAX_URL_CHARS = 2048
 MAX_SEED = 2**32 - 1
 
+#: PostgreSQL text (and JSON) cannot hold NUL; nobody's prompt needs one
+_NUL = "must not contain NUL characters"
 _FOLDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _LABEL_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -83,7 +85,9 @@ def validate_generate(request: pb.GenerateImageRequest) -> ValidatedRequest:
     bad: list[FieldViolation] = []
 
     prompt = request.prompt.strip()
-    if not prompt:
+    if "\x00" in request.prompt:
+        bad.append(FieldViolation("prompt", _NUL))
+    elif not prompt:
         bad.append(FieldViolation("prompt", "is required"))
     elif len(prompt) > MAX_PROMPT_CHARS:
         bad.append(FieldViolation("prompt", f"must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}"))
@@ -113,7 +117,9 @@ def validate_generate(request: pb.GenerateImageRequest) -> ValidatedRequest:
         bad.append(violation)
 
     negative = request.negative_prompt.strip()
-    if len(negative) > MAX_PROMPT_CHARS:
+    if "\x00" in negative:
+        bad.append(FieldViolation("negative_prompt", _NUL))
+    elif len(negative) > MAX_PROMPT_CHARS:
         bad.append(FieldViolation("negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters"))
 
     seed = request.seed if request.HasField("seed") else None
@@ -160,6 +166,8 @@ def validate_generate(request: pb.GenerateImageRequest) -> ValidatedRequest:
             bad.append(FieldViolation(f"labels[{key}]", "keys are 1-63 of a-z, 0-9, '_', '.', '-' starting with a letter"))
         elif len(value) > 256:
             bad.append(FieldViolation(f"labels[{key}]", "values are at most 256 characters"))
+        elif "\x00" in value:
+            bad.append(FieldViolation(f"labels[{key}]", _NUL))
 
     if bad:
         raise InvalidRequest(bad)
@@ -186,6 +194,8 @@ def validate_generate(request: pb.GenerateImageRequest) -> ValidatedRequest:
 
 
 def _url_problem(url: str) -> str | None:
+    if "\x00" in url:
+        return _NUL
     if len(url) > MAX_URL_CHARS:
         return f"must be at most {MAX_URL_CHARS} characters"
     parts = urlsplit(url)

@@ -62,6 +62,7 @@ async def test_generate_with_defaults_returns_a_pending_job_at_once(stub, app) -
         ({"prompt": "ok", "output_format": 42}, {"output_format"}),
         ({"prompt": "ok", "request_id": "has space"}, {"request_id"}),
         ({"prompt": "ok", "labels": {"Bad Key": "v"}}, {"labels[Bad Key]"}),
+        ({"prompt": "a\x00b", "negative_prompt": "x\x00", "labels": {"k": "\x00"}}, {"prompt", "negative_prompt", "labels[k]"}),
         ({"prompt": "", "width": 100, "num_variants": 9, "provider": "nope"},
          {"prompt", "width", "num_variants", "provider"}),
     ],

@@ -30,7 +30,10 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
+from providers.sandbox.ark import ArkApi
 from providers.sandbox.bfl import BflApi
+from providers.sandbox.gemini import GeminiApi
+from providers.sandbox.openai import OpenAIApi
 
 __all__ = ["SANDBOX", "DeliveryRenderer", "KeyCheck", "Sandbox"]
 
@@ -78,6 +81,12 @@ class Sandbox:
         self._renderers: dict[str, DeliveryRenderer] = {}
         #: BFL FLUX.2: its tasks are in `bfl.tasks`
         self.bfl = BflApi(self, max_active=bfl_max_active)
+        #: OpenAI images (gpt-image-1.5)
+        self.openai = OpenAIApi(self)
+        #: BytePlus ModelArk images (Seedream 4.0 / 4.5)
+        self.ark = ArkApi(self)
+        #: Gemini generateContent (Nano Banana / Pro)
+        self.gemini = GeminiApi(self)
 
     @classmethod
     @asynccontextmanager
@@ -166,6 +175,10 @@ class Sandbox:
         app = web.Application(client_max_size=_MAX_REQUEST_BYTES)
         app[SANDBOX] = self
         app.add_routes(self.bfl.api_routes())
+        app.add_routes(self.openai.api_routes())
+        app.add_routes(self.ark.api_routes())
+        app.add_routes(self.gemini.api_routes())
+        app.add_routes([web.get("/_sandbox/counters", _counters)])
         return app
 
     def _cluster_app(self) -> web.Application:
@@ -178,6 +191,12 @@ class Sandbox:
 
 #: the Sandbox serving an application
 SANDBOX = web.AppKey("sandbox", Sandbox)
+
+
+async def _counters(request: web.Request) -> web.Response:
+    """The sandbox's own call counters (not a vendor route): lets a test that runs the sandbox as a
+    separate process count what several replicas submitted, e.g. `{"bfl.submit": 300}`."""
+    return web.json_response(dict(request.app[SANDBOX].counters))
 
 
 async def _deliver(request: web.Request) -> web.Response:
