@@ -97,8 +97,9 @@ def _gpt_image_1_5_cost(query: CostQuery) -> int:
     # "auto" lets the model choose; it is quoted as "high" so that a quote never undershoots.
     quality = str(query.options.get("quality", "auto"))
     square, rectangular = _GPT_IMAGE_1_5_PRICES.get(quality, _GPT_IMAGE_1_5_PRICES["high"])
-    ratio = query.width / query.height
-    per_image = square if 0.8 <= ratio <= 1.25 else rectangular
+    # the same boundary the adapter uses to choose 1024x1024 over a rectangle (aspect within √1.5)
+    w, h = query.width, query.height
+    per_image = square if 2 * w * w <= 3 * h * h and 2 * h * h <= 3 * w * w else rectangular
     return per_image * query.num_variants
 
 
@@ -134,6 +135,8 @@ CATALOG: Mapping[str, ModelSpec] = {
             option_values={
                 "quality": ("low", "medium", "high", "auto"),
                 "background": ("transparent", "opaque", "auto"),
+                "moderation": ("auto", "low"),
+                "input_fidelity": ("low", "high"),
             },
             price_summary="per image: 1024² $0.009/$0.034/$0.133, rectangular $0.013/$0.050/$0.200 "
             "(low/medium/high)",
@@ -146,6 +149,7 @@ CATALOG: Mapping[str, ModelSpec] = {
             vendor_model="seedream-4-0-250828",
             strengths="Photoreal to stylised looks.",
             max_reference_images=14,
+            option_values={"watermark": bool, "optimize_prompt": ("standard", "fast")},
             price_per_image_usd_micros=30_000,
             price_summary="$0.03 per image",
         ),
@@ -156,6 +160,7 @@ CATALOG: Mapping[str, ModelSpec] = {
             vendor_model="seedream-4-5-251128",
             strengths="Photoreal to stylised and artistic looks, finer detail than 4.0.",
             max_reference_images=14,
+            option_values={"watermark": bool, "optimize_prompt": ("standard",)},
             price_per_image_usd_micros=40_000,
             price_summary="$0.04 per image",
         ),

@@ -17,8 +17,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from providers.base import ImageProvider
+from providers.ark import ArkProvider
 from providers.bfl import BflProvider
 from providers.catalog import CATALOG
+from providers.openai import OpenAIProvider
 from providers.sandbox import Sandbox
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.files import UrlSigner, signing_key
@@ -71,21 +73,32 @@ class App:
         return f"http://{host}:{self.http_port}"
 
 
+#: each vendor's adapter class and production base URL
+_VENDORS: Mapping[str, tuple[Callable[..., ImageProvider], str]] = {
+    "bfl": (BflProvider, "https://api.bfl.ai"),
+    "openai": (OpenAIProvider, "https://api.openai.com"),
+    "ark": (ArkProvider, "https://ark.ap-southeast.bytepluses.com"),
+}
+
+
 def build_providers(
     settings: Settings, session_for: Callable[[str], aiohttp.ClientSession], sandbox: Sandbox | None
 ) -> dict[str, ImageProvider]:
-    """An adapter for every model whose vendor has a key, or the sandbox when it has none."""
+    """An adapter per model: the vendor's real API when its key is set, else the sandbox (when running)."""
     providers: dict[str, ImageProvider] = {}
-    bfl = settings.vendor("bfl")
-    if bfl.api_key:
-        adapter = BflProvider(session_for("bfl"), base_url=bfl.base_url or "https://api.bfl.ai", api_key=bfl.api_key)
-    elif sandbox is not None:
-        adapter = BflProvider(session_for("bfl"), base_url=bfl.base_url or sandbox.base_url, api_key="sandbox")
-    else:
-        return providers
-    for model in CATALOG.values():
-        if model.vendor == "bfl":
-            providers[model.id] = adapter
+    for vendor, (adapter_class, production_url) in _VENDORS.items():
+        configured = settings.vendor(vendor)
+        if configured.api_key:
+            adapter = adapter_class(session_for(vendor), base_url=configured.base_url or production_url,
+                                    api_key=configured.api_key)
+        elif sandbox is not None:
+            adapter = adapter_class(session_for(vendor), base_url=configured.base_url or sandbox.base_url,
+                                    api_key="sandbox")
+        else:
+            continue
+        for model in CATALOG.values():
+            if model.vendor == vendor:
+                providers[model.id] = adapter
     return providers
 
 
@@ -100,7 +113,7 @@ def vendor_caps(settings: Settings) -> tuple[ConcurrencyCap, ...]:
 
 def needs_sandbox(settings: Settings) -> bool:
     """Whether some vendor has no key and the sandbox should stand in for it."""
-    return settings.sandbox == "auto" and not settings.vendor("bfl").api_key
+    return settings.sandbox == "auto" and any(not settings.vendor(vendor).api_key for vendor in _VENDORS)
 
 
 @contextlib.asynccontextmanager
@@ -134,9 +147,10 @@ async def running_app(
         sandbox: Sandbox | None = None
         if providers is None and needs_sandbox(settings):
             sandbox = await stack.enter_async_context(Sandbox.running(latency_s=settings.sandbox_latency_s))
+            missing = [vendor for vendor in _VENDORS if not settings.vendor(vendor).api_key]
             log.warning(
-                "no vendor API key set: serving the vendor APIs from the local SANDBOX at %s; "
-                "images are placeholders, not real generations", sandbox.base_url,
+                "no API key for %s: serving them from the local SANDBOX at %s; their images are placeholders, "
+                "not real generations", ", ".join(missing), sandbox.base_url,
             )
         # One connection pool for every vendor; a session per vendor only so that each request's metrics
         # carry its vendor's name.
