@@ -104,9 +104,9 @@ def _gpt_image_1_5_cost(query: CostQuery) -> int:
 
 
 def _nano_banana_pro_cost(query: CostQuery) -> int:
-    # $0.134 at 1K and 2K, $0.24 at 4K; this service's sizes (≤ 2048) never need 4K.
-    per_image = 240_000 if max(query.width, query.height) > 2752 else 134_000
-    return per_image * query.num_variants
+    # 1120 output image tokens at $120 per million at 1K and 2K (this service's sizes, at most 2048 px,
+    # never need 4K), plus 560 input tokens per reference image at $2 per million.
+    return (134_400 + 1_120 * query.reference_images) * query.num_variants
 
 
 CATALOG: Mapping[str, ModelSpec] = {
@@ -181,7 +181,7 @@ CATALOG: Mapping[str, ModelSpec] = {
             vendor_model="gemini-3-pro-image-preview",
             strengths="Google's highest-fidelity image model: complex scenes, up to 14 references.",
             max_reference_images=14,
-            price_summary="$0.134 per image at 1K/2K",
+            price_summary="$0.1344 per image at 1K/2K, plus about $0.0011 per reference image",
             estimator=_nano_banana_pro_cost,
         ),
     )

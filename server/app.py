@@ -20,6 +20,7 @@ from providers.base import ImageProvider
 from providers.ark import ArkProvider
 from providers.bfl import BflProvider
 from providers.catalog import CATALOG
+from providers.gemini import GeminiProvider
 from providers.openai import OpenAIProvider
 from providers.sandbox import Sandbox
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
@@ -78,6 +79,7 @@ _VENDORS: Mapping[str, tuple[Callable[..., ImageProvider], str]] = {
     "bfl": (BflProvider, "https://api.bfl.ai"),
     "openai": (OpenAIProvider, "https://api.openai.com"),
     "ark": (ArkProvider, "https://ark.ap-southeast.bytepluses.com"),
+    "gemini": (GeminiProvider, "https://generativelanguage.googleapis.com"),
 }
 
 

@@ -15,6 +15,9 @@ from aiohttp import web
 from storage.blobs import BlobKeyError, LocalBlobStore
 
 
+_CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
+
+
 class UrlSigner:
     """HMAC-SHA256 signatures over (blob key, expiry): a URL is good for `ttl_s` and for that key only."""
 
@@ -66,6 +69,8 @@ def file_routes(blobs: LocalBlobStore, signer: UrlSigner) -> list[web.RouteDef]:
             raise web.HTTPNotFound() from None
         if not path.is_file():
             raise web.HTTPNotFound()
-        return web.FileResponse(path, headers={"Cache-Control": "private, max-age=300"})
+        # the type we stored, not a guess from the file name (mimetypes may not know .webp)
+        content_type = _CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+        return web.FileResponse(path, headers={"Cache-Control": "private, max-age=300", "Content-Type": content_type})
 
     return [web.get("/files/{key:.+}", serve)]

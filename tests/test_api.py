@@ -99,12 +99,22 @@ async def test_valid_provider_options_are_normalised(stub) -> None:
     assert job.seed == 11
 
 
-async def test_unconfigured_provider_is_a_failed_precondition(stub, app) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.GenerateImage(pb.GenerateImageRequest(prompt="a poster", provider="gpt_image_1_5"))
-    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "gpt_image_1_5" in caught.value.details()
-    assert await _count_rows(app) == (0, 0)
+async def test_unconfigured_provider_is_a_failed_precondition(tmp_path, database_url) -> None:
+    from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+    from server.app import running_app
+    from tests.conftest import test_settings
+
+    # no vendor keys and no sandbox: nothing is configured
+    async with running_app(test_settings(tmp_path, database_url, sandbox="off")) as app, \
+            grpc.aio.insecure_channel(app.grpc_target) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GenerateImage(pb.GenerateImageRequest(prompt="a poster", provider="gpt_image_1_5"))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "gpt_image_1_5" in caught.value.details()
+        listed = await stub.ListProviders(pb.ListProvidersRequest())
+        assert not any(provider.configured for provider in listed.providers)
+        assert await _count_rows(app) == (0, 0)
 
 
 async def test_validate_only_quotes_without_creating(stub, app) -> None:
@@ -231,8 +241,11 @@ async def test_list_providers_publishes_the_catalog(stub) -> None:
     assert (flux.min_width, flux.max_width, flux.max_variants) == (256, 2048, 4)
     assert flux.price_1024_usd_micros == 30_000 and flux.price_table_version
     assert "safety_tolerance" in flux.provider_option_keys
-    assert not providers["gpt_image_1_5"].configured  # its adapter comes with the catalog issue
+    assert all(provider.configured for provider in providers.values())  # the sandbox serves every vendor
     assert not providers["gpt_image_1_5"].supports_seed
+    assert set(providers["gpt_image_1_5"].provider_option_keys) == {"quality", "background", "moderation",
+                                                                    "input_fidelity"}
+    assert providers["nano_banana_pro"].price_1024_usd_micros == 134_400
 
 
 async def test_store_outage_answers_unavailable_with_retry_info(tmp_path, database_url) -> None:
