@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
 
 from server.app import running_app
+from server.auth import AuthConfigError, caller_entry, new_token
 from server.logs import configure_logging
 from server.settings import Settings, SettingsError
 from storage import migrate
@@ -25,7 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--role", choices=("all", "api", "worker"), help="overrides IMAGEGEN_ROLE")
     serve.add_argument("--migrate", action="store_true", help="migrate the database before serving")
     commands.add_parser("migrate", help="bring the database to the newest schema and exit")
+    token = commands.add_parser("token", help="make a caller token and print its tokens-file entry")
+    token.add_argument("--name", required=True, help="who will use the token, e.g. ads-backend")
+    token.add_argument("--accounts", default="*", help="comma-separated account ids, or * for all")
     args = parser.parse_args(argv)
+    if args.command == "token":
+        secret = new_token()
+        accounts = None if args.accounts == "*" else [a.strip() for a in args.accounts.split(",") if a.strip()]
+        print(f"token (give it to {args.name}; it is not stored anywhere): {secret}")
+        print("add to IMAGEGEN_AUTH_TOKENS_FILE under \"callers\":")
+        print(json.dumps(caller_entry(args.name, secret, accounts)))
+        return 0
 
     try:
         overrides = {"role": args.role} if getattr(args, "role", None) else {}
@@ -38,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("alembic").setLevel(logging.INFO)
         asyncio.run(_migrate(settings))
         return 0
-    asyncio.run(_serve(settings, migrate_schema=args.migrate))
+    try:
+        asyncio.run(_serve(settings, migrate_schema=args.migrate))
+    except AuthConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,6 +24,7 @@ from providers.gemini import GeminiProvider
 from providers.openai import OpenAIProvider
 from providers.sandbox import Sandbox
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from server.auth import LOCAL_ACCOUNT, Authenticator
 from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness
 from server.hub import EventHub
@@ -125,6 +126,12 @@ async def running_app(
     """Start everything the settings ask for; stop it all, in order, when the block exits."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     assert settings.blob_dir is not None
+    if settings.auth_tokens_file is not None:
+        authenticator = Authenticator.from_file(settings.auth_tokens_file)
+    else:
+        authenticator = Authenticator.local()
+        log.warning("LOCAL MODE: no IMAGEGEN_AUTH_TOKENS_FILE, so every call acts for the account %r and the "
+                    "server listens on loopback only", LOCAL_ACCOUNT)
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
     metrics.initialise(CATALOG)
@@ -220,6 +227,7 @@ async def running_app(
                 ImageGenerationServicer(
                     store, hub, signer, providers, metrics,
                     deadline_s=settings.job_deadline_s, heartbeat_s=settings.watch_heartbeat_s,
+                    auth=authenticator,
                     admission=Admission(max_pending=settings.max_pending_jobs,
                                         max_pending_per_account=settings.max_pending_jobs_per_account,
                                         pending_estimate=lambda: sampler.pending),
@@ -229,7 +237,7 @@ async def running_app(
             services.append(SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(services, server)
-        grpc_port = server.add_insecure_port(settings.grpc_address)
+        grpc_port = _listen(server, settings)
         if grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {settings.grpc_address}")
 
@@ -262,6 +270,19 @@ def _http_app(registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlo
     app = web.Application()
     app.add_routes(http_routes(registry, readiness, blobs, signer))
     return app
+
+
+def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    """Bind the gRPC port, with TLS (and client certificates) when configured; returns the bound port."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return server.add_insecure_port(settings.grpc_address)
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+    return server.add_secure_port(settings.grpc_address, credentials)
 
 
 def _url_host(host: str) -> str:

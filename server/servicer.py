@@ -8,7 +8,6 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from providers.base import ImageProvider
 from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from server.auth import Authenticator
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, event_to_pb, job_to_pb, timestamp
 from server.errors import Overloaded, ServiceError, abort_with, status_for
 from server.files import UrlSigner
@@ -38,14 +38,10 @@ from storage.models import EventKind, Job, JobEvent, JobStatus, NewJob, utcnow
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ACCOUNT = "default"
-ACCOUNT_HEADER = "x-account-id"
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
 #: a WatchJobs stream that falls this far behind is ended (the client reconnects)
 WATCH_JOBS_MAX_QUEUED = 10_000
-
-_ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
 R = TypeVar("R")
@@ -105,6 +101,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         deadline_s: float,
         heartbeat_s: float,
         admission: Admission | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -114,12 +111,13 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._deadline_s = deadline_s
         self._heartbeat_s = heartbeat_s
         self._admission = admission or Admission()
+        self._auth = auth or Authenticator.local()
 
     # ------------------------------------------------------------ unary
 
     @_unary
     async def GenerateImage(self, request: pb.GenerateImageRequest, context: Context) -> pb.Job:
-        account = _account(context)
+        account = self._account(context)
         valid = validate_generate(request)
         if valid.model.id not in self._providers:
             raise ServiceError(
@@ -154,12 +152,12 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     @_unary
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
-        job = await self._store.get(_account(context), _job_id(request.job_id))
+        job = await self._store.get(self._account(context), _job_id(request.job_id))
         return job_to_pb(job, self._signer)
 
     @_unary
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.Job:
-        job, cancelled_now = await self._store.cancel(_account(context), _job_id(request.job_id))
+        job, cancelled_now = await self._store.cancel(self._account(context), _job_id(request.job_id))
         if not cancelled_now:
             return job_to_pb(job, self._signer)
         self._metrics.observe_finished(job)
@@ -170,7 +168,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     @_unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
-        account = _account(context)
+        account = self._account(context)
         bad: list[FieldViolation] = []
         if request.page_size < 0:
             bad.append(FieldViolation("page_size", "must not be negative"))
@@ -233,7 +231,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     @_streaming
     async def WatchJob(self, request: pb.WatchJobRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
-        account = _account(context)
+        account = self._account(context)
         job_id = _job_id(request.job_id)
         if request.after_version < 0:
             raise InvalidRequest([FieldViolation("after_version", "must not be negative")])
@@ -276,7 +274,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     @_streaming
     async def WatchJobs(self, request: pb.WatchJobsRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
-        account = _account(context)
+        account = self._account(context)
         statuses, violation = _statuses(request.statuses, "statuses")
         bad = [v for v in (violation, folder_violation(request.folder_id)) if v is not None]
         if bad:
@@ -298,6 +296,10 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     raise ServiceError(code, item.reason)
                 else:
                     yield event_to_pb(item, self._signer)
+
+    def _account(self, context: Context) -> str:
+        """The account the call acts for, as its credentials allow."""
+        return self._auth.account(context.invocation_metadata() or ())
 
     async def _next(self, subscription: Subscription) -> JobEvent | Closed | None:
         """The next queued item, or None after a heartbeat interval of silence."""
@@ -354,16 +356,6 @@ class _StreamGauge:
 def _snapshot(job: Job, kind: EventKind) -> JobEvent:
     return JobEvent(job=job, version=job.version, previous_status=None, event_time=utcnow(), kind=kind,
                     message=job.message if kind is EventKind.SNAPSHOT else "")
-
-
-def _account(context: Context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == ACCOUNT_HEADER:
-            account = value if isinstance(value, str) else value.decode()
-            if not _ACCOUNT_ID.fullmatch(account):
-                raise InvalidRequest([FieldViolation(ACCOUNT_HEADER, "must be 1-128 of letters, digits, '_', '-'")])
-            return account
-    return DEFAULT_ACCOUNT
 
 
 def _job_id(raw: str) -> uuid.UUID:

@@ -7,6 +7,7 @@ own tools use (`BFL_API_KEY`, `OPENAI_API_KEY`, `ARK_API_KEY`, `GEMINI_API_KEY`)
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,13 @@ class Settings:
     #: HMAC key for image URLs; default: a random key kept in data_dir (share one key across replicas)
     url_signing_key: str = ""
     url_ttl_s: float = 3600.0
+    #: JSON file of callers' token digests and accounts (server/auth.py); unset: local mode (loopback only)
+    auth_tokens_file: Path | None = None
+    #: TLS for the gRPC port: certificate chain and key (PEM); with a client CA, clients must present a
+    #: certificate it signed (mutual TLS)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     #: all | api | worker
     role: str = "all"
     #: jobs one process runs at once
@@ -117,6 +125,18 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
         self.vendor_caps()  # raises on a malformed value
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise SettingsError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise SettingsError(f"{PREFIX}TLS_CLIENT_CA_FILE needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE")
+        if self.auth_tokens_file is None:
+            for name in ("grpc_address", "http_address"):
+                host, _ = split_address(getattr(self, name))
+                if not _is_loopback(host):
+                    raise SettingsError(
+                        f"refusing to listen on {getattr(self, name)} without authentication: set "
+                        f"{PREFIX}AUTH_TOKENS_FILE, or keep {PREFIX}{name.upper()} on a loopback address"
+                    )
         changes: dict[str, Any] = {}
         if not self.database_url:
             changes["database_url"] = f"sqlite+aiosqlite:///{(self.data_dir / 'imagegen.db').resolve()}"
@@ -152,11 +172,20 @@ def _parse(name: str, raw: str, annotation: Any) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
-        if "Path" in kind:
+        if "Path" in kind:  # "Path" and "Path | None"
             return Path(raw)
         return raw
     except ValueError:
         raise SettingsError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def split_address(address: str) -> tuple[str, int]:

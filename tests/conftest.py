@@ -8,6 +8,7 @@ test, and drops the database at the end, so runs never see each other's rows.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
+from server.auth import caller_entry
 from server.settings import Settings
 from storage import migrate
 from storage.db import make_engine
@@ -75,8 +77,59 @@ async def database_url(pg_url: str) -> str:
     return pg_url
 
 
-def test_settings(data_dir: Path, database_url: str, **overrides: Any) -> Settings:
-    """Settings for a server on ephemeral ports with fast timers (no real waiting in tests)."""
+#: a caller that may act for every account, and one limited to the account "acme"
+TEST_TOKEN = "igt_test-token-for-every-account"
+ACME_TOKEN = "igt_test-token-for-acme-only"
+
+
+def write_tokens_file(directory: Path) -> Path:
+    """A tokens file with TEST_TOKEN (every account) and ACME_TOKEN (only "acme")."""
+    path = directory / "tokens.json"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"callers": [
+        caller_entry("tester", TEST_TOKEN, None),
+        caller_entry("acme-backend", ACME_TOKEN, ["acme"]),
+    ]}))
+    return path
+
+
+class _Bearer:
+    """Adds `authorization: Bearer <token>` (and x-account-id, unless the call names one) to every call."""
+
+    def __init__(self, token: str, account: str = "default") -> None:
+        self._token, self._account = token, account
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add("authorization", f"Bearer {self._token}")
+        if "x-account-id" not in metadata:
+            metadata.add("x-account-id", self._account)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+
+# grpc.aio files an interceptor under the first kind it matches, so each kind needs its own class
+class _UnaryBearer(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), request)
+
+
+class _StreamBearer(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), request)
+
+
+def authed_channel(target: str, token: str = TEST_TOKEN, account: str = "default") -> grpc.aio.Channel:
+    """A channel whose calls carry `token` (and act for `account` unless a call says otherwise)."""
+    return grpc.aio.insecure_channel(target, interceptors=[_UnaryBearer(token, account),
+                                                           _StreamBearer(token, account)])
+
+
+def test_settings(data_dir: Path, database_url: str, *, secured: bool = False, **overrides: Any) -> Settings:
+    """Settings for a server on ephemeral ports with fast timers (no real waiting in tests).
+
+    `secured=True` configures the test tokens (otherwise the server is in local mode).
+    """
     values: dict[str, Any] = {
         "grpc_address": "127.0.0.1:0",
         "http_address": "127.0.0.1:0",
@@ -91,6 +144,8 @@ def test_settings(data_dir: Path, database_url: str, **overrides: Any) -> Settin
         "sandbox_latency_s": 0.0,
         "db_pool_size": 5,
     }
+    if secured:
+        values["auth_tokens_file"] = write_tokens_file(data_dir)
     values.update(overrides)
     return Settings.from_env({}, **values)
 
@@ -109,4 +164,18 @@ async def app(tmp_path: Path, database_url: str) -> AsyncIterator[App]:
 async def stub(app: App) -> AsyncIterator[pb_grpc.ImageGenerationStub]:
     """A client of `app`."""
     async with grpc.aio.insecure_channel(app.grpc_target) as channel:
+        yield pb_grpc.ImageGenerationStub(channel)
+
+
+@pytest.fixture
+async def secured_app(tmp_path: Path, database_url: str) -> AsyncIterator[App]:
+    """A whole service with callers' tokens configured (accounts chosen with x-account-id)."""
+    async with running_app(test_settings(tmp_path, database_url, secured=True)) as running:
+        yield running
+
+
+@pytest.fixture
+async def secured_stub(secured_app: App) -> AsyncIterator[pb_grpc.ImageGenerationStub]:
+    """A client of `secured_app` holding TEST_TOKEN (every account; "default" unless x-account-id says)."""
+    async with authed_channel(secured_app.grpc_target) as channel:
         yield pb_grpc.ImageGenerationStub(channel)

@@ -134,22 +134,22 @@ async def test_validate_only_quotes_without_creating(stub, app) -> None:
     assert set(bad_fields(caught.value)) == {"prompt"}
 
 
-async def test_request_id_makes_submit_idempotent(stub, app) -> None:
-    first = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a cat", request_id="req-1"))
-    again = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a cat", request_id="req-1"))
+async def test_request_id_makes_submit_idempotent(secured_stub, secured_app) -> None:
+    first = await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="a cat", request_id="req-1"))
+    again = await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="a cat", request_id="req-1"))
     assert again.id == first.id
     assert again.request_id == "req-1"
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.GenerateImage(pb.GenerateImageRequest(prompt="a dog", request_id="req-1"))
+        await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="a dog", request_id="req-1"))
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert first.id in caught.value.details()
 
     # request ids are per account: another account's identical key is a different job
-    other = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a dog", request_id="req-1"),
+    other = await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="a dog", request_id="req-1"),
                                      metadata=OTHER_ACCOUNT)
     assert other.id != first.id
-    assert (await _count_rows(app))[0] == 2
+    assert (await _count_rows(secured_app))[0] == 2
 
 
 async def test_concurrent_retries_with_one_request_id_create_one_job(stub, app) -> None:
@@ -159,37 +159,37 @@ async def test_concurrent_retries_with_one_request_id_create_one_job(stub, app) 
     assert (await _count_rows(app))[0] == 1
 
 
-async def test_get_job_only_within_the_account(stub) -> None:
-    job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a cat"))
-    got = await stub.GetJob(pb.GetJobRequest(job_id=job.id))
+async def test_get_job_only_within_the_account(secured_stub) -> None:
+    job = await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="a cat"))
+    got = await secured_stub.GetJob(pb.GetJobRequest(job_id=job.id))
     assert got.id == job.id and got.prompt == "a cat"
 
     for job_id, metadata in ((job.id, OTHER_ACCOUNT), (str(uuid.uuid4()), ())):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=metadata)
+            await secured_stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=metadata)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.GetJob(pb.GetJobRequest(job_id="not-a-uuid"))
+        await secured_stub.GetJob(pb.GetJobRequest(job_id="not-a-uuid"))
     assert set(bad_fields(caught.value)) == {"job_id"}
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=(("x-account-id", "../x"),))
+        await secured_stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=(("x-account-id", "../x"),))
     assert set(bad_fields(caught.value)) == {"x-account-id"}
 
 
-async def test_list_jobs_newest_first_with_pages_and_filters(stub) -> None:
+async def test_list_jobs_newest_first_with_pages_and_filters(secured_stub) -> None:
     created = []
     for index in range(7):
         folder = "campaign-a" if index % 2 else ""
-        created.append(await stub.GenerateImage(pb.GenerateImageRequest(prompt=f"job {index}", folder_id=folder)))
-    await stub.GenerateImage(pb.GenerateImageRequest(prompt="elsewhere"), metadata=OTHER_ACCOUNT)
+        created.append(await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt=f"job {index}", folder_id=folder)))
+    await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="elsewhere"), metadata=OTHER_ACCOUNT)
 
     seen: list[str] = []
     token = ""
     pages = 0
     while True:
-        page = await stub.ListJobs(pb.ListJobsRequest(page_size=3, page_token=token))
+        page = await secured_stub.ListJobs(pb.ListJobsRequest(page_size=3, page_token=token))
         seen += [job.id for job in page.jobs]
         pages += 1
         token = page.next_page_token
@@ -198,17 +198,17 @@ async def test_list_jobs_newest_first_with_pages_and_filters(stub) -> None:
     assert seen == [job.id for job in reversed(created)]
     assert pages == 3
 
-    in_folder = await stub.ListJobs(pb.ListJobsRequest(folder_id="campaign-a"))
+    in_folder = await secured_stub.ListJobs(pb.ListJobsRequest(folder_id="campaign-a"))
     assert [job.id for job in in_folder.jobs] == [job.id for job in reversed(created) if job.folder_id]
-    in_root = await stub.ListJobs(pb.ListJobsRequest(folder_id="root"))
+    in_root = await secured_stub.ListJobs(pb.ListJobsRequest(folder_id="root"))
     assert len(in_root.jobs) == 4
 
-    pending = await stub.ListJobs(pb.ListJobsRequest(statuses=[pb.JOB_STATUS_PENDING, pb.JOB_STATUS_PROCESSING,
+    pending = await secured_stub.ListJobs(pb.ListJobsRequest(statuses=[pb.JOB_STATUS_PENDING, pb.JOB_STATUS_PROCESSING,
                                                                pb.JOB_STATUS_COMPLETED]))
     assert len(pending.jobs) == 7
-    none = await stub.ListJobs(pb.ListJobsRequest(statuses=[pb.JOB_STATUS_CANCELLED]))
+    none = await secured_stub.ListJobs(pb.ListJobsRequest(statuses=[pb.JOB_STATUS_CANCELLED]))
     assert list(none.jobs) == []
-    by_provider = await stub.ListJobs(pb.ListJobsRequest(provider="gpt_image_1_5"))
+    by_provider = await secured_stub.ListJobs(pb.ListJobsRequest(provider="gpt_image_1_5"))
     assert list(by_provider.jobs) == []
 
 
@@ -269,10 +269,10 @@ async def test_store_outage_answers_unavailable_with_retry_info(tmp_path, databa
 async def test_backpressure_answers_resource_exhausted_with_retry_info(tmp_path, database_url) -> None:
     from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
     from server.app import running_app
-    from tests.conftest import test_settings
+    from tests.conftest import authed_channel, test_settings
 
-    settings = test_settings(tmp_path, database_url, role="api", max_pending_jobs_per_account=2)
-    async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:
+    settings = test_settings(tmp_path, database_url, secured=True, role="api", max_pending_jobs_per_account=2)
+    async with running_app(settings) as app, authed_channel(app.grpc_target) as channel:
         stub = pb_grpc.ImageGenerationStub(channel)
         for _ in range(2):
             await stub.GenerateImage(pb.GenerateImageRequest(prompt="queued"))

@@ -21,7 +21,7 @@ from client._output import Progress
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
-from tests.conftest import test_settings
+from tests.conftest import TEST_TOKEN, test_settings
 from tests.helpers import finished
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,8 +192,9 @@ async def test_providers_table_and_json(app: App, capsys) -> None:
 
 
 async def test_account_from_the_environment_and_cancel(tmp_path: Path, database_url: str, capsys) -> None:
-    async with running_app(test_settings(tmp_path, database_url, role="api")) as app:  # jobs stay pending
-        env = {"IMAGEGEN_ADDRESS": app.grpc_target, "IMAGEGEN_ACCOUNT": "acme", "IMAGEGEN_TOKEN": "t0ken"}
+    settings = test_settings(tmp_path, database_url, role="api", secured=True)  # jobs stay pending
+    async with running_app(settings) as app:
+        env = {"IMAGEGEN_ADDRESS": app.grpc_target, "IMAGEGEN_ACCOUNT": "acme", "IMAGEGEN_TOKEN": TEST_TOKEN}
         assert await imagegen("--json", "generate", "acme's job", "--no-wait", env=env) == 0
         job = read_json(capsys.readouterr().out)
         assert job["account_id"] == "acme" and job["status"] == "JOB_STATUS_PENDING"

@@ -24,8 +24,10 @@ from client import (
     ImagegenError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     RetryPolicy,
+    Unauthenticated,
     Unavailable,
 )
 from providers.sandbox import Sandbox
@@ -33,7 +35,7 @@ from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
 from server.settings import VendorSettings
-from tests.conftest import test_settings
+from tests.conftest import ACME_TOKEN, TEST_TOKEN, test_settings
 
 PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
     pb.JOB_STATUS_PENDING, pb.JOB_STATUS_PROCESSING, pb.JOB_STATUS_COMPLETED, pb.JOB_STATUS_FAILED,
@@ -163,15 +165,30 @@ async def test_list_walks_pages_newest_first_with_filters(tmp_path: Path, databa
             made[4].id, made[2].id]
 
 
-async def test_providers_and_accounts(client: ImagegenClient, app: App) -> None:
+async def test_providers_and_accounts(client: ImagegenClient, app: App, tmp_path: Path, database_url: str) -> None:
     catalog = {provider.id: provider for provider in await client.providers()}
     assert catalog["flux_2_pro"].configured and catalog["flux_2_pro"].max_variants >= 3
 
-    async with ImagegenClient.connect(app.grpc_target, account="acme", token="t0ken", retry=FAST) as acme:
+    # a server in local mode serves only its default account
+    async with ImagegenClient.connect(app.grpc_target, account="acme", retry=FAST) as acme:
+        with pytest.raises(PermissionDenied):
+            await acme.generate("acme's", width=256, height=256)
+
+    settings = test_settings(tmp_path / "secured", database_url, secured=True, role="api")
+    async with running_app(settings) as secured, \
+            ImagegenClient.connect(secured.grpc_target, account="acme", token=ACME_TOKEN, retry=FAST) as acme, \
+            ImagegenClient.connect(secured.grpc_target, account="default", token=TEST_TOKEN, retry=FAST) as other:
         theirs = await acme.generate("acme's", width=256, height=256)
         assert theirs.account_id == "acme"
-    with pytest.raises(NotFound):
-        await client.get(theirs.id)  # the default account cannot see it
+        with pytest.raises(NotFound):
+            await other.get(theirs.id)  # another account cannot see it
+        async with ImagegenClient.connect(secured.grpc_target, account="default", token=ACME_TOKEN,
+                                          retry=FAST) as trespasser:
+            with pytest.raises(PermissionDenied):
+                await trespasser.get(theirs.id)
+        async with ImagegenClient.connect(secured.grpc_target, account="acme", retry=FAST) as anonymous:
+            with pytest.raises(Unauthenticated):
+                await anonymous.get(theirs.id)
 
 
 async def test_unreachable_server_raises_unavailable_after_its_retries() -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
-from tests.conftest import test_settings
+from tests.conftest import authed_channel, test_settings
 from tests.helpers import events_until_end, eventually, finished, first_event_with_status
 
 PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
@@ -85,10 +85,10 @@ async def test_watch_resumes_after_a_version_without_gaps_or_repeats(stub) -> No
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_watch_of_unknown_or_foreign_job_is_not_found(stub) -> None:
-    job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="x", width=256, height=256))
+async def test_watch_of_unknown_or_foreign_job_is_not_found(secured_stub) -> None:
+    job = await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="x", width=256, height=256))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await events_until_end(stub, job.id, metadata=(("x-account-id", "someone-else"),))
+        await events_until_end(secured_stub, job.id, metadata=(("x-account-id", "someone-else"),))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -114,8 +114,8 @@ async def test_idle_watch_gets_heartbeats_and_leaves_nothing_behind(tmp_path: Pa
 
 async def test_cancel_pending_is_immediate_and_idempotent(tmp_path: Path, database_url: str) -> None:
     # an API-only server has no worker, so the job stays pending
-    async with running_app(test_settings(tmp_path, database_url, role="api")) as app, \
-            grpc.aio.insecure_channel(app.grpc_target) as channel:
+    async with running_app(test_settings(tmp_path, database_url, role="api", secured=True)) as app, \
+            authed_channel(app.grpc_target) as channel:
         stub = pb_grpc.ImageGenerationStub(channel)
         job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a cat"))
         cancelled = await stub.CancelJob(pb.CancelJobRequest(job_id=job.id))

@@ -84,18 +84,18 @@ async def test_file_urls_are_signed_and_expire(stub, app: App) -> None:
     assert not signer.verify("a/root/j/0.png", str(int(time.time()) + 10**6), signature)
 
 
-async def test_watch_jobs_streams_the_accounts_events(stub, app: App) -> None:
-    everything = stub.WatchJobs(pb.WatchJobsRequest())
-    in_folder = stub.WatchJobs(pb.WatchJobsRequest(folder_id="posters", statuses=[pb.JOB_STATUS_COMPLETED]))
-    foreign = stub.WatchJobs(pb.WatchJobsRequest(), metadata=(("x-account-id", "other"),))
+async def test_watch_jobs_streams_the_accounts_events(secured_stub, secured_app: App) -> None:
+    everything = secured_stub.WatchJobs(pb.WatchJobsRequest())
+    in_folder = secured_stub.WatchJobs(pb.WatchJobsRequest(folder_id="posters", statuses=[pb.JOB_STATUS_COMPLETED]))
+    foreign = secured_stub.WatchJobs(pb.WatchJobsRequest(), metadata=(("x-account-id", "other"),))
     for stream in (everything, in_folder, foreign):
         await stream.initial_metadata()  # subscribed
-    assert app.hub.open_subscriptions == 3
+    assert secured_app.hub.open_subscriptions == 3
 
-    first = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a", width=256, height=256))
-    second = await stub.GenerateImage(pb.GenerateImageRequest(prompt="b", width=256, height=256, folder_id="posters"))
-    await finished(stub, first.id)
-    await finished(stub, second.id)
+    first = await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="a", width=256, height=256))
+    second = await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="b", width=256, height=256, folder_id="posters"))
+    await finished(secured_stub, first.id)
+    await finished(secured_stub, second.id)
 
     async def read(stream, count: int) -> list[pb.JobEvent]:
         async with asyncio.timeout(10):
@@ -113,11 +113,11 @@ async def test_watch_jobs_streams_the_accounts_events(stub, app: App) -> None:
     for stream in (everything, in_folder, foreign):
         stream.cancel()
     async with asyncio.timeout(5):
-        while app.hub.open_subscriptions:
+        while secured_app.hub.open_subscriptions:
             await asyncio.sleep(0.01)
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in stub.WatchJobs(pb.WatchJobsRequest(folder_id="../x")):
+        async for _ in secured_stub.WatchJobs(pb.WatchJobsRequest(folder_id="../x")):
             pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -136,6 +136,7 @@ async def test_many_watchers_of_one_job_all_see_every_transition(stub) -> None:
 def test_settings_from_environment(tmp_path: Path) -> None:
     settings = Settings.from_env({
         "IMAGEGEN_GRPC_ADDRESS": "0.0.0.0:6000",
+        "IMAGEGEN_AUTH_TOKENS_FILE": str(tmp_path / "tokens.json"),
         "IMAGEGEN_DATA_DIR": str(tmp_path),
         "IMAGEGEN_WORKER_CONCURRENCY": "8",
         "IMAGEGEN_JOB_DEADLINE_S": "60",
@@ -150,3 +151,10 @@ def test_settings_from_environment(tmp_path: Path) -> None:
         Settings.from_env({"IMAGEGEN_WORKER_CONCURRENCY": "many"})
     with pytest.raises(SettingsError, match="IMAGEGEN_ROLE"):
         Settings.from_env({"IMAGEGEN_ROLE": "boss"})
+    # local mode (no tokens) refuses to listen beyond loopback, on either port
+    for variable in ("IMAGEGEN_GRPC_ADDRESS", "IMAGEGEN_HTTP_ADDRESS"):
+        with pytest.raises(SettingsError, match="without authentication"):
+            Settings.from_env({variable: "0.0.0.0:7000"})
+    assert Settings.from_env({"IMAGEGEN_GRPC_ADDRESS": "[::1]:7000"}).grpc_address == "[::1]:7000"
+    with pytest.raises(SettingsError, match="TLS_KEY_FILE"):
+        Settings.from_env({"IMAGEGEN_TLS_CERT_FILE": "/x.pem"})
