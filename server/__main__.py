@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+from decimal import Decimal, InvalidOperation
 
 from server.app import running_app
 from server.auth import AuthConfigError, caller_entry, new_token
@@ -15,6 +16,8 @@ from server.logs import configure_logging
 from server.settings import Settings, SettingsError
 from storage import migrate
 from storage.db import make_engine
+from storage.errors import NoBudget
+from storage.jobs import SqlJobStore
 
 log = logging.getLogger("server")
 
@@ -30,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     token = commands.add_parser("token", help="make a caller token and print its tokens-file entry")
     token.add_argument("--name", required=True, help="who will use the token, e.g. ads-backend")
     token.add_argument("--accounts", default="*", help="comma-separated account ids, or * for all")
+    budget = commands.add_parser("budget", help="set, read and audit accounts' credit budgets")
+    budget.add_argument("action", choices=("set", "add", "show", "ledger", "remove"))
+    budget.add_argument("account")
+    budget.add_argument("usd", nargs="?", help="amount in USD, for set and add (e.g. 25 or -2.50)")
+    budget.add_argument("--note", default="", help="why, kept in the ledger")
+    budget.add_argument("--limit", type=int, default=20, help="ledger entries to show")
     args = parser.parse_args(argv)
     if args.command == "token":
         secret = new_token()
@@ -50,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("alembic").setLevel(logging.INFO)
         asyncio.run(_migrate(settings))
         return 0
+    if args.command == "budget":
+        return asyncio.run(_budget(settings, args))
     try:
         asyncio.run(_serve(settings, migrate_schema=args.migrate))
     except AuthConfigError as exc:
@@ -66,6 +77,41 @@ async def _migrate(settings: Settings) -> None:
         log.info("database at revision %s", await migrate.current_revision(engine))
     finally:
         await engine.dispose()
+
+
+async def _budget(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action in ("set", "add"):
+        try:
+            micros = int((Decimal(args.usd or "") * 1_000_000).to_integral_value())
+        except InvalidOperation:
+            print(f"budget {args.action} needs an amount in USD, e.g. 25.00", file=sys.stderr)
+            return 2
+    engine = make_engine(settings.database_url)
+    store = SqlJobStore(engine)
+    try:
+        if args.action == "set":
+            print(f"{args.account}: ${await store.set_budget(args.account, micros, note=args.note) / 1e6:.6f}")
+        elif args.action == "add":
+            try:
+                balance = await store.add_credit(args.account, micros, note=args.note)
+            except NoBudget:
+                print(f"{args.account} has no budget (unlimited); use 'budget set' first", file=sys.stderr)
+                return 1
+            print(f"{args.account}: ${balance / 1e6:.6f}")
+        elif args.action == "show":
+            balance = await store.budget(args.account)
+            print(f"{args.account}: " + ("unlimited (no budget)" if balance is None else f"${balance / 1e6:.6f}"))
+        elif args.action == "remove":
+            removed = await store.remove_budget(args.account)
+            print(f"{args.account}: " + ("budget removed; unlimited" if removed else "had no budget"))
+        else:
+            for entry in await store.ledger_entries(args.account, limit=args.limit):
+                job = str(entry.job_id) if entry.job_id else "-"
+                print(f"{entry.time.isoformat(timespec='seconds')}  {entry.kind:<7} {entry.amount_usd_micros / 1e6:>+12.6f}"
+                      f"  balance {entry.balance_usd_micros / 1e6:>12.6f}  job {job}  {entry.note}")
+    finally:
+        await engine.dispose()
+    return 0
 
 
 async def _serve(settings: Settings, *, migrate_schema: bool) -> None:

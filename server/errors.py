@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 from server.validation import FieldViolation, InvalidRequest
 from storage.errors import (
     IdempotencyConflict,
+    InsufficientCredit,
     InvalidTransition,
     JobNotFound,
     LeaseLost,
@@ -24,6 +25,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     JobNotFound: grpc.StatusCode.NOT_FOUND,
     IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
+    InsufficientCredit: grpc.StatusCode.RESOURCE_EXHAUSTED,
     InvalidTransition: grpc.StatusCode.FAILED_PRECONDITION,
     LeaseLost: grpc.StatusCode.ABORTED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
@@ -71,6 +73,15 @@ def bad_request(violations: Sequence[FieldViolation]) -> any_pb2.Any:
     return detail
 
 
+def quota_failure(subject: str, description: str) -> any_pb2.Any:
+    """google.rpc.QuotaFailure: which quota is exhausted."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.QuotaFailure(
+        violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)]
+    ))
+    return detail
+
+
 def retry_info(seconds: float) -> any_pb2.Any:
     """google.rpc.RetryInfo: when trying again makes sense."""
     detail = any_pb2.Any()
@@ -87,6 +98,8 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
     details: list[any_pb2.Any] = []
     if isinstance(exc, InvalidRequest):
         details.append(bad_request(exc.violations))
+    elif isinstance(exc, InsufficientCredit):
+        details.append(quota_failure(f"account:{exc.account_id}", str(exc)))
     elif isinstance(exc, Overloaded):
         details.append(retry_info(exc.retry_after_s))
     elif isinstance(exc, StoreUnavailable):

@@ -5,6 +5,8 @@
     ├── IdempotencyConflict    request_id reused with a different body
     ├── InvalidTransition      the job's status does not allow the change (e.g. cancel a completed job)
     ├── LeaseLost              a worker's fenced write found the job no longer held by it
+    ├── InsufficientCredit     the account's budget cannot cover the job's quote
+    ├── NoBudget               credit was added to an account that has no budget
     └── StoreUnavailable       the database could not be reached
 """
 
@@ -56,3 +58,24 @@ class LeaseLost(StorageError):
 
 class StoreUnavailable(StorageError):
     """The database could not be reached or answered with a connection-level error."""
+
+
+class InsufficientCredit(StorageError):
+    """The account's balance is below the job's quote; nothing was created or reserved."""
+
+    def __init__(self, account_id: str, balance_usd_micros: int, needed_usd_micros: int) -> None:
+        super().__init__(
+            f"account {account_id} has ${balance_usd_micros / 1e6:.6f} of credit; this job is quoted at "
+            f"${needed_usd_micros / 1e6:.6f}"
+        )
+        self.account_id = account_id
+        self.balance_usd_micros = balance_usd_micros
+        self.needed_usd_micros = needed_usd_micros
+
+
+class NoBudget(StorageError):
+    """The account has no budget (it is unlimited), so there is nothing to add credit to."""
+
+    def __init__(self, account_id: str) -> None:
+        super().__init__(f"account {account_id} has no budget")
+        self.account_id = account_id

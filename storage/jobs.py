@@ -22,7 +22,15 @@ from sqlalchemy import Row, and_, bindparam, func, insert, or_, select, text, tu
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from storage.db import is_postgres
-from storage.errors import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost, StoreUnavailable
+from storage.errors import (
+    IdempotencyConflict,
+    InsufficientCredit,
+    InvalidTransition,
+    JobNotFound,
+    LeaseLost,
+    NoBudget,
+    StoreUnavailable,
+)
 from storage.models import (
     ALLOWED_TRANSITIONS,
     Job,
@@ -31,11 +39,12 @@ from storage.models import (
     JobNotice,
     JobSpec,
     JobStatus,
+    LedgerEntry,
     NewJob,
     StoredImage,
     utcnow,
 )
-from storage.schema import job_events, jobs
+from storage.schema import accounts, job_events, jobs, ledger
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +156,8 @@ class SqlJobStore:
         )
         try:
             async with self._transaction() as conn:
+                reserved = await self._reserve(conn, job)
+                job = job.evolve(reserved_usd_micros=reserved)
                 await conn.execute(insert(jobs).values(_job_values(job, request_hash)))
                 await self._record_events(conn, [(job, None)])
         except sqlalchemy.exc.IntegrityError:
@@ -538,6 +549,110 @@ class SqlJobStore:
             oldest_due_pending_age_s=max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0,
         )
 
+    # ---------------------------------------------------------------- credits
+
+    async def set_budget(self, account_id: str, balance_usd_micros: int, *, note: str = "") -> int:
+        """Give the account a budget of exactly this balance (creating it); returns the balance."""
+        return await self._change_budget(account_id, "set", balance_usd_micros, note)
+
+    async def add_credit(self, account_id: str, amount_usd_micros: int, *, note: str = "") -> int:
+        """Add (or, negative, take) credit; the account must have a budget. Returns the balance."""
+        return await self._change_budget(account_id, "add", amount_usd_micros, note)
+
+    async def budget(self, account_id: str) -> int | None:
+        """The account's balance, or None when it has no budget (unlimited)."""
+        async with self._connection() as conn:
+            return (
+                await conn.execute(select(accounts.c.balance_usd_micros).where(accounts.c.account_id == account_id))
+            ).scalar_one_or_none()
+
+    async def remove_budget(self, account_id: str) -> bool:
+        """Make the account unlimited again; False when it had no budget. Its ledger is kept."""
+        async with self._transaction() as conn:
+            result = await conn.execute(accounts.delete().where(accounts.c.account_id == account_id))
+        return result.rowcount == 1
+
+    async def ledger_entries(self, account_id: str, *, limit: int = 50) -> list[LedgerEntry]:
+        """The account's most recent ledger entries, newest first."""
+        async with self._connection() as conn:
+            rows = (
+                await conn.execute(
+                    select(ledger).where(ledger.c.account_id == account_id).order_by(ledger.c.id.desc()).limit(limit)
+                )
+            ).all()
+        return [LedgerEntry(**row._mapping) for row in rows]
+
+    async def _change_budget(self, account_id: str, kind: str, amount: int, note: str) -> int:
+        now = utcnow()
+        async with self._transaction() as conn:
+            current = (
+                await conn.execute(
+                    select(accounts.c.balance_usd_micros).where(accounts.c.account_id == account_id).with_for_update()
+                )
+            ).scalar_one_or_none()
+            if kind == "set":
+                balance, delta = amount, amount - (current or 0)
+            elif current is None:
+                raise NoBudget(account_id)
+            else:
+                balance, delta = current + amount, amount
+            if current is None:
+                await conn.execute(insert(accounts).values(account_id=account_id, balance_usd_micros=balance,
+                                                           create_time=now, update_time=now))
+            else:
+                await conn.execute(update(accounts).where(accounts.c.account_id == account_id)
+                                   .values(balance_usd_micros=balance, update_time=now))
+            await conn.execute(insert(ledger).values(account_id=account_id, job_id=None, kind=kind,
+                                                     amount_usd_micros=delta, balance_usd_micros=balance, time=now,
+                                                     note=note))
+        return balance
+
+    async def _reserve(self, conn: AsyncConnection, job: Job) -> int:
+        """Take the job's quote from the account's budget, in the transaction that creates the job.
+
+        The account row is locked for the rest of the transaction, so concurrent submits queue on it
+        and can never spend the same credit twice.
+        """
+        quote = job.estimated_cost_usd_micros
+        balance = (
+            await conn.execute(
+                select(accounts.c.balance_usd_micros).where(accounts.c.account_id == job.account_id).with_for_update()
+            )
+        ).scalar_one_or_none()
+        if balance is None or quote <= 0:
+            return 0  # no budget: unlimited
+        if balance < quote:
+            raise InsufficientCredit(job.account_id, balance, quote)
+        await conn.execute(update(accounts).where(accounts.c.account_id == job.account_id)
+                           .values(balance_usd_micros=balance - quote, update_time=job.create_time))
+        await conn.execute(insert(ledger).values(account_id=job.account_id, job_id=job.id, kind="reserve",
+                                                 amount_usd_micros=-quote, balance_usd_micros=balance - quote,
+                                                 time=job.create_time, note="quoted at submit"))
+        return quote
+
+    async def _settle(self, conn: AsyncConnection, job: Job, now: datetime) -> None:
+        """At a terminal status: return what the job did not cost (everything, unless it completed)."""
+        if not job.status.terminal or job.reserved_usd_micros <= 0:
+            return
+        if job.status is JobStatus.COMPLETED:
+            kind, delta = "settle", job.reserved_usd_micros - job.cost_usd_micros
+            note = f"cost {job.cost_usd_micros} of {job.reserved_usd_micros} reserved"
+        else:
+            kind, delta = "refund", job.reserved_usd_micros
+            note = f"job {job.status.value}: free"
+        balance = (
+            await conn.execute(
+                update(accounts).where(accounts.c.account_id == job.account_id)
+                .values(balance_usd_micros=accounts.c.balance_usd_micros + delta, update_time=now)
+                .returning(accounts.c.balance_usd_micros)
+            )
+        ).scalar_one_or_none()
+        if balance is None:
+            return  # the budget was removed meanwhile: the account is unlimited now
+        await conn.execute(insert(ledger).values(account_id=job.account_id, job_id=job.id, kind=kind,
+                                                 amount_usd_micros=delta, balance_usd_micros=balance, time=now,
+                                                 note=note))
+
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""
         async with self._connection() as conn:
@@ -588,6 +703,7 @@ class SqlJobStore:
                 raise LeaseLost(fence.job_id, fence.attempt)
             job = _job_from_row(row)
             await self._record_events(conn, [(job, JobStatus.PROCESSING)])
+            await self._settle(conn, job, now)
         self._committed([job])
         return job
 
@@ -607,6 +723,7 @@ class SqlJobStore:
         ).one()
         job = _job_from_row(row)
         await self._record_events(conn, [(job, current.status)])
+        await self._settle(conn, job, now)
         return job
 
     async def _record_events(self, conn: AsyncConnection, transitions: Sequence[tuple[Job, JobStatus | None]]) -> None:
@@ -723,6 +840,7 @@ def _job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "message": job.message,
         "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
         "cost_usd_micros": 0,
+        "reserved_usd_micros": job.reserved_usd_micros,
         "create_time": job.create_time,
         "update_time": job.update_time,
     }
@@ -758,6 +876,7 @@ def _job_from_row(row: Row[Any]) -> Job:
         error=error,
         estimated_cost_usd_micros=m["estimated_cost_usd_micros"],
         cost_usd_micros=m["cost_usd_micros"],
+        reserved_usd_micros=m["reserved_usd_micros"],
         attempt=m["attempt"],
         version=m["version"],
         create_time=m["create_time"],

@@ -151,6 +151,8 @@ class Job:
     error: JobError | None = None
     estimated_cost_usd_micros: int = 0
     cost_usd_micros: int = 0
+    #: what was reserved from the account's budget at submit (0 when the account has none)
+    reserved_usd_micros: int = 0
     attempt: int = 0
     version: int = 1
     create_time: datetime
@@ -189,6 +191,21 @@ class JobEvent:
     event_time: datetime
     message: str = ""
     kind: EventKind = EventKind.TRANSITION
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerEntry:
+    """One change of an account's balance."""
+
+    id: int
+    account_id: str
+    job_id: uuid.UUID | None
+    #: set | add | reserve | settle | refund
+    kind: str
+    amount_usd_micros: int
+    balance_usd_micros: int
+    time: datetime
+    note: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

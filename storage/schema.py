@@ -97,6 +97,8 @@ jobs = Table(
     Column("message", Text, nullable=False, server_default=""),
     Column("estimated_cost_usd_micros", BigInteger, nullable=False),
     Column("cost_usd_micros", BigInteger, nullable=False, server_default=text("0")),
+    # what GenerateImage reserved from the account's budget (0: the account had none)
+    Column("reserved_usd_micros", BigInteger, nullable=False, server_default=text("0")),
     Column("create_time", UtcDateTime, nullable=False),
     Column("update_time", UtcDateTime, nullable=False),
     Column("start_time", UtcDateTime, nullable=True),
@@ -131,4 +133,30 @@ job_events = Table(
     # the whole job as of this version, so a resumed watch replays exactly what happened
     Column("snapshot", Json, nullable=False),
     Index("uq_job_events_job_version", "job_id", "version", unique=True),
+)
+
+#: accounts with a budget; an account without a row here is unlimited
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("account_id", String(128), primary_key=True),
+    Column("balance_usd_micros", BigInteger, nullable=False),
+    Column("create_time", UtcDateTime, nullable=False),
+    Column("update_time", UtcDateTime, nullable=False),
+)
+
+#: every change of a balance, with the balance after it
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("account_id", String(128), nullable=False),
+    Column("job_id", Uuid, nullable=True),
+    # set | add | reserve | settle | refund
+    Column("kind", String(16), nullable=False),
+    Column("amount_usd_micros", BigInteger, nullable=False),
+    Column("balance_usd_micros", BigInteger, nullable=False),
+    Column("time", UtcDateTime, nullable=False),
+    Column("note", Text, nullable=False, server_default=""),
+    Index("ix_ledger_account_id", "account_id", "id"),
 )

@@ -15,7 +15,7 @@ from sqlalchemy import text, update
 
 from storage import migrate
 from storage.db import make_engine
-from storage.errors import IdempotencyConflict, InvalidTransition, JobNotFound, LeaseLost
+from storage.errors import IdempotencyConflict, InsufficientCredit, InvalidTransition, JobNotFound, LeaseLost, NoBudget
 from storage.jobs import ConcurrencyCap, Fence, JobFilter, SqlJobStore
 from storage.models import JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
 from storage.schema import jobs, metadata
@@ -27,7 +27,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> 
     if request.param == "postgresql":
         engine = make_engine(pg_url)
         async with engine.begin() as connection:
-            await connection.execute(text("TRUNCATE jobs, job_events"))
+            await connection.execute(text("TRUNCATE jobs, job_events, accounts, ledger"))
     else:
         engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
         await migrate.upgrade(engine)
@@ -237,3 +237,32 @@ async def test_count_pending_is_bounded(store: SqlJobStore) -> None:
     assert await store.count_pending("acct", up_to=100) == 6
     assert await store.count_pending("acct", up_to=4) == 4
     assert await store.count_pending("nobody", up_to=4) == 0
+
+
+async def test_budgets_reserve_atomically_and_settle_in_the_ending_transaction(store: SqlJobStore) -> None:
+    assert await store.budget("acct") is None  # unlimited until given a budget
+    await store.set_budget("acct", 100_000, note="trial")
+    outcomes = await asyncio.gather(*(store.create(_new(f"burst {i}")) for i in range(10)),
+                                    return_exceptions=True)
+    created = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, InsufficientCredit)]
+    assert len(created) == 3 and len(refused) == 7  # 3 x 30,000 fit in 100,000; never more
+    assert await store.budget("acct") == 10_000
+
+    first, second, third = (job for job, _ in created)
+    claims = {c.job.id: c.job for c in await store.claim(owner="w", limit=3, lease_s=30)}
+    await store.complete(Fence(job_id=first.id, attempt=1, owner="w"), images=[], cost_usd_micros=25_000)
+    await store.fail(Fence(job_id=second.id, attempt=1, owner="w"), JobError(code="CONTENT_MODERATED", message="no"))
+    await store.cancel("acct", third.id)
+    assert len(claims) == 3
+    # 100,000 - 25,000 actually spent; the failed and cancelled jobs are free
+    assert await store.budget("acct") == 75_000
+    kinds = [(entry.kind, entry.amount_usd_micros) for entry in await store.ledger_entries("acct")]
+    assert kinds[::-1] == [("set", 100_000), ("reserve", -30_000), ("reserve", -30_000), ("reserve", -30_000),
+                           ("settle", 5_000), ("refund", 30_000), ("refund", 30_000)]
+    assert await store.add_credit("acct", 5_000) == 80_000
+    assert await store.remove_budget("acct")
+    job, _ = await store.create(_new("now unlimited"))
+    assert job.reserved_usd_micros == 0
+    with pytest.raises(NoBudget):
+        await store.add_credit("acct", 1)
