@@ -188,6 +188,7 @@ async def running_app(
                     retry_base_s=settings.retry_base_s,
                     retry_max_s=settings.retry_max_s,
                     caps=vendor_caps(settings),
+                    per_account=settings.max_in_flight_per_account,
                 ),
             )
         hub = EventHub(store, poll_interval_s=settings.poll_interval_s,
@@ -230,6 +231,7 @@ async def running_app(
                     auth=authenticator,
                     admission=Admission(max_pending=settings.max_pending_jobs,
                                         max_pending_per_account=settings.max_pending_jobs_per_account,
+                                        max_submits_per_minute=settings.max_submits_per_minute_per_account,
                                         pending_estimate=lambda: sampler.pending),
                 ),
                 server,

@@ -11,7 +11,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -315,16 +315,18 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
 @dataclass(frozen=True, kw_only=True)
 class Admission:
-    """Backpressure on GenerateImage: caps on the whole queue and on one account's share of it (0: none).
+    """Backpressure on GenerateImage: caps on the whole queue, on one account's share of it, and on one
+    account's submits per minute (0: none).
 
     The whole-queue figure is the periodic sample (a count per submit would cost as much as the queue is
     long), so the cap holds within one sampling interval; the per-account count is exact but bounded by
-    its cap. Concurrent submits may overshoot either by a few jobs: this protects the queue, it is not a
-    budget.
+    its cap, and so is the per-minute count (over the account's newest jobs). Concurrent submits may
+    overshoot any of them by a few jobs: this protects the queue, it is not a budget (budgets are exact).
     """
 
     max_pending: int = 0
     max_pending_per_account: int = 0
+    max_submits_per_minute: int = 0
     pending_estimate: Callable[[], int] = lambda: 0
     retry_after_s: float = 5.0
 
@@ -333,6 +335,16 @@ class Admission:
         if self.max_pending and self.pending_estimate() >= self.max_pending:
             raise Overloaded(f"the queue is full ({self.max_pending} pending jobs); try again later",
                              retry_after_s=self.retry_after_s)
+        if self.max_submits_per_minute:
+            window_start = utcnow() - timedelta(minutes=1)
+            recent, oldest = await store.submitted_since(account, window_start, up_to=self.max_submits_per_minute)
+            if recent >= self.max_submits_per_minute and oldest is not None:
+                # a slot opens when the oldest submit of the window leaves it
+                wait = max(0.1, (oldest - window_start).total_seconds())
+                raise Overloaded(
+                    f"account {account} may submit {self.max_submits_per_minute} jobs a minute; "
+                    f"try again in {wait:.1f} s", retry_after_s=wait,
+                )
         if self.max_pending_per_account:
             pending = await store.count_pending(account, up_to=self.max_pending_per_account)
             if pending >= self.max_pending_per_account:

@@ -73,6 +73,10 @@ class Settings:
     max_pending_jobs: int = 100_000
     #: … or past this many pending jobs of the caller's account (0: no cap)
     max_pending_jobs_per_account: int = 5_000
+    #: jobs of one account processing at once, across replicas; the rest wait in PENDING (0: no cap)
+    max_in_flight_per_account: int = 0
+    #: GenerateImage calls one account may make per minute; more answer RESOURCE_EXHAUSTED (0: no cap)
+    max_submits_per_minute_per_account: int = 0
     retry_base_s: float = 1.0
     retry_max_s: float = 30.0
     watch_heartbeat_s: float = 15.0

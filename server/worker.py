@@ -50,6 +50,8 @@ class WorkerPolicy:
     claim_batch: int = 32
     #: vendor task caps applied at claim time, across replicas
     caps: tuple[ConcurrencyCap, ...] = ()
+    #: jobs one account may have processing at once, across replicas (0: no cap)
+    per_account: int = 0
 
 
 class _Checkpoint:
@@ -143,7 +145,7 @@ class Worker:
                 try:
                     claimed = await self._store.claim(
                         owner=self.owner, limit=min(free, self._policy.claim_batch), lease_s=self._policy.lease_s,
-                        caps=self._policy.caps,
+                        caps=self._policy.caps, per_account=self._policy.per_account,
                     )
                     backoff = self._policy.poll_interval_s
                 except StoreUnavailable as exc:

@@ -238,18 +238,20 @@ class SqlJobStore:
     # ---------------------------------------------------------------- worker side
 
     async def claim(
-        self, *, owner: str, limit: int, lease_s: float, caps: Sequence[ConcurrencyCap] = ()
+        self, *, owner: str, limit: int, lease_s: float, caps: Sequence[ConcurrencyCap] = (),
+        per_account: int = 0,
     ) -> list[Claim]:
         """Take up to `limit` runnable jobs: pending ones that are due, and processing ones whose lease expired.
 
         Each claimed job becomes PROCESSING under a lease held by `owner`, with `attempt` incremented
         (the fencing token for every later write of this attempt). Jobs of a capped vendor are taken only
         while its active tasks stay within the cap; the rest wait in PENDING, in order, and jobs of other
-        vendors are not held up by them.
+        vendors are not held up by them. With `per_account`, no account has more jobs processing than that;
+        its other jobs wait, so one busy account cannot take every worker.
         """
         now = utcnow()
         async with self._transaction() as conn:
-            rows = await self._claimable(conn, now=now, limit=limit, caps=caps)
+            rows = await self._claimable(conn, now=now, limit=limit, caps=caps, per_account=per_account)
             if not rows:
                 return []
             claimed: list[Job] = []
@@ -299,7 +301,7 @@ class SqlJobStore:
         return [Claim(job=job, taken_over=over) for job, over in zip(claimed, taken_over, strict=True)]
 
     async def _claimable(
-        self, conn: AsyncConnection, *, now: datetime, limit: int, caps: Sequence[ConcurrencyCap]
+        self, conn: AsyncConnection, *, now: datetime, limit: int, caps: Sequence[ConcurrencyCap], per_account: int
     ) -> list[Row[Any]]:
         runnable = select(jobs).where(
             or_(
@@ -312,10 +314,19 @@ class SqlJobStore:
             return query.order_by(jobs.c.next_attempt_at).limit(count).with_for_update(skip_locked=True)
 
         capped = {provider for cap in caps for provider in cap.providers}
-        if caps and self._postgres:
-            # Counting a vendor's active tasks and claiming within the cap must not interleave across
-            # replicas, or two could each see room for the last slot.
+        if (caps or per_account) and self._postgres:
+            # Counting what runs and claiming within a cap must not interleave across replicas, or two
+            # could each see room for the last slot.
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK_KEY})
+        running_by_account: dict[str, int] = {}
+        if per_account:
+            running_by_account = dict((await conn.execute(
+                select(jobs.c.account_id, func.count()).where(jobs.c.status == JobStatus.PROCESSING.value)
+                .group_by(jobs.c.account_id)
+            )).all())
+            full = sorted(account for account, running in running_by_account.items() if running >= per_account)
+            if full:
+                runnable = runnable.where(jobs.c.account_id.not_in(full))
         query = runnable.where(jobs.c.provider.not_in(sorted(capped))) if capped else runnable
         rows = list((await conn.execute(first(query, limit))).all())
         for cap in caps:
@@ -339,6 +350,16 @@ class SqlJobStore:
                 room -= needs
                 in_use += needs
         rows.sort(key=lambda row: row.next_attempt_at)
+        if per_account:
+            kept = []
+            for row in rows:
+                # a taken-over job is already counted among its account's processing jobs
+                if row.status == JobStatus.PROCESSING.value:
+                    kept.append(row)
+                elif running_by_account.get(row.account_id, 0) < per_account:
+                    running_by_account[row.account_id] = running_by_account.get(row.account_id, 0) + 1
+                    kept.append(row)
+            rows = kept
         return rows[:limit]
 
     async def reap(self, *, limit: int = 100) -> list[Job]:
@@ -386,6 +407,23 @@ class SqlJobStore:
                 changed.append(job)
         self._committed(changed)
         return changed
+
+    async def submitted_since(self, account_id: str, since: datetime, *, up_to: int) -> tuple[int, datetime | None]:
+        """How many jobs the account created since `since` (counted up to `up_to`), and the oldest of them."""
+        async with self._connection() as conn:
+            inner = (
+                select(jobs.c.create_time)
+                .where(jobs.c.account_id == account_id, jobs.c.create_time >= since)
+                .order_by(jobs.c.create_time.desc())
+                .limit(up_to)
+                .subquery()
+            )
+            count, oldest = (await conn.execute(select(func.count(), func.min(inner.c.create_time)))).one()
+        if isinstance(oldest, str):  # SQLite's min() of a timestamp comes back as text
+            oldest = datetime.fromisoformat(oldest)
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=since.tzinfo)
+        return int(count), oldest
 
     async def count_pending(self, account_id: str, *, up_to: int) -> int:
         """The account's pending jobs, counted up to `up_to` (so the cost is bounded by the cap, not the queue)."""

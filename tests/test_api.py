@@ -283,3 +283,25 @@ async def test_backpressure_answers_resource_exhausted_with_retry_info(tmp_path,
         assert (await _count_rows(app))[0] == 2
         # another account's share is its own
         await stub.GenerateImage(pb.GenerateImageRequest(prompt="mine"), metadata=OTHER_ACCOUNT)
+
+
+async def test_submits_per_minute_are_limited_per_account(tmp_path, database_url) -> None:
+    from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+    from server.app import running_app
+    from tests.conftest import authed_channel, test_settings
+
+    settings = test_settings(tmp_path, database_url, secured=True, role="api", max_submits_per_minute_per_account=3)
+    async with running_app(settings) as app, authed_channel(app.grpc_target) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        for _ in range(3):
+            await stub.GenerateImage(pb.GenerateImageRequest(prompt="quick"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GenerateImage(pb.GenerateImageRequest(prompt="too quick"))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        [retry] = [d for d in status_details(caught.value).details if d.type_url.endswith("RetryInfo")]
+        from google.rpc import error_details_pb2
+
+        info = error_details_pb2.RetryInfo()
+        assert retry.Unpack(info) and 0 < info.retry_delay.ToTimedelta().total_seconds() <= 60
+        await stub.GenerateImage(pb.GenerateImageRequest(prompt="mine"), metadata=OTHER_ACCOUNT)
+        assert (await _count_rows(app))[0] == 4

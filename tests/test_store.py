@@ -266,3 +266,25 @@ async def test_budgets_reserve_atomically_and_settle_in_the_ending_transaction(s
     assert job.reserved_usd_micros == 0
     with pytest.raises(NoBudget):
         await store.add_credit("acct", 1)
+
+
+async def test_per_account_in_flight_cap_queues_the_rest(store: SqlJobStore) -> None:
+    for index in range(6):
+        await store.create(_new(f"busy {index}", account="busy"))
+    await store.create(_new("quiet", account="quiet"))
+    first = await store.claim(owner="w", limit=10, lease_s=30, per_account=2)
+    assert sorted(c.job.account_id for c in first) == ["busy", "busy", "quiet"]
+    assert await store.claim(owner="w", limit=10, lease_s=30, per_account=2) == []  # busy waits its turn
+    done = next(c.job for c in first if c.job.account_id == "busy")
+    await store.complete(Fence(job_id=done.id, attempt=1, owner="w"), images=[], cost_usd_micros=0)
+    [next_one] = await store.claim(owner="w", limit=10, lease_s=30, per_account=2)
+    assert next_one.job.account_id == "busy"
+
+
+async def test_submitted_since_counts_the_window(store: SqlJobStore) -> None:
+    before = utcnow()
+    for index in range(4):
+        await store.create(_new(f"job {index}"))
+    count, oldest = await store.submitted_since("acct", before, up_to=3)
+    assert count == 3 and oldest is not None and oldest >= before
+    assert await store.submitted_since("acct", utcnow(), up_to=3) == (0, None)
