@@ -48,6 +48,7 @@ from providers.base import (
     ProviderUnavailable,
 )
 from providers.catalog import CATALOG
+from providers.references import check_reference_image
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -203,9 +204,12 @@ class GeminiProvider:
         *,
         base_url: str,
         api_key: str,
+        references_session: aiohttp.ClientSession | None = None,
         max_reference_bytes: int = 7 * 1024 * 1024,
     ) -> None:
         self._session = session
+        #: for callers' reference URLs: a session whose connector refuses non-public addresses
+        self._references = references_session or session
         self._base_url = base_url.rstrip("/")
         # The key goes in a header, never in the URL, so that it stays out of logs and error messages.
         self._headers = {"x-goog-api-key": api_key, "Content-Type": "application/json"}
@@ -272,7 +276,7 @@ class GeminiProvider:
         what = f"reference image {number} ({_short(url)})"
         try:
             # No API key: the reference's host is not Google.
-            async with self._session.get(URL(url), raise_for_status=False) as response:
+            async with self._references.get(URL(url), raise_for_status=False) as response:
                 status = response.status
                 if status != 200:
                     raise _reference_http_error(what, status)
@@ -288,6 +292,7 @@ class GeminiProvider:
             raise ProviderUnavailable(f"could not download {what}: {_describe(exc)}") from exc
         if not data:
             raise ProviderRejected(f"{what} is empty (0 bytes)")
+        await asyncio.to_thread(check_reference_image, data, what)
         return _Reference(mime_type=mime_type, data=data)
 
 

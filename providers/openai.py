@@ -45,6 +45,7 @@ from providers.base import (
     ProviderUnavailable,
 )
 from providers.catalog import CATALOG
+from providers.references import check_reference_image
 
 __all__ = [
     "NATIVE_SIZES",
@@ -158,9 +159,12 @@ class OpenAIProvider:
         api_key: str,
         organization: str | None = None,
         project: str | None = None,
+        references_session: aiohttp.ClientSession | None = None,
         max_reference_bytes: int = _MAX_REFERENCE_BYTES,
     ) -> None:
         self._session = session
+        #: for callers' reference URLs: a session whose connector refuses non-public addresses
+        self._references = references_session or session
         base = base_url.rstrip("/")
         self._generations_url = URL(f"{base}/v1/images/generations")
         self._edits_url = URL(f"{base}/v1/images/edits")
@@ -251,7 +255,7 @@ class OpenAIProvider:
         what = f"reference image {number} ({_short(url)})"
         try:
             # No Authorization header: the key is OpenAI's, not the image host's.
-            async with self._session.get(
+            async with self._references.get(
                 URL(url, encoded=True),
                 headers={"Accept": "image/png, image/jpeg, image/webp, image/*;q=0.8"},
                 raise_for_status=False,
@@ -273,6 +277,7 @@ class OpenAIProvider:
             raise ProviderRejected(
                 f"{what} is not a PNG, JPEG or WebP image, the formats OpenAI's edits accept"
             )
+        await asyncio.to_thread(check_reference_image, data, what)
         return _Reference(
             data=data,
             content_type=content_type,

@@ -22,6 +22,7 @@ from providers.bfl import BflProvider
 from providers.catalog import CATALOG
 from providers.gemini import GeminiProvider
 from providers.openai import OpenAIProvider
+from providers.references import PublicOnlyConnector, parse_networks
 from providers.sandbox import Sandbox
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.auth import LOCAL_ACCOUNT, Authenticator
@@ -84,19 +85,26 @@ _VENDORS: Mapping[str, tuple[Callable[..., ImageProvider], str]] = {
 }
 
 
+#: vendors whose adapters fetch reference images themselves (the others pass the URLs on)
+_INLINE_REFERENCES = frozenset({"openai", "gemini"})
+
+
 def build_providers(
-    settings: Settings, session_for: Callable[[str], aiohttp.ClientSession], sandbox: Sandbox | None
+    settings: Settings, session_for: Callable[[str], aiohttp.ClientSession], sandbox: Sandbox | None,
+    references: aiohttp.ClientSession | None = None,
 ) -> dict[str, ImageProvider]:
     """An adapter per model: the vendor's real API when its key is set, else the sandbox (when running)."""
     providers: dict[str, ImageProvider] = {}
     for vendor, (adapter_class, production_url) in _VENDORS.items():
         configured = settings.vendor(vendor)
+        # vendors that take reference images inline download them, through the guarded session
+        extra = {"references_session": references} if vendor in _INLINE_REFERENCES and references else {}
         if configured.api_key:
             adapter = adapter_class(session_for(vendor), base_url=configured.base_url or production_url,
-                                    api_key=configured.api_key)
+                                    api_key=configured.api_key, **extra)
         elif sandbox is not None:
             adapter = adapter_class(session_for(vendor), base_url=configured.base_url or sandbox.base_url,
-                                    api_key="sandbox")
+                                    api_key="sandbox", **extra)
         else:
             continue
         for model in CATALOG.values():
@@ -173,8 +181,15 @@ async def running_app(
             stack.push_async_callback(session.close)
             return session
 
+        # Callers' reference URLs get their own pool, whose connector refuses non-public addresses.
+        reference_connector = PublicOnlyConnector(allow=parse_networks(settings.reference_allow_networks),
+                                                  limit=100)
+        stack.push_async_callback(reference_connector.close)
+        references = aiohttp.ClientSession(connector=reference_connector, timeout=aiohttp.ClientTimeout(total=60),
+                                           trace_configs=[metrics.trace_config("references")])
+        stack.push_async_callback(references.close)
         if providers is None:
-            providers = build_providers(settings, session_for, sandbox)
+            providers = build_providers(settings, session_for, sandbox, references)
 
         worker: Worker | None = None
         if settings.role in ("all", "worker"):
@@ -227,6 +242,7 @@ async def running_app(
             pb_grpc.add_ImageGenerationServicer_to_server(
                 ImageGenerationServicer(
                     store, hub, signer, providers, metrics,
+                    reference_allow=parse_networks(settings.reference_allow_networks),
                     deadline_s=settings.job_deadline_s, heartbeat_s=settings.watch_heartbeat_s,
                     auth=authenticator,
                     admission=Admission(max_pending=settings.max_pending_jobs,

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -18,6 +18,7 @@ import grpc
 
 from providers.base import ImageProvider
 from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
+from providers.references import IPNetwork
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.auth import Authenticator
@@ -102,6 +103,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         heartbeat_s: float,
         admission: Admission | None = None,
         auth: Authenticator | None = None,
+        reference_allow: Sequence[IPNetwork] = (),
     ) -> None:
         self._store = store
         self._hub = hub
@@ -112,13 +114,14 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._heartbeat_s = heartbeat_s
         self._admission = admission or Admission()
         self._auth = auth or Authenticator.local()
+        self._reference_allow = tuple(reference_allow)
 
     # ------------------------------------------------------------ unary
 
     @_unary
     async def GenerateImage(self, request: pb.GenerateImageRequest, context: Context) -> pb.Job:
         account = self._account(context)
-        valid = validate_generate(request)
+        valid = validate_generate(request, reference_allow=self._reference_allow)
         if valid.model.id not in self._providers:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from providers.references import parse_networks
+
 PREFIX = "IMAGEGEN_"
 
 
@@ -58,6 +60,9 @@ class Settings:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    #: networks reference-image URLs may reach besides the public internet, e.g. "127.0.0.0/8" for the
+    #: sandbox and tests (never needed in production)
+    reference_allow_networks: str = ""
     #: all | api | worker
     role: str = "all"
     #: jobs one process runs at once
@@ -129,6 +134,10 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
         self.vendor_caps()  # raises on a malformed value
+        try:
+            parse_networks(self.reference_allow_networks)
+        except ValueError as exc:
+            raise SettingsError(f"{PREFIX}REFERENCE_ALLOW_NETWORKS: {exc}") from None
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise SettingsError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

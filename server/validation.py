@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +19,7 @@ from providers.catalog import (
     CostQuery,
     ModelSpec,
 )
+from providers.references import IPNetwork, is_public
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from storage.models import ROOT_FOLDER, JobSpec
 
@@ -80,7 +83,9 @@ def folder_violation(folder_id: str, field: str = "folder_id") -> FieldViolation
     )
 
 
-def validate_generate(request: pb.GenerateImageRequest) -> ValidatedRequest:
+def validate_generate(
+    request: pb.GenerateImageRequest, *, reference_allow: Sequence[IPNetwork] = ()
+) -> ValidatedRequest:
     """Check every field of a GenerateImage request; raise InvalidRequest naming all bad fields."""
     bad: list[FieldViolation] = []
 
@@ -147,7 +152,7 @@ def validate_generate(request: pb.GenerateImageRequest) -> ValidatedRequest:
             )
         )
     for index, url in enumerate(references):
-        if (problem := _url_problem(url)) is not None:
+        if (problem := _url_problem(url, reference_allow)) is not None:
             bad.append(FieldViolation(f"reference_image_urls[{index}]", problem))
 
     options = json_format.MessageToDict(request.provider_options) if request.HasField("provider_options") else {}
@@ -193,14 +198,39 @@ def validate_generate(request: pb.GenerateImageRequest) -> ValidatedRequest:
     return ValidatedRequest(spec=spec, model=model, estimated_cost_usd_micros=estimate, request_id=request_id)
 
 
-def _url_problem(url: str) -> str | None:
+def _url_problem(url: str, allow: Sequence[IPNetwork]) -> str | None:
     if "\x00" in url:
         return _NUL
     if len(url) > MAX_URL_CHARS:
         return f"must be at most {MAX_URL_CHARS} characters"
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https") or not host:
         return "must be an http(s) URL"
+    if parts.username or parts.password:
+        return "must not carry credentials"
+    # The fetcher checks every address it connects to; refusing the obvious cases here tells the caller
+    # now rather than in a failed job.
+    if host == "localhost" or host.endswith((".localhost", ".internal", ".local")):
+        return f"{host} is not a public host"
+    if re.fullmatch(r"[0-9a-fx.]+", host) and not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]+", host):
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return f"{host} is not a canonical IP address"
+        if not is_public(address) and not any(address in network for network in allow):
+            return f"{host} is not a public address"
+    elif ":" in host:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return f"{host} is not a valid IPv6 address"
+        if not is_public(address) and not any(address in network for network in allow):
+            return f"{host} is not a public address"
     return None
 
 
