@@ -1,8 +1,8 @@
 """The imagegen SDK: a typed asyncio client of the imagegen gRPC service, and the `imagegen` command line.
 
-    async with ImagegenClient.connect("127.0.0.1:50051") as client:
-        job = await client.generate("a red fox in the snow", width=1080, height=1920, num_variants=3)
-        done = await client.wait(job.id, timeout=300)
+async with ImagegenClient.connect("127.0.0.1:50051") as client:
+    job = await client.generate("a red fox in the snow", width=1080, height=1920, num_variants=3)
+    done = await client.wait(job.id, timeout=300)
 """
 
 from __future__ import annotations

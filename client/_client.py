@@ -27,11 +27,13 @@ __version__ = "0.1.0"
 OutputFormatName = Literal["png", "jpeg", "webp"]
 """The output formats by the names the command line and the catalog use."""
 
-OUTPUT_FORMATS: Final[Mapping[str, pb.OutputFormat.ValueType]] = MappingProxyType({
-    "png": pb.OUTPUT_FORMAT_PNG,
-    "jpeg": pb.OUTPUT_FORMAT_JPEG,
-    "webp": pb.OUTPUT_FORMAT_WEBP,
-})
+OUTPUT_FORMATS: Final[Mapping[str, pb.OutputFormat.ValueType]] = MappingProxyType(
+    {
+        "png": pb.OUTPUT_FORMAT_PNG,
+        "jpeg": pb.OUTPUT_FORMAT_JPEG,
+        "webp": pb.OUTPUT_FORMAT_WEBP,
+    }
+)
 TERMINAL_STATUSES: Final[frozenset[pb.JobStatus.ValueType]] = frozenset(
     {pb.JOB_STATUS_COMPLETED, pb.JOB_STATUS_FAILED, pb.JOB_STATUS_CANCELLED}
 )
@@ -58,7 +60,7 @@ def job_status(value: pb.JobStatus.ValueType | str) -> pb.JobStatus.ValueType:
 
 
 def status_name(value: pb.JobStatus.ValueType) -> str:
-    """"completed" for JOB_STATUS_COMPLETED, and so on."""
+    """ "completed" for JOB_STATUS_COMPLETED, and so on."""
     return pb.JobStatus.Name(value).removeprefix("JOB_STATUS_").lower()
 
 
@@ -153,14 +155,22 @@ class ImagegenClient:
             channel = grpc.aio.secure_channel(target, credentials, options=options)
         else:
             channel = grpc.aio.insecure_channel(target, options=options)
-        return cls(channel, token=token, account=account, timeout_s=timeout_s, retry=policy,
-                   stream_idle_timeout_s=stream_idle_timeout_s, owns_channel=True)
+        return cls(
+            channel,
+            token=token,
+            account=account,
+            timeout_s=timeout_s,
+            retry=policy,
+            stream_idle_timeout_s=stream_idle_timeout_s,
+            owns_channel=True,
+        )
 
     async def __aenter__(self) -> ImagegenClient:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        traceback: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -275,8 +285,9 @@ class ImagegenClient:
         seen = 0
         size = page_size if limit is None else min(page_size, limit)
         async with contextlib.aclosing(
-            self.pages(statuses=statuses, provider=provider, folder_id=folder_id, page_size=size,
-                       timeout_s=timeout_s)
+            self.pages(
+                statuses=statuses, provider=provider, folder_id=folder_id, page_size=size, timeout_s=timeout_s
+            )
         ) as pages:
             async for page in pages:
                 for job in page.jobs:
@@ -303,8 +314,9 @@ class ImagegenClient:
         failures = 0
         outage_since: float | None = None
         while True:
-            call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_version=last),
-                                       metadata=self._metadata)
+            call = self._stub.WatchJob(
+                pb.WatchJobRequest(job_id=job_id, after_version=last), metadata=self._metadata
+            )
             broken: ImagegenError
             try:
                 while True:
@@ -338,7 +350,8 @@ class ImagegenClient:
             outage_since = loop.time() if outage_since is None else outage_since
             gave_up = (
                 loop.time() - outage_since >= self._retry.reconnect_for_s
-                if connected_once else failures >= self._retry.max_attempts
+                if connected_once
+                else failures >= self._retry.max_attempts
             )
             if gave_up:
                 raise broken
@@ -368,8 +381,13 @@ class ImagegenClient:
         async with contextlib.AsyncExitStack() as stack:
             if session is None:
                 session = await stack.enter_async_context(aiohttp.ClientSession())
-            paths = await _save_images(job, Path(out_dir), session=session, refresh=lambda: self.get(job.id),
-                                       timeout_s=self._timeout_s)
+            paths = await _save_images(
+                job,
+                Path(out_dir),
+                session=session,
+                refresh=lambda: self.get(job.id),
+                timeout_s=self._timeout_s,
+            )
         return tuple(paths)
 
     # ------------------------------------------------------------ plumbing
@@ -383,8 +401,9 @@ class ImagegenClient:
         attempt = 1
         while True:
             try:
-                response: _Resp = await method(request, timeout=max(deadline - loop.time(), 0.001),
-                                               metadata=self._metadata)
+                response: _Resp = await method(
+                    request, timeout=max(deadline - loop.time(), 0.001), metadata=self._metadata
+                )
                 return response
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)

@@ -83,8 +83,10 @@ async def _fetch(session: aiohttp.ClientSession, url: str, timeout_s: float) -> 
                 raise DownloadError(f"GET {_without_query(url)} answered HTTP {response.status}")
             return await response.read(), response.content_type
     except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-        raise DownloadError(f"cannot download {_without_query(url)}: {exc or type(exc).__name__}",
-                            code=grpc.StatusCode.UNAVAILABLE) from exc
+        raise DownloadError(
+            f"cannot download {_without_query(url)}: {exc or type(exc).__name__}",
+            code=grpc.StatusCode.UNAVAILABLE,
+        ) from exc
 
 
 def _verify(job_id: str, index: int, image: pb.Image, body: bytes) -> None:

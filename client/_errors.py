@@ -18,8 +18,9 @@ class ImagegenError(Exception):
 
     default_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, retry_after: float | None = None
+    ) -> None:
         self.code: grpc.StatusCode = code if code is not None else self.default_code
         self.message = message
         #: seconds the server asked the caller to wait before trying again (google.rpc.RetryInfo), if any
@@ -32,8 +33,14 @@ class InvalidArgument(ImagegenError):
 
     default_code = grpc.StatusCode.INVALID_ARGUMENT
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, retry_after: float | None = None,
-                 field_violations: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        retry_after: float | None = None,
+        field_violations: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message, code=code, retry_after=retry_after)
         self.field_violations: dict[str, str] = dict(field_violations or {})
 
@@ -86,11 +93,22 @@ class ResourceExhausted(ImagegenError):
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-_BY_CODE: Mapping[grpc.StatusCode, type[ImagegenError]] = MappingProxyType({
-    cls.default_code: cls
-    for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Unavailable, DeadlineExceeded,
-                Unauthenticated, PermissionDenied, ResourceExhausted)
-})
+_BY_CODE: Mapping[grpc.StatusCode, type[ImagegenError]] = MappingProxyType(
+    {
+        cls.default_code: cls
+        for cls in (
+            InvalidArgument,
+            NotFound,
+            AlreadyExists,
+            FailedPrecondition,
+            Unavailable,
+            DeadlineExceeded,
+            Unauthenticated,
+            PermissionDenied,
+            ResourceExhausted,
+        )
+    }
+)
 
 
 def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:

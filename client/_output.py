@@ -17,26 +17,31 @@ from google.protobuf.message import Message
 from client._client import TERMINAL_STATUSES, status_name
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 
-_FORMAT_NAMES: Final[Mapping[int, str]] = MappingProxyType({
-    pb.OUTPUT_FORMAT_UNSPECIFIED: "png",
-    pb.OUTPUT_FORMAT_PNG: "png",
-    pb.OUTPUT_FORMAT_JPEG: "jpeg",
-    pb.OUTPUT_FORMAT_WEBP: "webp",
-})
-_COLORS: Final[Mapping[int, str]] = MappingProxyType({
-    pb.JOB_STATUS_PENDING: "33",  # yellow
-    pb.JOB_STATUS_PROCESSING: "36",  # cyan
-    pb.JOB_STATUS_COMPLETED: "32",  # green
-    pb.JOB_STATUS_FAILED: "31",  # red
-    pb.JOB_STATUS_CANCELLED: "90",  # grey
-})
+_FORMAT_NAMES: Final[Mapping[int, str]] = MappingProxyType(
+    {
+        pb.OUTPUT_FORMAT_UNSPECIFIED: "png",
+        pb.OUTPUT_FORMAT_PNG: "png",
+        pb.OUTPUT_FORMAT_JPEG: "jpeg",
+        pb.OUTPUT_FORMAT_WEBP: "webp",
+    }
+)
+_COLORS: Final[Mapping[int, str]] = MappingProxyType(
+    {
+        pb.JOB_STATUS_PENDING: "33",  # yellow
+        pb.JOB_STATUS_PROCESSING: "36",  # cyan
+        pb.JOB_STATUS_COMPLETED: "32",  # green
+        pb.JOB_STATUS_FAILED: "31",  # red
+        pb.JOB_STATUS_CANCELLED: "90",  # grey
+    }
+)
 _PROMPT_CHARS: Final = 40
 
 
 def to_dict(message: Message) -> dict[str, Any]:
     """A message as JSON-ready data, in protobuf's canonical JSON mapping with the .proto field names."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def dumps(value: Any) -> str:
@@ -52,7 +57,7 @@ def usd(micros: int) -> str:
 
 
 def format_name(value: pb.OutputFormat.ValueType) -> str:
-    """"png", "jpeg" or "webp"."""
+    """ "png", "jpeg" or "webp"."""
     return _FORMAT_NAMES.get(value, "png")
 
 
@@ -116,8 +121,10 @@ def providers_table(providers: Sequence[pb.Provider]) -> str:
         ]
         for p in providers
     ]
-    return table(["ID", "NAME", "READY", "WIDTH", "HEIGHT", "VARIANTS", "SEED", "REFS", "FORMATS", "1024²",
-                  "PRICING"], rows)
+    return table(
+        ["ID", "NAME", "READY", "WIDTH", "HEIGHT", "VARIANTS", "SEED", "REFS", "FORMATS", "1024²", "PRICING"],
+        rows,
+    )
 
 
 def job_details(job: pb.Job) -> str:
@@ -191,8 +198,14 @@ class _Line:
 class Progress:
     """Live status of jobs: one line per job redrawn in place on a terminal, one line per event otherwise."""
 
-    def __init__(self, stream: TextIO, *, live: bool | None = None, color: bool = False,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        live: bool | None = None,
+        color: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._stream = stream
         self.live = stream.isatty() if live is None else live
         self._color = color and self.live
@@ -219,8 +232,11 @@ class Progress:
         line.job = job
         if event.message:
             line.note = event.message
-        if (event.previous_status == pb.JOB_STATUS_PROCESSING and job.status == pb.JOB_STATUS_PENDING
-                and event.message.startswith("retrying")):
+        if (
+            event.previous_status == pb.JOB_STATUS_PROCESSING
+            and job.status == pb.JOB_STATUS_PENDING
+            and event.message.startswith("retrying")
+        ):
             line.retries += 1  # the worker's retry events say "retrying in …"; a hand-back does not count
             # A status line is too narrow for the reason; keep each retry's full reason above the live lines.
             self._log.append(f"{job.id[:8]}  retry {line.retries}: {event.message}")
@@ -257,13 +273,18 @@ class Progress:
         job = line.job
         retries = f"  {line.retries} retr{'ies' if line.retries != 1 else 'y'}" if line.retries else ""
         note = f"  {line.note}" if line.note else ""
-        return (f"{job.id[:8]}  {status_name(job.status):<10}  attempt {job.attempt}  "
-                f"{self._elapsed(job):5.1f}s{retries}{note}")
+        return (
+            f"{job.id[:8]}  {status_name(job.status):<10}  attempt {job.attempt}  "
+            f"{self._elapsed(job):5.1f}s{retries}{note}"
+        )
 
     def _elapsed(self, job: pb.Job) -> float:
         if not job.HasField("create_time"):
             return 0.0
         start = job.create_time.ToNanoseconds() / 1e9
-        end = (job.end_time.ToNanoseconds() / 1e9
-               if job.status in TERMINAL_STATUSES and job.HasField("end_time") else self._clock())
+        end = (
+            job.end_time.ToNanoseconds() / 1e9
+            if job.status in TERMINAL_STATUSES and job.HasField("end_time")
+            else self._clock()
+        )
         return max(0.0, end - start)

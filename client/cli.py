@@ -46,14 +46,16 @@ STATUS_CHOICES: Final = ("pending", "processing", "completed", "failed", "cancel
 #: how often a terminal's progress lines are redrawn so that elapsed times move between events
 REDRAW_INTERVAL_S: Final = 0.5
 
-_EXIT_BY_CODE: Final[Mapping[grpc.StatusCode, int]] = MappingProxyType({
-    grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID,
-    grpc.StatusCode.FAILED_PRECONDITION: EXIT_INVALID,
-    grpc.StatusCode.ALREADY_EXISTS: EXIT_INVALID,
-    grpc.StatusCode.NOT_FOUND: EXIT_INVALID,
-    grpc.StatusCode.UNAVAILABLE: EXIT_UNREACHABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNREACHABLE,
-})
+_EXIT_BY_CODE: Final[Mapping[grpc.StatusCode, int]] = MappingProxyType(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT: EXIT_INVALID,
+        grpc.StatusCode.FAILED_PRECONDITION: EXIT_INVALID,
+        grpc.StatusCode.ALREADY_EXISTS: EXIT_INVALID,
+        grpc.StatusCode.NOT_FOUND: EXIT_INVALID,
+        grpc.StatusCode.UNAVAILABLE: EXIT_UNREACHABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNREACHABLE,
+    }
+)
 
 EPILOG: Final = f"""\
 environment:
@@ -100,8 +102,12 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_INVALID
-    ui = Ui(stdout=sys.stdout, stderr=sys.stderr, json=args.json,
-            color=sys.stderr.isatty() and "NO_COLOR" not in environ and environ.get("TERM") != "dumb")
+    ui = Ui(
+        stdout=sys.stdout,
+        stderr=sys.stderr,
+        json=args.json,
+        color=sys.stderr.isatty() and "NO_COLOR" not in environ and environ.get("TERM") != "dumb",
+    )
     try:
         return asyncio.run(_run(args, ui))
     except KeyboardInterrupt:
@@ -131,8 +137,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, handler: Handler) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=summary, description=summary, epilog=EPILOG,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         # Also accepted after the command (`imagegen jobs --json`), without overriding values given before it.
         _connection_options(sub, env, suppress=True)
         sub.set_defaults(handler=handler)
@@ -140,10 +151,19 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     generate = command("generate", "submit a job, show its progress, and save the images", _generate)
     _request_options(generate)
-    generate.add_argument("--request-id", default=None, metavar="ID",
-                          help="idempotency key (default: a new UUID, so retries never create a second job)")
-    generate.add_argument("--out", default=DEFAULT_OUT, type=Path, metavar="DIR",
-                          help=f"where the images are saved as <job_id>-<n>.<ext> (default ./{DEFAULT_OUT})")
+    generate.add_argument(
+        "--request-id",
+        default=None,
+        metavar="ID",
+        help="idempotency key (default: a new UUID, so retries never create a second job)",
+    )
+    generate.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        type=Path,
+        metavar="DIR",
+        help=f"where the images are saved as <job_id>-<n>.<ext> (default ./{DEFAULT_OUT})",
+    )
     generate.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
 
     estimate = command("estimate", "validate a request and quote its cost without creating a job", _estimate)
@@ -154,12 +174,18 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     watch.add_argument("--out", type=Path, metavar="DIR", help="also save the images of completed jobs here")
 
     jobs = command("jobs", "list your jobs, newest first", _jobs)
-    jobs.add_argument("--status", action="append", choices=STATUS_CHOICES, default=[],
-                      help="only jobs in this status (repeatable)")
+    jobs.add_argument(
+        "--status",
+        action="append",
+        choices=STATUS_CHOICES,
+        default=[],
+        help="only jobs in this status (repeatable)",
+    )
     jobs.add_argument("--folder", default="", help='only jobs of this folder ("root" for the root folder)')
     jobs.add_argument("--provider", default="", help="only jobs of this model")
-    jobs.add_argument("--limit", type=_positive_int, default=20, metavar="N",
-                      help="at most N jobs (default 20)")
+    jobs.add_argument(
+        "--limit", type=_positive_int, default=20, metavar="N", help="at most N jobs (default 20)"
+    )
 
     get = command("get", "show one job", _get)
     get.add_argument("job_id", metavar="JOB")
@@ -167,8 +193,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     cancel = command("cancel", "cancel a job", _cancel)
     cancel.add_argument("job_id", metavar="JOB")
 
-    command("providers", "the model catalog: limits, prices, and whether each model is configured",
-            _providers)
+    command(
+        "providers", "the model catalog: limits, prices, and whether each model is configured", _providers
+    )
     return parser
 
 
@@ -180,8 +207,10 @@ async def _generate(client: ImagegenClient, args: argparse.Namespace, ui: Ui) ->
     if args.no_wait:
         ui.result(to_dict(job) if ui.json else job.id)
         return EXIT_OK
-    ui.note(f"submitted job {job.id}: {job.provider} {job.width}x{job.height} x{job.num_variants}, "
-            f"estimated {usd(job.estimated_cost_usd_micros)}")
+    ui.note(
+        f"submitted job {job.id}: {job.provider} {job.width}x{job.height} x{job.num_variants}, "
+        f"estimated {usd(job.estimated_cost_usd_micros)}"
+    )
     try:
         finals = await _follow(client, [job.id], ui, known=[job])
     except asyncio.CancelledError:
@@ -202,8 +231,9 @@ async def _watch(client: ImagegenClient, args: argparse.Namespace, ui: Ui) -> in
 
 
 async def _jobs(client: ImagegenClient, args: argparse.Namespace, ui: Ui) -> int:
-    listing = client.list(statuses=args.status, folder_id=args.folder, provider=args.provider,
-                          limit=args.limit)
+    listing = client.list(
+        statuses=args.status, folder_id=args.folder, provider=args.provider, limit=args.limit
+    )
     jobs = [job async for job in listing]
     if ui.json:
         ui.result([to_dict(job) for job in jobs])
@@ -236,8 +266,9 @@ async def _providers(client: ImagegenClient, args: argparse.Namespace, ui: Ui) -
 async def _run(args: argparse.Namespace, ui: Ui) -> int:
     handler: Handler = args.handler
     try:
-        async with ImagegenClient.connect(args.address, token=args.token or None,
-                                          account=args.account or None, timeout_s=args.timeout) as client:
+        async with ImagegenClient.connect(
+            args.address, token=args.token or None, account=args.account or None, timeout_s=args.timeout
+        ) as client:
             return await handler(client, args, ui)
     except Exception as raised:
         exc = _first_leaf(raised)
@@ -252,8 +283,9 @@ async def _run(args: argparse.Namespace, ui: Ui) -> int:
         raise
 
 
-async def _follow(client: ImagegenClient, job_ids: Sequence[str], ui: Ui,
-                  known: Sequence[pb.Job] = ()) -> list[pb.Job]:
+async def _follow(
+    client: ImagegenClient, job_ids: Sequence[str], ui: Ui, known: Sequence[pb.Job] = ()
+) -> list[pb.Job]:
     """Watch the jobs to their ends, showing progress on stderr; the terminal jobs, in order."""
     progress = Progress(ui.stderr, color=ui.color)
     for job in known:
@@ -286,8 +318,9 @@ async def _redraw_every(progress: Progress) -> None:
         progress.redraw()
 
 
-async def _conclude(client: ImagegenClient, jobs: Sequence[pb.Job], ui: Ui, *, out: Path | None,
-                    single: bool) -> int:
+async def _conclude(
+    client: ImagegenClient, jobs: Sequence[pb.Job], ui: Ui, *, out: Path | None, single: bool
+) -> int:
     """Save the completed jobs' images, print the outcome, and choose the exit code."""
     saved: dict[str, list[Path]] = {}
     completed = [job for job in jobs if job.status == pb.JOB_STATUS_COMPLETED]
@@ -296,8 +329,9 @@ async def _conclude(client: ImagegenClient, jobs: Sequence[pb.Job], ui: Ui, *, o
             for job in completed:
                 saved[job.id] = list(await client.save_images(job, out, session=session))
     if ui.json:
-        results = [{"job": to_dict(job), "files": [str(path) for path in saved.get(job.id, [])]}
-                   for job in jobs]
+        results = [
+            {"job": to_dict(job), "files": [str(path) for path in saved.get(job.id, [])]} for job in jobs
+        ]
         ui.result(results[0] if single else results)
     else:
         for job in jobs:
@@ -321,8 +355,10 @@ def _report(error: ImagegenError, ui: Ui, *, address: str) -> None:
     lines = [f"imagegen: {headline} ({error.code.name})"]
     lines.extend(f"  {field}: {description}" for field, description in violations.items())
     if exit_code(error) == EXIT_UNREACHABLE:
-        lines.append(f"  is the server running at {address}? (start one with `make run`; set --address or "
-                     "IMAGEGEN_ADDRESS)")
+        lines.append(
+            f"  is the server running at {address}? (start one with `make run`; set --address or "
+            "IMAGEGEN_ADDRESS)"
+        )
     ui.note("\n".join(lines))
 
 
@@ -341,40 +377,77 @@ def _connection_options(parser: argparse.ArgumentParser, env: Mapping[str, str],
         return argparse.SUPPRESS if suppress else value
 
     group = parser.add_argument_group("connection and output")
-    group.add_argument("--address", default=default(env.get("IMAGEGEN_ADDRESS") or DEFAULT_ADDRESS),
-                       metavar="HOST:PORT",
-                       help=f"server address (IMAGEGEN_ADDRESS, default {DEFAULT_ADDRESS})")
-    group.add_argument("--token", default=default(env.get("IMAGEGEN_TOKEN") or ""),
-                       help="bearer token (IMAGEGEN_TOKEN)")
-    group.add_argument("--account", default=default(env.get("IMAGEGEN_ACCOUNT") or ""),
-                       help="account id (IMAGEGEN_ACCOUNT; the server's default account when unset)")
-    group.add_argument("--json", action="store_true", default=default(False),
-                       help="print results as JSON (progress and errors still go to stderr)")
-    group.add_argument("--timeout", type=_positive_float, default=default(DEFAULT_TIMEOUT_S), metavar="S",
-                       help="deadline of each call to the server, retries included "
-                            f"(default {DEFAULT_TIMEOUT_S:g})")
+    group.add_argument(
+        "--address",
+        default=default(env.get("IMAGEGEN_ADDRESS") or DEFAULT_ADDRESS),
+        metavar="HOST:PORT",
+        help=f"server address (IMAGEGEN_ADDRESS, default {DEFAULT_ADDRESS})",
+    )
+    group.add_argument(
+        "--token", default=default(env.get("IMAGEGEN_TOKEN") or ""), help="bearer token (IMAGEGEN_TOKEN)"
+    )
+    group.add_argument(
+        "--account",
+        default=default(env.get("IMAGEGEN_ACCOUNT") or ""),
+        help="account id (IMAGEGEN_ACCOUNT; the server's default account when unset)",
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print results as JSON (progress and errors still go to stderr)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=default(DEFAULT_TIMEOUT_S),
+        metavar="S",
+        help=f"deadline of each call to the server, retries included (default {DEFAULT_TIMEOUT_S:g})",
+    )
 
 
 def _request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="what to draw (1-2000 characters)")
-    parser.add_argument("--provider", default="",
-                        help="model id from `imagegen providers` (default flux_2_pro)")
-    parser.add_argument("--size", type=_size, default=(0, 0), metavar="WxH",
-                        help="output size in pixels, e.g. 1080x1920 (default 1024x1024)")
-    parser.add_argument("--variants", type=_positive_int, default=0, metavar="N",
-                        help="images to make, 1-4 (default 1)")
+    parser.add_argument(
+        "--provider", default="", help="model id from `imagegen providers` (default flux_2_pro)"
+    )
+    parser.add_argument(
+        "--size",
+        type=_size,
+        default=(0, 0),
+        metavar="WxH",
+        help="output size in pixels, e.g. 1080x1920 (default 1024x1024)",
+    )
+    parser.add_argument(
+        "--variants", type=_positive_int, default=0, metavar="N", help="images to make, 1-4 (default 1)"
+    )
     parser.add_argument("--folder", default="", help="target folder (default the root folder)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed for reproducible output (variant i: seed + i)")
-    parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default=None,
-                        help="image format (default png)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed for reproducible output (variant i: seed + i)"
+    )
+    parser.add_argument(
+        "--format", choices=sorted(OUTPUT_FORMATS), default=None, help="image format (default png)"
+    )
     parser.add_argument("--negative", default="", metavar="TEXT", help="what the image should not show")
-    parser.add_argument("--ref", action="append", default=[], metavar="URL",
-                        help="reference image URL (repeatable)")
-    parser.add_argument("--option", action="append", default=[], type=_option, metavar="KEY=VALUE",
-                        help="provider option (repeatable); VALUE is parsed as JSON when it can be")
-    parser.add_argument("--label", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                        help="label kept with the job (repeatable)")
+    parser.add_argument(
+        "--ref", action="append", default=[], metavar="URL", help="reference image URL (repeatable)"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=_option,
+        metavar="KEY=VALUE",
+        help="provider option (repeatable); VALUE is parsed as JSON when it can be",
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="label kept with the job (repeatable)",
+    )
 
 
 def _request(args: argparse.Namespace) -> dict[str, Any]:

@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "token":
         secret = new_token()
-        accounts = None if args.accounts == "*" else [a.strip() for a in args.accounts.split(",") if a.strip()]
+        accounts = (
+            None if args.accounts == "*" else [a.strip() for a in args.accounts.split(",") if a.strip()]
+        )
         print(f"token (give it to {args.name}; it is not stored anywhere): {secret}")
-        print("add to IMAGEGEN_AUTH_TOKENS_FILE under \"callers\":")
+        print('add to IMAGEGEN_AUTH_TOKENS_FILE under "callers":')
         print(json.dumps(caller_entry(args.name, secret, accounts)))
         return 0
 
@@ -90,7 +92,9 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> int:
     store = SqlJobStore(engine)
     try:
         if args.action == "set":
-            print(f"{args.account}: ${await store.set_budget(args.account, micros, note=args.note) / 1e6:.6f}")
+            print(
+                f"{args.account}: ${await store.set_budget(args.account, micros, note=args.note) / 1e6:.6f}"
+            )
         elif args.action == "add":
             try:
                 balance = await store.add_credit(args.account, micros, note=args.note)
@@ -100,15 +104,21 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{args.account}: ${balance / 1e6:.6f}")
         elif args.action == "show":
             balance = await store.budget(args.account)
-            print(f"{args.account}: " + ("unlimited (no budget)" if balance is None else f"${balance / 1e6:.6f}"))
+            print(
+                f"{args.account}: "
+                + ("unlimited (no budget)" if balance is None else f"${balance / 1e6:.6f}")
+            )
         elif args.action == "remove":
             removed = await store.remove_budget(args.account)
             print(f"{args.account}: " + ("budget removed; unlimited" if removed else "had no budget"))
         else:
             for entry in await store.ledger_entries(args.account, limit=args.limit):
                 job = str(entry.job_id) if entry.job_id else "-"
-                print(f"{entry.time.isoformat(timespec='seconds')}  {entry.kind:<7} {entry.amount_usd_micros / 1e6:>+12.6f}"
-                      f"  balance {entry.balance_usd_micros / 1e6:>12.6f}  job {job}  {entry.note}")
+                print(
+                    f"{entry.time.isoformat(timespec='seconds')}  {entry.kind:<7} "
+                    f"{entry.amount_usd_micros / 1e6:>+12.6f}"
+                    f"  balance {entry.balance_usd_micros / 1e6:>12.6f}  job {job}  {entry.note}"
+                )
     finally:
         await engine.dispose()
     return 0

@@ -16,8 +16,8 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from providers.base import ImageProvider
 from providers.ark import ArkProvider
+from providers.base import ImageProvider
 from providers.bfl import BflProvider
 from providers.catalog import CATALOG
 from providers.gemini import GeminiProvider
@@ -28,8 +28,8 @@ from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.auth import LOCAL_ACCOUNT, Authenticator
 from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness
-from server.hub import EventHub
 from server.http import http_routes
+from server.hub import EventHub
 from server.metrics import GrpcMetricsInterceptor, QueueSampler, ServiceMetrics
 from server.reaper import Reaper
 from server.servicer import Admission, ImageGenerationServicer
@@ -90,7 +90,9 @@ _INLINE_REFERENCES = frozenset({"openai", "gemini"})
 
 
 def build_providers(
-    settings: Settings, session_for: Callable[[str], aiohttp.ClientSession], sandbox: Sandbox | None,
+    settings: Settings,
+    session_for: Callable[[str], aiohttp.ClientSession],
+    sandbox: Sandbox | None,
     references: aiohttp.ClientSession | None = None,
 ) -> dict[str, ImageProvider]:
     """An adapter per model: the vendor's real API when its key is set, else the sandbox (when running)."""
@@ -100,11 +102,19 @@ def build_providers(
         # vendors that take reference images inline download them, through the guarded session
         extra = {"references_session": references} if vendor in _INLINE_REFERENCES and references else {}
         if configured.api_key:
-            adapter = adapter_class(session_for(vendor), base_url=configured.base_url or production_url,
-                                    api_key=configured.api_key, **extra)
+            adapter = adapter_class(
+                session_for(vendor),
+                base_url=configured.base_url or production_url,
+                api_key=configured.api_key,
+                **extra,
+            )
         elif sandbox is not None:
-            adapter = adapter_class(session_for(vendor), base_url=configured.base_url or sandbox.base_url,
-                                    api_key="sandbox", **extra)
+            adapter = adapter_class(
+                session_for(vendor),
+                base_url=configured.base_url or sandbox.base_url,
+                api_key="sandbox",
+                **extra,
+            )
         else:
             continue
         for model in CATALOG.values():
@@ -116,8 +126,11 @@ def build_providers(
 def vendor_caps(settings: Settings) -> tuple[ConcurrencyCap, ...]:
     """IMAGEGEN_VENDOR_CONCURRENCY as claim-time caps over each vendor's models."""
     return tuple(
-        ConcurrencyCap(name=vendor, max_tasks=limit,
-                       providers=frozenset(model.id for model in CATALOG.values() if model.vendor == vendor))
+        ConcurrencyCap(
+            name=vendor,
+            max_tasks=limit,
+            providers=frozenset(model.id for model in CATALOG.values() if model.vendor == vendor),
+        )
         for vendor, limit in settings.vendor_caps().items()
     )
 
@@ -138,13 +151,17 @@ async def running_app(
         authenticator = Authenticator.from_file(settings.auth_tokens_file)
     else:
         authenticator = Authenticator.local()
-        log.warning("LOCAL MODE: no IMAGEGEN_AUTH_TOKENS_FILE, so every call acts for the account %r and the "
-                    "server listens on loopback only", LOCAL_ACCOUNT)
+        log.warning(
+            "LOCAL MODE: no IMAGEGEN_AUTH_TOKENS_FILE, so every call acts for the account %r and the "
+            "server listens on loopback only",
+            LOCAL_ACCOUNT,
+        )
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
     metrics.initialise(CATALOG)
-    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
-                         statement_timeout_s=settings.db_timeout_s)
+    engine = make_engine(
+        settings.database_url, pool_size=settings.db_pool_size, statement_timeout_s=settings.db_timeout_s
+    )
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(engine.dispose)
         if migrate_schema:
@@ -154,20 +171,28 @@ async def running_app(
         # Bind the HTTP port first: with port 0 the image URLs must name the port actually bound.
         http_host, http_port = split_address(settings.http_address)
         http_socket = stack.enter_context(
-            socket.create_server((http_host, http_port), family=socket.AF_INET6 if ":" in http_host else socket.AF_INET)
+            socket.create_server(
+                (http_host, http_port), family=socket.AF_INET6 if ":" in http_host else socket.AF_INET
+            )
         )
         bound_http_port = http_socket.getsockname()[1]
         public_base_url = settings.public_base_url or f"http://{_url_host(http_host)}:{bound_http_port}"
-        signer = UrlSigner(signing_key(settings.url_signing_key, settings.data_dir),
-                           base_url=public_base_url, ttl_s=settings.url_ttl_s)
+        signer = UrlSigner(
+            signing_key(settings.url_signing_key, settings.data_dir),
+            base_url=public_base_url,
+            ttl_s=settings.url_ttl_s,
+        )
 
         sandbox: Sandbox | None = None
         if providers is None and needs_sandbox(settings):
             sandbox = await stack.enter_async_context(Sandbox.running(latency_s=settings.sandbox_latency_s))
             missing = [vendor for vendor in _VENDORS if not settings.vendor(vendor).api_key]
             log.warning(
-                "no API key for %s: serving them from the local SANDBOX at %s; their images are placeholders, "
-                "not real generations", ", ".join(missing), sandbox.base_url,
+                "no API key for %s: serving them from the local SANDBOX at %s; their images are "
+                "placeholders, "
+                "not real generations",
+                ", ".join(missing),
+                sandbox.base_url,
             )
         # One connection pool for every vendor; a session per vendor only so that each request's metrics
         # carry its vendor's name.
@@ -176,17 +201,25 @@ async def running_app(
         timeout = aiohttp.ClientTimeout(total=settings.provider_timeout_s, connect=10)
 
         def session_for(vendor: str) -> aiohttp.ClientSession:
-            session = aiohttp.ClientSession(connector=connector, connector_owner=False, timeout=timeout,
-                                            trace_configs=[metrics.trace_config(vendor)])
+            session = aiohttp.ClientSession(
+                connector=connector,
+                connector_owner=False,
+                timeout=timeout,
+                trace_configs=[metrics.trace_config(vendor)],
+            )
             stack.push_async_callback(session.close)
             return session
 
         # Callers' reference URLs get their own pool, whose connector refuses non-public addresses.
-        reference_connector = PublicOnlyConnector(allow=parse_networks(settings.reference_allow_networks),
-                                                  limit=100)
+        reference_connector = PublicOnlyConnector(
+            allow=parse_networks(settings.reference_allow_networks), limit=100
+        )
         stack.push_async_callback(reference_connector.close)
-        references = aiohttp.ClientSession(connector=reference_connector, timeout=aiohttp.ClientTimeout(total=60),
-                                           trace_configs=[metrics.trace_config("references")])
+        references = aiohttp.ClientSession(
+            connector=reference_connector,
+            timeout=aiohttp.ClientTimeout(total=60),
+            trace_configs=[metrics.trace_config("references")],
+        )
         stack.push_async_callback(references.close)
         if providers is None:
             providers = build_providers(settings, session_for, sandbox, references)
@@ -194,7 +227,10 @@ async def running_app(
         worker: Worker | None = None
         if settings.role in ("all", "worker"):
             worker = Worker(
-                store, blobs, providers, metrics,
+                store,
+                blobs,
+                providers,
+                metrics,
                 policy=WorkerPolicy(
                     concurrency=settings.worker_concurrency,
                     lease_s=settings.lease_s,
@@ -206,15 +242,22 @@ async def running_app(
                     per_account=settings.max_in_flight_per_account,
                 ),
             )
-        hub = EventHub(store, poll_interval_s=settings.poll_interval_s,
-                       on_notices=worker.observe if worker is not None else None)
+        hub = EventHub(
+            store,
+            poll_interval_s=settings.poll_interval_s,
+            on_notices=worker.observe if worker is not None else None,
+        )
         store.set_on_commit(hub.notify)
         hub.start()
         stack.push_async_callback(hub.close)
 
         if is_postgres(engine):
-            listener = PgListener(settings.database_url, on_notices=hub.notify, on_reconnect=hub.request_catch_up,
-                                  connect_timeout_s=settings.db_timeout_s)
+            listener = PgListener(
+                settings.database_url,
+                on_notices=hub.notify,
+                on_reconnect=hub.request_catch_up,
+                connect_timeout_s=settings.db_timeout_s,
+            )
             await listener.start()
             stack.push_async_callback(listener.close)
 
@@ -241,14 +284,21 @@ async def running_app(
         if settings.role in ("all", "api"):
             pb_grpc.add_ImageGenerationServicer_to_server(
                 ImageGenerationServicer(
-                    store, hub, signer, providers, metrics,
+                    store,
+                    hub,
+                    signer,
+                    providers,
+                    metrics,
                     reference_allow=parse_networks(settings.reference_allow_networks),
-                    deadline_s=settings.job_deadline_s, heartbeat_s=settings.watch_heartbeat_s,
+                    deadline_s=settings.job_deadline_s,
+                    heartbeat_s=settings.watch_heartbeat_s,
                     auth=authenticator,
-                    admission=Admission(max_pending=settings.max_pending_jobs,
-                                        max_pending_per_account=settings.max_pending_jobs_per_account,
-                                        max_submits_per_minute=settings.max_submits_per_minute_per_account,
-                                        pending_estimate=lambda: sampler.pending),
+                    admission=Admission(
+                        max_pending=settings.max_pending_jobs,
+                        max_pending_per_account=settings.max_pending_jobs_per_account,
+                        max_submits_per_minute=settings.max_submits_per_minute_per_account,
+                        pending_estimate=lambda: sampler.pending,
+                    ),
                 ),
                 server,
             )
@@ -267,11 +317,26 @@ async def running_app(
         await server.start()
         if worker is not None:
             worker.start()
-        app = App(settings=settings, grpc_port=grpc_port, http_port=bound_http_port, store=store, hub=hub,
-                  worker=worker, registry=registry, sandbox=sandbox, providers=providers, readiness=readiness)
-        log.info("serving gRPC on %s and HTTP on %s (role %s, database %s)", app.grpc_target, app.http_url,
-                 settings.role, engine.url.render_as_string(hide_password=True),
-                 extra={"grpc_target": app.grpc_target, "http_url": app.http_url, "role": settings.role})
+        app = App(
+            settings=settings,
+            grpc_port=grpc_port,
+            http_port=bound_http_port,
+            store=store,
+            hub=hub,
+            worker=worker,
+            registry=registry,
+            sandbox=sandbox,
+            providers=providers,
+            readiness=readiness,
+        )
+        log.info(
+            "serving gRPC on %s and HTTP on %s (role %s, database %s)",
+            app.grpc_target,
+            app.http_url,
+            settings.role,
+            engine.url.render_as_string(hide_password=True),
+            extra={"grpc_target": app.grpc_target, "http_url": app.http_url, "role": settings.role},
+        )
         try:
             yield app
         finally:
@@ -284,7 +349,9 @@ async def running_app(
                 await worker.stop(settings.shutdown_grace_s)
 
 
-def _http_app(registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlobStore, signer: UrlSigner) -> web.Application:
+def _http_app(
+    registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlobStore, signer: UrlSigner
+) -> web.Application:
     app = web.Application()
     app.add_routes(http_routes(registry, readiness, blobs, signer))
     return app

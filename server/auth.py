@@ -87,7 +87,7 @@ class Authenticator:
         return self._callers is None
 
     def account(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
-        """The account this call acts for; UNAUTHENTICATED / PERMISSION_DENIED / INVALID_ARGUMENT otherwise."""
+        """The account this call acts for, or UNAUTHENTICATED / PERMISSION_DENIED / INVALID_ARGUMENT."""
         token = requested = None
         for key, value in metadata:
             text = value if isinstance(value, str) else value.decode(errors="replace")
@@ -96,7 +96,9 @@ class Authenticator:
             elif key == ACCOUNT_HEADER:
                 requested = text
         if requested is not None and not _ACCOUNT_ID.fullmatch(requested):
-            raise InvalidRequest([FieldViolation(ACCOUNT_HEADER, "must be 1-128 of letters, digits, '_', '-'")])
+            raise InvalidRequest(
+                [FieldViolation(ACCOUNT_HEADER, "must be 1-128 of letters, digits, '_', '-'")]
+            )
         if self._callers is None:
             if requested not in (None, LOCAL_ACCOUNT):
                 raise ServiceError(
@@ -109,18 +111,22 @@ class Authenticator:
         if requested is None:
             if caller.accounts is not None and len(caller.accounts) == 1:
                 return next(iter(caller.accounts))
-            raise InvalidRequest([FieldViolation(ACCOUNT_HEADER, f"is required: {caller.name} may act for "
-                                                                 "several accounts")])
+            raise InvalidRequest(
+                [FieldViolation(ACCOUNT_HEADER, f"is required: {caller.name} may act for several accounts")]
+            )
         if not caller.may_use(requested):
-            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
-                               f"{caller.name} may not act for account {requested}")
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED, f"{caller.name} may not act for account {requested}"
+            )
         return requested
 
     def _caller(self, authorization: str | None) -> Caller:
         assert self._callers is not None
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata")
+            raise ServiceError(
+                grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata"
+            )
         caller = self._callers.get(token_digest(token.strip()))
         if caller is None:
             raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
@@ -130,7 +136,7 @@ class Authenticator:
 def _parse_callers(document: Any, path: Path) -> dict[str, Caller]:
     entries = document.get("callers") if isinstance(document, dict) else None
     if not isinstance(entries, list):
-        raise AuthConfigError(f"{path}: expected {{\"callers\": [...]}}")
+        raise AuthConfigError(f'{path}: expected {{"callers": [...]}}')
     callers: dict[str, Caller] = {}
     for index, entry in enumerate(entries):
         where = f"{path}: callers[{index}]"
@@ -142,8 +148,10 @@ def _parse_callers(document: Any, path: Path) -> dict[str, Caller]:
         accounts = entry.get("accounts")
         if accounts == "*":
             allowed = None
-        elif isinstance(accounts, list) and accounts and all(
-            isinstance(a, str) and _ACCOUNT_ID.fullmatch(a) for a in accounts
+        elif (
+            isinstance(accounts, list)
+            and accounts
+            and all(isinstance(a, str) and _ACCOUNT_ID.fullmatch(a) for a in accounts)
         ):
             allowed = frozenset(accounts)
         else:
@@ -156,4 +164,8 @@ def _parse_callers(document: Any, path: Path) -> dict[str, Caller]:
 
 def caller_entry(name: str, token: str, accounts: list[str] | None) -> dict[str, Any]:
     """The tokens-file entry for a token."""
-    return {"name": name, "token_sha256": token_digest(token), "accounts": "*" if accounts is None else accounts}
+    return {
+        "name": name,
+        "token_sha256": token_digest(token),
+        "accounts": "*" if accounts is None else accounts,
+    }

@@ -87,8 +87,9 @@ def job_to_pb(job: Job, signer: UrlSigner) -> pb.Job:
         )
         message.result_urls.append(url)
     if job.error is not None:
-        message.error.CopyFrom(pb.JobError(code=job.error.code, message=job.error.message,
-                                           retryable=job.error.retryable))
+        message.error.CopyFrom(
+            pb.JobError(code=job.error.code, message=job.error.message, retryable=job.error.retryable)
+        )
     return message
 
 
@@ -96,7 +97,9 @@ def event_to_pb(event: JobEvent, signer: UrlSigner) -> pb.JobEvent:
     """The JobEvent message."""
     return pb.JobEvent(
         job=job_to_pb(event.job, signer),
-        previous_status=STATUS_TO_PB[event.previous_status] if event.previous_status else pb.JOB_STATUS_UNSPECIFIED,
+        previous_status=STATUS_TO_PB[event.previous_status]
+        if event.previous_status
+        else pb.JOB_STATUS_UNSPECIFIED,
         version=event.version,
         event_time=timestamp(event.event_time),
         kind=KIND_TO_PB[event.kind],

@@ -76,9 +76,11 @@ def bad_request(violations: Sequence[FieldViolation]) -> any_pb2.Any:
 def quota_failure(subject: str, description: str) -> any_pb2.Any:
     """google.rpc.QuotaFailure: which quota is exhausted."""
     detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.QuotaFailure(
-        violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)]
-    ))
+    detail.Pack(
+        error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)]
+        )
+    )
     return detail
 
 

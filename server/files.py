@@ -14,7 +14,6 @@ from aiohttp import web
 
 from storage.blobs import BlobKeyError, LocalBlobStore
 
-
 _CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
 
 
@@ -29,7 +28,8 @@ class UrlSigner:
     def sign(self, blob_key: str, *, now: float | None = None) -> str:
         """A URL for `blob_key` that expires `ttl_s` from now."""
         expires = int((time.time() if now is None else now) + self._ttl_s)
-        return f"{self._base_url}/files/{quote(blob_key)}?expires={expires}&sig={self._signature(blob_key, expires)}"
+        signature = self._signature(blob_key, expires)
+        return f"{self._base_url}/files/{quote(blob_key)}?expires={expires}&sig={signature}"
 
     def verify(self, blob_key: str, expires: str, signature: str, *, now: float | None = None) -> bool:
         """Whether the signature is ours for this key and expiry, and the expiry has not passed."""
@@ -71,6 +71,8 @@ def file_routes(blobs: LocalBlobStore, signer: UrlSigner) -> list[web.RouteDef]:
             raise web.HTTPNotFound()
         # the type we stored, not a guess from the file name (mimetypes may not know .webp)
         content_type = _CONTENT_TYPES.get(path.suffix, "application/octet-stream")
-        return web.FileResponse(path, headers={"Cache-Control": "private, max-age=300", "Content-Type": content_type})
+        return web.FileResponse(
+            path, headers={"Cache-Control": "private, max-age=300", "Content-Type": content_type}
+        )
 
     return [web.get("/files/{key:.+}", serve)]

@@ -24,8 +24,11 @@ class Readiness:
     """Whether the database answers and has the newest schema; drives gRPC health and /readyz."""
 
     def __init__(
-        self, store: SqlJobStore, health_servicer: health.aio.HealthServicer,
-        *, on_change: Callable[[bool], None] | None = None,
+        self,
+        store: SqlJobStore,
+        health_servicer: health.aio.HealthServicer,
+        *,
+        on_change: Callable[[bool], None] | None = None,
     ) -> None:
         self._store = store
         self._on_change = on_change
@@ -40,7 +43,10 @@ class Readiness:
             await self._store.ping()
             current = await migrate.current_revision(self._store.engine)
             head = migrate.head_revision()
-            ready, reason = (current == head), ("ok" if current == head else f"schema at {current}, needs {head}")
+            ready, reason = (
+                (current == head),
+                ("ok" if current == head else f"schema at {current}, needs {head}"),
+            )
         except (StoreUnavailable, OSError, TimeoutError) as exc:
             ready, reason = False, f"database unreachable: {exc}"
         except Exception as exc:  # e.g. a driver error while the database restarts
@@ -67,6 +73,10 @@ class Readiness:
     async def _publish(self) -> None:
         if self._shutting_down:
             return
-        status = health_pb2.HealthCheckResponse.SERVING if self.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
             await self._health.set(name, status)

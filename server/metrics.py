@@ -35,37 +35,55 @@ class ServiceMetrics:
             "imagegen_jobs_submitted", "Jobs accepted by GenerateImage.", ["provider"], registry=registry
         )
         self.attempts_started = Counter(
-            "imagegen_job_attempts_started", "Attempts started by workers of this process.", ["provider"],
+            "imagegen_job_attempts_started",
+            "Attempts started by workers of this process.",
+            ["provider"],
             registry=registry,
         )
         self.jobs_finished = Counter(
-            "imagegen_jobs_finished", "Jobs that reached a terminal status (code: the error code of failed jobs).",
-            ["provider", "status", "code"], registry=registry,
+            "imagegen_jobs_finished",
+            "Jobs that reached a terminal status (code: the error code of failed jobs).",
+            ["provider", "status", "code"],
+            registry=registry,
         )
         self.job_retries = Counter(
-            "imagegen_job_retries", "Attempts that failed transiently and were scheduled again.",
-            ["provider", "reason"], registry=registry,
+            "imagegen_job_retries",
+            "Attempts that failed transiently and were scheduled again.",
+            ["provider", "reason"],
+            registry=registry,
         )
         self.lease_takeovers = Counter(
-            "imagegen_lease_takeovers", "Jobs taken over from a worker whose lease expired.", ["provider"],
+            "imagegen_lease_takeovers",
+            "Jobs taken over from a worker whose lease expired.",
+            ["provider"],
             registry=registry,
         )
         self.cost_usd = Counter(
             "imagegen_cost_usd", "What completed jobs cost, in USD.", ["provider"], registry=registry
         )
         self.queue_wait = Histogram(
-            "imagegen_job_queue_wait_seconds", "From a job being due to a worker starting it.", ["provider"],
-            buckets=_JOB_BUCKETS, registry=registry,
+            "imagegen_job_queue_wait_seconds",
+            "From a job being due to a worker starting it.",
+            ["provider"],
+            buckets=_JOB_BUCKETS,
+            registry=registry,
         )
         self.run_time = Histogram(
-            "imagegen_job_run_seconds", "From a job's first start to its terminal status.", ["provider", "status"],
-            buckets=_JOB_BUCKETS, registry=registry,
+            "imagegen_job_run_seconds",
+            "From a job's first start to its terminal status.",
+            ["provider", "status"],
+            buckets=_JOB_BUCKETS,
+            registry=registry,
         )
         self.in_flight = Gauge(
-            "imagegen_jobs_in_flight", "Attempts this process is running now.", ["provider"], registry=registry
+            "imagegen_jobs_in_flight",
+            "Attempts this process is running now.",
+            ["provider"],
+            registry=registry,
         )
         self.pending = Gauge(
-            "imagegen_jobs_pending", "Jobs waiting in the queue (whole database; every replica reports it).",
+            "imagegen_jobs_pending",
+            "Jobs waiting in the queue (whole database; every replica reports it).",
             registry=registry,
         )
         self.processing = Gauge(
@@ -77,27 +95,36 @@ class ServiceMetrics:
             registry=registry,
         )
         self.queue_sampled = Gauge(
-            "imagegen_queue_sample_timestamp_seconds", "When the queue gauges were last read from the database.",
+            "imagegen_queue_sample_timestamp_seconds",
+            "When the queue gauges were last read from the database.",
             registry=registry,
         )
         self.watch_streams = Gauge(
             "imagegen_watch_streams", "Open WatchJob and WatchJobs streams.", ["method"], registry=registry
         )
         self.database_up = Gauge(
-            "imagegen_database_up", "1 while the database answers and its schema is current.", registry=registry
+            "imagegen_database_up",
+            "1 while the database answers and its schema is current.",
+            registry=registry,
         )
         self.provider_requests = Counter(
             "imagegen_provider_requests",
             "HTTP requests to vendor APIs (outcome: 2xx, 4xx, 429, 5xx, timeout, connection_error).",
-            ["vendor", "endpoint", "outcome"], registry=registry,
+            ["vendor", "endpoint", "outcome"],
+            registry=registry,
         )
         self.provider_latency = Histogram(
-            "imagegen_provider_request_seconds", "Duration of HTTP requests to vendor APIs, to the response headers.",
-            ["vendor", "endpoint"], buckets=_JOB_BUCKETS, registry=registry,
+            "imagegen_provider_request_seconds",
+            "Duration of HTTP requests to vendor APIs, to the response headers.",
+            ["vendor", "endpoint"],
+            buckets=_JOB_BUCKETS,
+            registry=registry,
         )
         self.provider_bytes = Counter(
-            "imagegen_provider_response_bytes", "Bytes received from vendor APIs (images and JSON), by Content-Length.",
-            ["vendor", "endpoint"], registry=registry,
+            "imagegen_provider_response_bytes",
+            "Bytes received from vendor APIs (images and JSON), by Content-Length.",
+            ["vendor", "endpoint"],
+            registry=registry,
         )
 
     def initialise(self, providers: Iterable[str]) -> None:
@@ -134,7 +161,9 @@ class ServiceMetrics:
         if job.cost_usd_micros:
             self.cost_usd.labels(provider).inc(job.cost_usd_micros / 1_000_000)
         if job.start_time is not None and job.end_time is not None:
-            self.run_time.labels(provider, job.status.value).observe((job.end_time - job.start_time).total_seconds())
+            self.run_time.labels(provider, job.status.value).observe(
+                (job.end_time - job.start_time).total_seconds()
+            )
 
     def observe_retry(self, job: Job, reason: str) -> None:
         """An attempt failed transiently and the job will be tried again."""
@@ -200,18 +229,27 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["grpc_type", "grpc_service", "grpc_method"]
-        self.started = Counter("grpc_server_started", "RPCs started on the server.", labels, registry=registry)
+        self.started = Counter(
+            "grpc_server_started", "RPCs started on the server.", labels, registry=registry
+        )
         self.handled = Counter(
-            "grpc_server_handled", "RPCs completed on the server, regardless of success or failure.",
-            [*labels, "grpc_code"], registry=registry,
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of success or failure.",
+            [*labels, "grpc_code"],
+            registry=registry,
         )
         self.received = Counter(
             "grpc_server_msg_received", "Stream messages received on the server.", labels, registry=registry
         )
-        self.sent = Counter("grpc_server_msg_sent", "Stream messages sent by the server.", labels, registry=registry)
+        self.sent = Counter(
+            "grpc_server_msg_sent", "Stream messages sent by the server.", labels, registry=registry
+        )
         self.handling = Histogram(
-            "grpc_server_handling_seconds", "Response latency of unary RPCs handled by the server.", labels,
-            buckets=_RPC_BUCKETS, registry=registry,
+            "grpc_server_handling_seconds",
+            "Response latency of unary RPCs handled by the server.",
+            labels,
+            buckets=_RPC_BUCKETS,
+            registry=registry,
         )
 
     async def intercept_service(
@@ -226,17 +264,20 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, ("unary", service, method)),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._server_stream(handler.unary_stream, ("server_stream", service, method)),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 self._bidi(handler.stream_stream, ("bidi_stream", service, method)),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
             )
         return handler  # client streaming: this service has none
 
@@ -260,7 +301,9 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _server_stream(self, behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
+    def _server_stream(
+        self, behaviour: Callable[..., Any], labels: tuple[str, str, str]
+    ) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             self.started.labels(*labels).inc()
             self.received.labels(*labels).inc()
@@ -279,7 +322,9 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _bidi(self, behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
-        async def wrapped(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def wrapped(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             self.started.labels(*labels).inc()
 
             async def counted() -> AsyncIterator[Any]:
@@ -319,7 +364,9 @@ _CODE_LABELS = {
 def _code_name(code: Any) -> str:
     # context.code() may hand back the StatusCode or its integer value, depending on how it was set
     if not isinstance(code, grpc.StatusCode):
-        code = next((status for status in grpc.StatusCode if status.value[0] == code), grpc.StatusCode.UNKNOWN)
+        code = next(
+            (status for status in grpc.StatusCode if status.value[0] == code), grpc.StatusCode.UNKNOWN
+        )
     return _CODE_LABELS[code]
 
 

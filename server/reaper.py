@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 class Reaper:
-    """Runs `SqlJobStore.reap` periodically; safe in any number of replicas (rows are claimed with SKIP LOCKED)."""
+    """Runs `SqlJobStore.reap` periodically; safe in any number of replicas (rows are taken SKIP LOCKED)."""
 
     def __init__(self, store: SqlJobStore, metrics: ServiceMetrics, *, interval_s: float) -> None:
         self._store, self._metrics, self._interval_s = store, metrics, interval_s
@@ -29,9 +29,16 @@ class Reaper:
         for job in changed:
             if job.status is JobStatus.FAILED:
                 self._metrics.observe_finished(job)
-            log.info("job reaped", extra={"job_id": str(job.id), "account": job.account_id,
-                                          "provider": job.spec.provider, "attempt": job.attempt,
-                                          "outcome": job.status.value})
+            log.info(
+                "job reaped",
+                extra={
+                    "job_id": str(job.id),
+                    "account": job.account_id,
+                    "provider": job.spec.provider,
+                    "attempt": job.attempt,
+                    "outcome": job.status.value,
+                },
+            )
         return len(changed)
 
     async def run(self) -> None:

@@ -136,9 +136,18 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         )
         if request.validate_only:
             now = utcnow()
-            preview = Job(id=uuid.UUID(int=0), account_id=account, status=JobStatus.PENDING, spec=valid.spec,
-                          request_id=valid.request_id, estimated_cost_usd_micros=valid.estimated_cost_usd_micros,
-                          version=0, create_time=now, update_time=now, deadline_at=now)
+            preview = Job(
+                id=uuid.UUID(int=0),
+                account_id=account,
+                status=JobStatus.PENDING,
+                spec=valid.spec,
+                request_id=valid.request_id,
+                estimated_cost_usd_micros=valid.estimated_cost_usd_micros,
+                version=0,
+                create_time=now,
+                update_time=now,
+                deadline_at=now,
+            )
             message = job_to_pb(preview, self._signer)
             message.ClearField("id")
             message.ClearField("status")
@@ -149,8 +158,16 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         job, created = await self._store.create(new)
         if created:
             self._metrics.observe_submitted(job)
-            log.info("job accepted", extra={"job_id": str(job.id), "account": account, "provider": job.spec.provider,
-                                            "variants": job.spec.num_variants, "outcome": "pending"})
+            log.info(
+                "job accepted",
+                extra={
+                    "job_id": str(job.id),
+                    "account": account,
+                    "provider": job.spec.provider,
+                    "variants": job.spec.num_variants,
+                    "outcome": "pending",
+                },
+            )
         return job_to_pb(job, self._signer)
 
     @_unary
@@ -164,9 +181,16 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         if not cancelled_now:
             return job_to_pb(job, self._signer)
         self._metrics.observe_finished(job)
-        log.info("job cancelled", extra={"job_id": str(job.id), "account": job.account_id,
-                                         "provider": job.spec.provider, "attempt": job.attempt,
-                                         "outcome": "cancelled"})
+        log.info(
+            "job cancelled",
+            extra={
+                "job_id": str(job.id),
+                "account": job.account_id,
+                "provider": job.spec.provider,
+                "attempt": job.attempt,
+                "outcome": "cancelled",
+            },
+        )
         return job_to_pb(job, self._signer)
 
     @_unary
@@ -192,7 +216,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         if request.page_token:
             after = _decode_page_token(request.page_token, where)
             if after is None:
-                bad.append(FieldViolation("page_token", "is not a token of this listing (filters must not change)"))
+                bad.append(
+                    FieldViolation("page_token", "is not a token of this listing (filters must not change)")
+                )
         if bad:
             raise InvalidRequest(bad)
         jobs, cursor = await self._store.list(account, page_size=page_size, after=after, where=where)
@@ -202,7 +228,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         )
 
     @_unary
-    async def ListProviders(self, request: pb.ListProvidersRequest, context: Context) -> pb.ListProvidersResponse:
+    async def ListProviders(
+        self, request: pb.ListProvidersRequest, context: Context
+    ) -> pb.ListProvidersResponse:
         providers = []
         for model in CATALOG.values():
             providers.append(
@@ -224,8 +252,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     price_summary=model.price_summary,
                     price_table_version=PRICE_TABLE_VERSION,
                     configured=model.id in self._providers,
-                    price_1024_usd_micros=model.estimate_usd_micros(CostQuery(width=1024, height=1024,
-                                                                              num_variants=1)),
+                    price_1024_usd_micros=model.estimate_usd_micros(
+                        CostQuery(width=1024, height=1024, num_variants=1)
+                    ),
                 )
             )
         return pb.ListProvidersResponse(providers=providers)
@@ -239,8 +268,10 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         if request.after_version < 0:
             raise InvalidRequest([FieldViolation("after_version", "must not be negative")])
         # Subscribe before reading, so no transition can slip between the read and the subscription.
-        with self._hub.subscribe(Subscription(account_id=account, job_id=job_id)) as subscription, \
-                self._counted("WatchJob"):
+        with (
+            self._hub.subscribe(Subscription(account_id=account, job_id=job_id)) as subscription,
+            self._counted("WatchJob"),
+        ):
             job = await self._store.get(account, job_id)
             if request.after_version > job.version:
                 raise InvalidRequest(
@@ -264,7 +295,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     yield event_to_pb(_snapshot(last, EventKind.HEARTBEAT), self._signer)
                     continue
                 if isinstance(item, Closed):
-                    raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"{item.reason}; resume with after_version")
+                    raise ServiceError(
+                        grpc.StatusCode.UNAVAILABLE, f"{item.reason}; resume with after_version"
+                    )
                 if item.version <= last.version:
                     continue  # already sent
                 events = [item]
@@ -295,7 +328,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                 if item is None:
                     yield pb.JobEvent(kind=pb.JOB_EVENT_KIND_HEARTBEAT, event_time=timestamp(utcnow()))
                 elif isinstance(item, Closed):
-                    code = grpc.StatusCode.RESOURCE_EXHAUSTED if item.overflow else grpc.StatusCode.UNAVAILABLE
+                    code = (
+                        grpc.StatusCode.RESOURCE_EXHAUSTED if item.overflow else grpc.StatusCode.UNAVAILABLE
+                    )
                     raise ServiceError(code, item.reason)
                 else:
                     yield event_to_pb(item, self._signer)
@@ -336,17 +371,22 @@ class Admission:
     async def check(self, store: SqlJobStore, account: str) -> None:
         """Raise Overloaded when the queue or the account's share is full."""
         if self.max_pending and self.pending_estimate() >= self.max_pending:
-            raise Overloaded(f"the queue is full ({self.max_pending} pending jobs); try again later",
-                             retry_after_s=self.retry_after_s)
+            raise Overloaded(
+                f"the queue is full ({self.max_pending} pending jobs); try again later",
+                retry_after_s=self.retry_after_s,
+            )
         if self.max_submits_per_minute:
             window_start = utcnow() - timedelta(minutes=1)
-            recent, oldest = await store.submitted_since(account, window_start, up_to=self.max_submits_per_minute)
+            recent, oldest = await store.submitted_since(
+                account, window_start, up_to=self.max_submits_per_minute
+            )
             if recent >= self.max_submits_per_minute and oldest is not None:
                 # a slot opens when the oldest submit of the window leaves it
                 wait = max(0.1, (oldest - window_start).total_seconds())
                 raise Overloaded(
                     f"account {account} may submit {self.max_submits_per_minute} jobs a minute; "
-                    f"try again in {wait:.1f} s", retry_after_s=wait,
+                    f"try again in {wait:.1f} s",
+                    retry_after_s=wait,
                 )
         if self.max_pending_per_account:
             pending = await store.count_pending(account, up_to=self.max_pending_per_account)
@@ -369,15 +409,23 @@ class _StreamGauge:
 
 
 def _snapshot(job: Job, kind: EventKind) -> JobEvent:
-    return JobEvent(job=job, version=job.version, previous_status=None, event_time=utcnow(), kind=kind,
-                    message=job.message if kind is EventKind.SNAPSHOT else "")
+    return JobEvent(
+        job=job,
+        version=job.version,
+        previous_status=None,
+        event_time=utcnow(),
+        kind=kind,
+        message=job.message if kind is EventKind.SNAPSHOT else "",
+    )
 
 
 def _job_id(raw: str) -> uuid.UUID:
     try:
         return uuid.UUID(raw)
     except ValueError:
-        raise InvalidRequest([FieldViolation("job_id", "must be a job id (UUID)" if raw else "is required")]) from None
+        raise InvalidRequest(
+            [FieldViolation("job_id", "must be a job id (UUID)" if raw else "is required")]
+        ) from None
 
 
 def _statuses(values: Any, field: str) -> tuple[frozenset[JobStatus], FieldViolation | None]:

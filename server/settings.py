@@ -111,8 +111,12 @@ class Settings:
             raw = env.get(PREFIX + f.name.upper())
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, raw, f.type)
-        for vendor, key_var in (("bfl", "BFL_API_KEY"), ("openai", "OPENAI_API_KEY"), ("ark", "ARK_API_KEY"),
-                                ("gemini", "GEMINI_API_KEY")):
+        for vendor, key_var in (
+            ("bfl", "BFL_API_KEY"),
+            ("openai", "OPENAI_API_KEY"),
+            ("ark", "ARK_API_KEY"),
+            ("gemini", "GEMINI_API_KEY"),
+        ):
             values[vendor] = VendorSettings(
                 api_key=env.get(key_var, ""), base_url=env.get(f"{PREFIX}{vendor.upper()}_BASE_URL", "")
             )
@@ -121,6 +125,16 @@ class Settings:
 
     def validated(self) -> Settings:
         """Check cross-field rules and fill the derived defaults."""
+        self._check_values()
+        self._check_security()
+        changes: dict[str, Any] = {}
+        if not self.database_url:
+            changes["database_url"] = f"sqlite+aiosqlite:///{(self.data_dir / 'imagegen.db').resolve()}"
+        if self.blob_dir is None:
+            changes["blob_dir"] = self.data_dir / "blobs"
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def _check_values(self) -> None:
         if self.role not in ("all", "api", "worker"):
             raise SettingsError(f"{PREFIX}ROLE must be all, api or worker, not {self.role!r}")
         if self.log_format not in ("json", "text"):
@@ -134,6 +148,8 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
         self.vendor_caps()  # raises on a malformed value
+
+    def _check_security(self) -> None:
         try:
             parse_networks(self.reference_allow_networks)
         except ValueError as exc:
@@ -141,7 +157,9 @@ class Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise SettingsError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
-            raise SettingsError(f"{PREFIX}TLS_CLIENT_CA_FILE needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE")
+            raise SettingsError(
+                f"{PREFIX}TLS_CLIENT_CA_FILE needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE"
+            )
         if self.auth_tokens_file is None:
             for name in ("grpc_address", "http_address"):
                 host, _ = split_address(getattr(self, name))
@@ -150,21 +168,20 @@ class Settings:
                         f"refusing to listen on {getattr(self, name)} without authentication: set "
                         f"{PREFIX}AUTH_TOKENS_FILE, or keep {PREFIX}{name.upper()} on a loopback address"
                     )
-        changes: dict[str, Any] = {}
-        if not self.database_url:
-            changes["database_url"] = f"sqlite+aiosqlite:///{(self.data_dir / 'imagegen.db').resolve()}"
-        if self.blob_dir is None:
-            changes["blob_dir"] = self.data_dir / "blobs"
-        return dataclasses.replace(self, **changes) if changes else self
 
     def vendor_caps(self) -> dict[str, int]:
         """IMAGEGEN_VENDOR_CONCURRENCY as {vendor: max tasks}, without the uncapped (0) ones."""
         caps: dict[str, int] = {}
         for item in filter(None, (part.strip() for part in self.vendor_concurrency.split(","))):
             vendor, sep, value = item.partition("=")
-            if not sep or not value.strip().isdigit() or vendor.strip() not in ("bfl", "openai", "ark", "gemini"):
+            if (
+                not sep
+                or not value.strip().isdigit()
+                or vendor.strip() not in ("bfl", "openai", "ark", "gemini")
+            ):
                 raise SettingsError(
-                    f"{PREFIX}VENDOR_CONCURRENCY must look like 'bfl=24,openai=0' (vendors: bfl, openai, ark, "
+                    f"{PREFIX}VENDOR_CONCURRENCY must look like 'bfl=24,openai=0' "
+                    "(vendors: bfl, openai, ark, "
                     f"gemini), not {self.vendor_concurrency!r}"
                 )
             if int(value):

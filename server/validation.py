@@ -70,12 +70,12 @@ class ValidatedRequest:
 
 
 def normalise_folder(folder_id: str) -> str:
-    """"" and "root" both mean the root folder, stored as ""."""
+    """ "" and "root" both mean the root folder, stored as ""."""
     return "" if folder_id in ("", ROOT_FOLDER) else folder_id
 
 
 def folder_violation(folder_id: str, field: str = "folder_id") -> FieldViolation | None:
-    """Folder ids become directory names: letters, digits, '_' and '-' only, so none can escape its account."""
+    """Folder ids become directory names: letters, digits, '_' and '-' only, so none escapes its account."""
     if folder_id in ("", ROOT_FOLDER) or _FOLDER_ID.fullmatch(folder_id):
         return None
     return FieldViolation(
@@ -87,93 +87,34 @@ def validate_generate(
     request: pb.GenerateImageRequest, *, reference_allow: Sequence[IPNetwork] = ()
 ) -> ValidatedRequest:
     """Check every field of a GenerateImage request; raise InvalidRequest naming all bad fields."""
-    bad: list[FieldViolation] = []
-
-    prompt = request.prompt.strip()
-    if "\x00" in request.prompt:
-        bad.append(FieldViolation("prompt", _NUL))
-    elif not prompt:
-        bad.append(FieldViolation("prompt", "is required"))
-    elif len(prompt) > MAX_PROMPT_CHARS:
-        bad.append(FieldViolation("prompt", f"must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}"))
-
     provider = request.provider.strip() or DEFAULT_MODEL
     model = CATALOG.get(provider)
+    bad: list[FieldViolation] = []
     if model is None:
         bad.append(FieldViolation("provider", f"unknown provider {provider!r}; one of {', '.join(CATALOG)}"))
         model = CATALOG[DEFAULT_MODEL]  # keep checking the other fields against the default's limits
-
-    width = request.width or DEFAULT_SIDE
-    height = request.height or DEFAULT_SIDE
-    if not model.min_width <= width <= model.max_width:
-        bad.append(FieldViolation("width", f"must be {model.min_width}-{model.max_width} for {model.id}, got {width}"))
-    if not model.min_height <= height <= model.max_height:
-        bad.append(
-            FieldViolation("height", f"must be {model.min_height}-{model.max_height} for {model.id}, got {height}")
-        )
-
+    prompt, negative = request.prompt.strip(), request.negative_prompt.strip()
+    width, height = request.width or DEFAULT_SIDE, request.height or DEFAULT_SIDE
     variants = request.num_variants or 1
-    most = min(MAX_VARIANTS, model.max_variants)
-    if not 1 <= variants <= most:
-        bad.append(FieldViolation("num_variants", f"must be 1-{most} for {model.id}, got {variants}"))
-
-    folder_id = request.folder_id
-    if (violation := folder_violation(folder_id)) is not None:
-        bad.append(violation)
-
-    negative = request.negative_prompt.strip()
-    if "\x00" in negative:
-        bad.append(FieldViolation("negative_prompt", _NUL))
-    elif len(negative) > MAX_PROMPT_CHARS:
-        bad.append(FieldViolation("negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters"))
-
     seed = request.seed if request.HasField("seed") else None
-    if seed is not None:
-        if not model.supports_seed:
-            bad.append(FieldViolation("seed", f"{model.id} does not support seeds"))
-        elif not 0 <= seed <= MAX_SEED:
-            bad.append(FieldViolation("seed", f"must be 0-{MAX_SEED}"))
-
     output_format = FORMAT_NAMES.get(request.output_format)
-    if output_format is None:
-        bad.append(FieldViolation("output_format", f"unknown value {request.output_format}"))
-        output_format = "png"
-    elif output_format not in model.output_formats:
-        bad.append(FieldViolation("output_format", f"{model.id} cannot produce {output_format}"))
-
     references = tuple(request.reference_image_urls)
-    if len(references) > model.max_reference_images:
-        limit = model.max_reference_images
-        bad.append(
-            FieldViolation(
-                "reference_image_urls",
-                f"{model.id} takes no reference images" if limit == 0
-                else f"{model.id} takes at most {limit} reference images, got {len(references)}",
-            )
-        )
-    for index, url in enumerate(references):
-        if (problem := _url_problem(url, reference_allow)) is not None:
-            bad.append(FieldViolation(f"reference_image_urls[{index}]", problem))
-
-    options = json_format.MessageToDict(request.provider_options) if request.HasField("provider_options") else {}
+    options = (
+        json_format.MessageToDict(request.provider_options) if request.HasField("provider_options") else {}
+    )
     options, option_violations = _check_options(model, options)
-    bad.extend(option_violations)
-
-    request_id = request.request_id
-    if request_id and not _REQUEST_ID.fullmatch(request_id):
-        bad.append(FieldViolation("request_id", f"must be 1-{MAX_REQUEST_ID} printable ASCII characters"))
-
     labels = dict(request.labels)
-    if len(labels) > MAX_LABELS:
-        bad.append(FieldViolation("labels", f"at most {MAX_LABELS} labels"))
-    for key, value in labels.items():
-        if not _LABEL_KEY.fullmatch(key):
-            bad.append(FieldViolation(f"labels[{key}]", "keys are 1-63 of a-z, 0-9, '_', '.', '-' starting with a letter"))
-        elif len(value) > 256:
-            bad.append(FieldViolation(f"labels[{key}]", "values are at most 256 characters"))
-        elif "\x00" in value:
-            bad.append(FieldViolation(f"labels[{key}]", _NUL))
 
+    bad += _text_violations(request.prompt, prompt, negative)
+    bad += _shape_violations(model, width, height, variants)
+    bad += _feature_violations(model, seed, request.output_format, output_format)
+    bad += _reference_violations(model, references, reference_allow)
+    bad += option_violations
+    if (violation := folder_violation(request.folder_id)) is not None:
+        bad.append(violation)
+    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
+        bad.append(FieldViolation("request_id", f"must be 1-{MAX_REQUEST_ID} printable ASCII characters"))
+    bad += _label_violations(labels)
     if bad:
         raise InvalidRequest(bad)
 
@@ -183,19 +124,116 @@ def validate_generate(
         width=width,
         height=height,
         num_variants=variants,
-        folder_id=normalise_folder(folder_id),
+        folder_id=normalise_folder(request.folder_id),
         negative_prompt=negative,
         seed=seed,
-        output_format=output_format,
+        output_format=output_format or "png",
         reference_image_urls=references,
         provider_options=options,
         labels=labels,
     )
     estimate = model.estimate_usd_micros(
-        CostQuery(width=width, height=height, num_variants=variants, reference_images=len(references),
-                  options=options)
+        CostQuery(
+            width=width,
+            height=height,
+            num_variants=variants,
+            reference_images=len(references),
+            options=options,
+        )
     )
-    return ValidatedRequest(spec=spec, model=model, estimated_cost_usd_micros=estimate, request_id=request_id)
+    return ValidatedRequest(
+        spec=spec, model=model, estimated_cost_usd_micros=estimate, request_id=request.request_id
+    )
+
+
+def _text_violations(raw_prompt: str, prompt: str, negative: str) -> list[FieldViolation]:
+    bad = []
+    if "\x00" in raw_prompt:
+        bad.append(FieldViolation("prompt", _NUL))
+    elif not prompt:
+        bad.append(FieldViolation("prompt", "is required"))
+    elif len(prompt) > MAX_PROMPT_CHARS:
+        bad.append(
+            FieldViolation("prompt", f"must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}")
+        )
+    if "\x00" in negative:
+        bad.append(FieldViolation("negative_prompt", _NUL))
+    elif len(negative) > MAX_PROMPT_CHARS:
+        bad.append(FieldViolation("negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters"))
+    return bad
+
+
+def _shape_violations(model: ModelSpec, width: int, height: int, variants: int) -> list[FieldViolation]:
+    bad = []
+    if not model.min_width <= width <= model.max_width:
+        bad.append(
+            FieldViolation(
+                "width", f"must be {model.min_width}-{model.max_width} for {model.id}, got {width}"
+            )
+        )
+    if not model.min_height <= height <= model.max_height:
+        bad.append(
+            FieldViolation(
+                "height", f"must be {model.min_height}-{model.max_height} for {model.id}, got {height}"
+            )
+        )
+    most = min(MAX_VARIANTS, model.max_variants)
+    if not 1 <= variants <= most:
+        bad.append(FieldViolation("num_variants", f"must be 1-{most} for {model.id}, got {variants}"))
+    return bad
+
+
+def _feature_violations(
+    model: ModelSpec, seed: int | None, format_value: int, output_format: str | None
+) -> list[FieldViolation]:
+    bad = []
+    if seed is not None and not model.supports_seed:
+        bad.append(FieldViolation("seed", f"{model.id} does not support seeds"))
+    elif seed is not None and not 0 <= seed <= MAX_SEED:
+        bad.append(FieldViolation("seed", f"must be 0-{MAX_SEED}"))
+    if output_format is None:
+        bad.append(FieldViolation("output_format", f"unknown value {format_value}"))
+    elif output_format not in model.output_formats:
+        bad.append(FieldViolation("output_format", f"{model.id} cannot produce {output_format}"))
+    return bad
+
+
+def _reference_violations(
+    model: ModelSpec, references: tuple[str, ...], allow: Sequence[IPNetwork]
+) -> list[FieldViolation]:
+    bad = []
+    limit = model.max_reference_images
+    if len(references) > limit:
+        bad.append(
+            FieldViolation(
+                "reference_image_urls",
+                f"{model.id} takes no reference images"
+                if limit == 0
+                else f"{model.id} takes at most {limit} reference images, got {len(references)}",
+            )
+        )
+    for index, url in enumerate(references):
+        if (problem := _url_problem(url, allow)) is not None:
+            bad.append(FieldViolation(f"reference_image_urls[{index}]", problem))
+    return bad
+
+
+def _label_violations(labels: dict[str, str]) -> list[FieldViolation]:
+    bad = []
+    if len(labels) > MAX_LABELS:
+        bad.append(FieldViolation("labels", f"at most {MAX_LABELS} labels"))
+    for key, value in labels.items():
+        if not _LABEL_KEY.fullmatch(key):
+            bad.append(
+                FieldViolation(
+                    f"labels[{key}]", "keys are 1-63 of a-z, 0-9, '_', '.', '-' starting with a letter"
+                )
+            )
+        elif len(value) > 256:
+            bad.append(FieldViolation(f"labels[{key}]", "values are at most 256 characters"))
+        elif "\x00" in value:
+            bad.append(FieldViolation(f"labels[{key}]", _NUL))
+    return bad
 
 
 def _url_problem(url: str, allow: Sequence[IPNetwork]) -> str | None:

@@ -129,8 +129,10 @@ class Worker:
                 await attempt
             with contextlib.suppress(StorageError):
                 await self._store.release(fence, message="handed back: worker shutting down")
-                log.info("job handed back", extra={"job_id": str(fence.job_id), "attempt": fence.attempt,
-                                                   "outcome": "handed_back"})
+                log.info(
+                    "job handed back",
+                    extra={"job_id": str(fence.job_id), "attempt": fence.attempt, "outcome": "handed_back"},
+                )
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=1.0)
 
@@ -144,8 +146,11 @@ class Worker:
             if free > 0:
                 try:
                     claimed = await self._store.claim(
-                        owner=self.owner, limit=min(free, self._policy.claim_batch), lease_s=self._policy.lease_s,
-                        caps=self._policy.caps, per_account=self._policy.per_account,
+                        owner=self.owner,
+                        limit=min(free, self._policy.claim_batch),
+                        lease_s=self._policy.lease_s,
+                        caps=self._policy.caps,
+                        per_account=self._policy.per_account,
                     )
                     backoff = self._policy.poll_interval_s
                 except StoreUnavailable as exc:
@@ -157,9 +162,16 @@ class Worker:
                     job = claim.job
                     self._metrics.observe_claim(job, taken_over=claim.taken_over)
                     self._metrics.in_flight.labels(job.spec.provider).inc()
-                    log.info("job started", extra={"job_id": str(job.id), "account": job.account_id,
-                                                   "provider": job.spec.provider, "attempt": job.attempt,
-                                                   "outcome": "taken_over" if claim.taken_over else "started"})
+                    log.info(
+                        "job started",
+                        extra={
+                            "job_id": str(job.id),
+                            "account": job.account_id,
+                            "provider": job.spec.provider,
+                            "attempt": job.attempt,
+                            "outcome": "taken_over" if claim.taken_over else "started",
+                        },
+                    )
                     task = asyncio.create_task(self._execute(job), name=f"job-{job.id}")
                     self._running[job.id] = task
                     task.add_done_callback(
@@ -232,23 +244,32 @@ class Worker:
         spec = job.spec
         now = utcnow()
         if now >= job.deadline_at:
-            await self._fail(job, fence, JobError(code="DEADLINE_EXCEEDED", message="the job deadline passed"))
+            await self._fail(
+                job, fence, JobError(code="DEADLINE_EXCEEDED", message="the job deadline passed")
+            )
             return
         if job.attempt > self._policy.max_attempts:
             last = job.error.message if job.error else "no attempt finished"
             await self._fail(
-                job, fence,
-                JobError(code=job.error.code if job.error else "PROVIDER_UNAVAILABLE",
-                         message=f"gave up after {self._policy.max_attempts} attempts; last: {last}",
-                         retryable=True),
+                job,
+                fence,
+                JobError(
+                    code=job.error.code if job.error else "PROVIDER_UNAVAILABLE",
+                    message=f"gave up after {self._policy.max_attempts} attempts; last: {last}",
+                    retryable=True,
+                ),
             )
             return
         provider = self._providers.get(spec.provider)
         if provider is None:
             await self._fail(
-                job, fence,
-                JobError(code="PROVIDER_UNAVAILABLE", message=f"{spec.provider} is not configured on this server",
-                         retryable=True),
+                job,
+                fence,
+                JobError(
+                    code="PROVIDER_UNAVAILABLE",
+                    message=f"{spec.provider} is not configured on this server",
+                    retryable=True,
+                ),
             )
             return
         request = _generation_request(job)
@@ -259,8 +280,12 @@ class Worker:
                 images = await self._store_images(job, result)
         except TimeoutError:
             await self._fail(
-                job, fence,
-                JobError(code="DEADLINE_EXCEEDED", message=f"no result within the job deadline ({remaining:.0f} s left)"),
+                job,
+                fence,
+                JobError(
+                    code="DEADLINE_EXCEEDED",
+                    message=f"no result within the job deadline ({remaining:.0f} s left)",
+                ),
             )
             return
         except ProviderError as exc:
@@ -268,7 +293,9 @@ class Worker:
             return
         cost = result.cost_usd_micros if result.cost_usd_micros is not None else job.estimated_cost_usd_micros
         try:
-            done = await self._durably(lambda: self._store.complete(fence, images=images, cost_usd_micros=cost))
+            done = await self._durably(
+                lambda: self._store.complete(fence, images=images, cost_usd_micros=cost)
+            )
         except LeaseLost:
             await self._blobs.delete_prefix(job_prefix(job.account_id, spec.folder_id, job.id))
             raise
@@ -309,26 +336,45 @@ class Worker:
             return
         if job.attempt >= self._policy.max_attempts:
             await self._fail(
-                job, fence,
-                JobError(code=exc.code, message=f"{exc.message} (gave up after {job.attempt} attempts)",
-                         retryable=True),
+                job,
+                fence,
+                JobError(
+                    code=exc.code,
+                    message=f"{exc.message} (gave up after {job.attempt} attempts)",
+                    retryable=True,
+                ),
             )
             return
         delay = self._backoff(job.attempt, exc.retry_after_s)
         at = utcnow() + timedelta(seconds=delay)
         if at >= job.deadline_at:
             await self._fail(
-                job, fence,
-                JobError(code=exc.code, message=f"{exc.message} (no time for another attempt before the deadline)",
-                         retryable=True),
+                job,
+                fence,
+                JobError(
+                    code=exc.code,
+                    message=f"{exc.message} (no time for another attempt before the deadline)",
+                    retryable=True,
+                ),
             )
             return
-        message = (f"retrying in {delay:.1f} s after: {exc.message} "
-                   f"(attempt {job.attempt + 1} of {self._policy.max_attempts})")
+        message = (
+            f"retrying in {delay:.1f} s after: {exc.message} "
+            f"(attempt {job.attempt + 1} of {self._policy.max_attempts})"
+        )
         await self._durably(lambda: self._store.retry_later(fence, error=error, at=at, message=message))
         self._metrics.observe_retry(job, retry_reason(exc))
-        log.info("job retrying", extra=_fields(job, "retry", code=exc.code, reason=retry_reason(exc),
-                                               delay_s=round(delay, 3), error=exc.message))
+        log.info(
+            "job retrying",
+            extra=_fields(
+                job,
+                "retry",
+                code=exc.code,
+                reason=retry_reason(exc),
+                delay_s=round(delay, 3),
+                error=exc.message,
+            ),
+        )
         # wake this worker when the job is due, rather than at the next poll
         asyncio.get_running_loop().call_later(delay, self._wake.set)
 

@@ -25,7 +25,7 @@ def is_postgres(engine: AsyncEngine) -> bool:
 
 
 def make_engine(url: str, *, pool_size: int = 10, statement_timeout_s: float = 10.0) -> AsyncEngine:
-    """An engine whose every wait is bounded, so an unreachable database fails calls instead of hanging them."""
+    """An engine whose every wait is bounded: an unreachable database fails calls instead of hanging them."""
     parsed = normalise_url(url)
     if parsed.drivername == "sqlite+aiosqlite":
         # One connection: SQLite has one writer, and serialising in-process turns lock contention

@@ -1,13 +1,13 @@
 """Errors of the storage layer. Each states a fact; the server maps them to gRPC codes.
 
-    StorageError
-    ├── JobNotFound            no such job in this account
-    ├── IdempotencyConflict    request_id reused with a different body
-    ├── InvalidTransition      the job's status does not allow the change (e.g. cancel a completed job)
-    ├── LeaseLost              a worker's fenced write found the job no longer held by it
-    ├── InsufficientCredit     the account's budget cannot cover the job's quote
-    ├── NoBudget               credit was added to an account that has no budget
-    └── StoreUnavailable       the database could not be reached
+StorageError
+├── JobNotFound            no such job in this account
+├── IdempotencyConflict    request_id reused with a different body
+├── InvalidTransition      the job's status does not allow the change (e.g. cancel a completed job)
+├── LeaseLost              a worker's fenced write found the job no longer held by it
+├── InsufficientCredit     the account's budget cannot cover the job's quote
+├── NoBudget               credit was added to an account that has no budget
+└── StoreUnavailable       the database could not be reached
 """
 
 from __future__ import annotations

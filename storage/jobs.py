@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -112,7 +112,9 @@ class JobFilter:
 class SqlJobStore:
     """Jobs and their events in PostgreSQL or SQLite."""
 
-    def __init__(self, engine: AsyncEngine, *, on_commit: Callable[[Sequence[JobNotice]], None] | None = None):
+    def __init__(
+        self, engine: AsyncEngine, *, on_commit: Callable[[Sequence[JobNotice]], None] | None = None
+    ):
         self._engine = engine
         self._postgres = is_postgres(engine)
         self._on_commit = on_commit
@@ -180,12 +182,19 @@ class SqlJobStore:
         return _job_from_row(row)
 
     async def list(
-        self, account_id: str, *, page_size: int, after: PageCursor | None = None, where: JobFilter = JobFilter()
+        self,
+        account_id: str,
+        *,
+        page_size: int,
+        after: PageCursor | None = None,
+        where: JobFilter = JobFilter(),
     ) -> tuple[list[Job], PageCursor | None]:
         """One page of the account's jobs, newest first, and the cursor of the next page (None at the end)."""
         query = select(jobs).where(jobs.c.account_id == account_id, *_filter_clauses(where))
         if after is not None:
-            query = query.where(tuple_(jobs.c.create_time, jobs.c.id) < tuple_(after.create_time, after.job_id))
+            query = query.where(
+                tuple_(jobs.c.create_time, jobs.c.id) < tuple_(after.create_time, after.job_id)
+            )
         query = query.order_by(jobs.c.create_time.desc(), jobs.c.id.desc()).limit(page_size + 1)
         async with self._connection() as conn:
             rows = (await conn.execute(query)).all()
@@ -238,10 +247,15 @@ class SqlJobStore:
     # ---------------------------------------------------------------- worker side
 
     async def claim(
-        self, *, owner: str, limit: int, lease_s: float, caps: Sequence[ConcurrencyCap] = (),
+        self,
+        *,
+        owner: str,
+        limit: int,
+        lease_s: float,
+        caps: Sequence[ConcurrencyCap] = (),
         per_account: int = 0,
     ) -> list[Claim]:
-        """Take up to `limit` runnable jobs: pending ones that are due, and processing ones whose lease expired.
+        """Take up to `limit` runnable jobs: due pending ones, and processing ones whose lease expired.
 
         Each claimed job becomes PROCESSING under a lease held by `owner`, with `attempt` incremented
         (the fencing token for every later write of this attempt). Jobs of a capped vendor are taken only
@@ -285,14 +299,21 @@ class SqlJobStore:
                     attempt=bindparam("b_attempt"),
                     lease_owner=owner,
                     lease_expires_at=now + timedelta(seconds=lease_s),
-                    start_time=func.coalesce(jobs.c.start_time, bindparam("b_now", type_=jobs.c.start_time.type)),
+                    start_time=func.coalesce(
+                        jobs.c.start_time, bindparam("b_now", type_=jobs.c.start_time.type)
+                    ),
                     version=bindparam("b_version"),
                     update_time=now,
                     message=bindparam("b_message"),
                 ),
                 [
-                    {"b_id": j.id, "b_attempt": j.attempt, "b_now": now, "b_version": j.version,
-                     "b_message": j.message}
+                    {
+                        "b_id": j.id,
+                        "b_attempt": j.attempt,
+                        "b_now": now,
+                        "b_version": j.version,
+                        "b_message": j.message,
+                    }
                     for j in claimed
                 ],
             )
@@ -301,7 +322,13 @@ class SqlJobStore:
         return [Claim(job=job, taken_over=over) for job, over in zip(claimed, taken_over, strict=True)]
 
     async def _claimable(
-        self, conn: AsyncConnection, *, now: datetime, limit: int, caps: Sequence[ConcurrencyCap], per_account: int
+        self,
+        conn: AsyncConnection,
+        *,
+        now: datetime,
+        limit: int,
+        caps: Sequence[ConcurrencyCap],
+        per_account: int,
     ) -> list[Row[Any]]:
         runnable = select(jobs).where(
             or_(
@@ -320,11 +347,18 @@ class SqlJobStore:
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK_KEY})
         running_by_account: dict[str, int] = {}
         if per_account:
-            running_by_account = dict((await conn.execute(
-                select(jobs.c.account_id, func.count()).where(jobs.c.status == JobStatus.PROCESSING.value)
-                .group_by(jobs.c.account_id)
-            )).all())
-            full = sorted(account for account, running in running_by_account.items() if running >= per_account)
+            running_by_account = dict(
+                (
+                    await conn.execute(
+                        select(jobs.c.account_id, func.count())
+                        .where(jobs.c.status == JobStatus.PROCESSING.value)
+                        .group_by(jobs.c.account_id)
+                    )
+                ).all()
+            )
+            full = sorted(
+                account for account, running in running_by_account.items() if running >= per_account
+            )
             if full:
                 runnable = runnable.where(jobs.c.account_id.not_in(full))
         query = runnable.where(jobs.c.provider.not_in(sorted(capped))) if capped else runnable
@@ -333,15 +367,19 @@ class SqlJobStore:
             in_use = (
                 await conn.execute(
                     select(func.coalesce(func.sum(jobs.c.num_variants), 0)).where(
-                        jobs.c.status == JobStatus.PROCESSING.value, jobs.c.provider.in_(sorted(cap.providers))
+                        jobs.c.status == JobStatus.PROCESSING.value,
+                        jobs.c.provider.in_(sorted(cap.providers)),
                     )
                 )
             ).scalar_one()
             room = cap.max_tasks - int(in_use)
             if room <= 0:
                 continue
-            for row in (await conn.execute(first(runnable.where(jobs.c.provider.in_(sorted(cap.providers))),
-                                                  min(limit, room)))).all():
+            for row in (
+                await conn.execute(
+                    first(runnable.where(jobs.c.provider.in_(sorted(cap.providers))), min(limit, room))
+                )
+            ).all():
                 # a taken-over job's tasks are already counted (it is still PROCESSING)
                 needs = 0 if row.status == JobStatus.PROCESSING.value else row.num_variants
                 if needs > room and not (in_use == 0 and not rows):
@@ -389,17 +427,27 @@ class SqlJobStore:
                 current = _job_from_row(row)
                 if current.deadline_at <= now:
                     job = await self._update(
-                        conn, current, JobStatus.FAILED,
+                        conn,
+                        current,
+                        JobStatus.FAILED,
                         "failed: DEADLINE_EXCEEDED: the job deadline passed before it could finish",
-                        values={"error_code": "DEADLINE_EXCEEDED",
-                                "error_message": "the job deadline passed before it could finish",
-                                "error_retryable": True, "cost_usd_micros": 0, "end_time": now,
-                                "lease_owner": None, "lease_expires_at": None, "next_attempt_at": None},
+                        values={
+                            "error_code": "DEADLINE_EXCEEDED",
+                            "error_message": "the job deadline passed before it could finish",
+                            "error_retryable": True,
+                            "cost_usd_micros": 0,
+                            "end_time": now,
+                            "lease_owner": None,
+                            "lease_expires_at": None,
+                            "next_attempt_at": None,
+                        },
                         now=now,
                     )
                 else:
                     job = await self._update(
-                        conn, current, JobStatus.PENDING,
+                        conn,
+                        current,
+                        JobStatus.PENDING,
                         f"lease of {current.lease_owner} expired; returned to the queue",
                         values={"lease_owner": None, "lease_expires_at": None, "next_attempt_at": now},
                         now=now,
@@ -408,7 +456,9 @@ class SqlJobStore:
         self._committed(changed)
         return changed
 
-    async def submitted_since(self, account_id: str, since: datetime, *, up_to: int) -> tuple[int, datetime | None]:
+    async def submitted_since(
+        self, account_id: str, since: datetime, *, up_to: int
+    ) -> tuple[int, datetime | None]:
         """How many jobs the account created since `since` (counted up to `up_to`), and the oldest of them."""
         async with self._connection() as conn:
             inner = (
@@ -426,7 +476,7 @@ class SqlJobStore:
         return int(count), oldest
 
     async def count_pending(self, account_id: str, *, up_to: int) -> int:
-        """The account's pending jobs, counted up to `up_to` (so the cost is bounded by the cap, not the queue)."""
+        """The account's pending jobs, counted up to `up_to` (the cost is bounded by the cap)."""
         async with self._connection() as conn:
             inner = (
                 select(jobs.c.id)
@@ -528,7 +578,9 @@ class SqlJobStore:
 
     # ---------------------------------------------------------------- watchers
 
-    async def events(self, job_id: uuid.UUID, *, after_version: int, up_to: int | None = None) -> list[JobEvent]:
+    async def events(
+        self, job_id: uuid.UUID, *, after_version: int, up_to: int | None = None
+    ) -> list[JobEvent]:
         """The job's events with version > after_version (and ≤ up_to), oldest first."""
         query = select(job_events).where(job_events.c.job_id == job_id, job_events.c.version > after_version)
         if up_to is not None:
@@ -544,7 +596,9 @@ class SqlJobStore:
             for start in range(0, len(job_ids), 500):
                 chunk = job_ids[start : start + 500]
                 rows = await conn.execute(
-                    select(jobs.c.id, jobs.c.version, jobs.c.status, jobs.c.account_id).where(jobs.c.id.in_(chunk))
+                    select(jobs.c.id, jobs.c.version, jobs.c.status, jobs.c.account_id).where(
+                        jobs.c.id.in_(chunk)
+                    )
                 )
                 notices.extend(_notice_from_row(row) for row in rows)
         return notices
@@ -566,17 +620,21 @@ class SqlJobStore:
         now = utcnow()
         async with self._connection() as conn:
             counts = dict(
-                (await conn.execute(
-                    select(jobs.c.status, func.count()).where(
-                        jobs.c.status.in_([JobStatus.PENDING.value, JobStatus.PROCESSING.value])
-                    ).group_by(jobs.c.status)
-                )).all()
+                (
+                    await conn.execute(
+                        select(jobs.c.status, func.count())
+                        .where(jobs.c.status.in_([JobStatus.PENDING.value, JobStatus.PROCESSING.value]))
+                        .group_by(jobs.c.status)
+                    )
+                ).all()
             )
-            oldest = (await conn.execute(
-                select(func.min(jobs.c.next_attempt_at)).where(
-                    jobs.c.status == JobStatus.PENDING.value, jobs.c.next_attempt_at <= now
+            oldest = (
+                await conn.execute(
+                    select(func.min(jobs.c.next_attempt_at)).where(
+                        jobs.c.status == JobStatus.PENDING.value, jobs.c.next_attempt_at <= now
+                    )
                 )
-            )).scalar_one_or_none()
+            ).scalar_one_or_none()
         if oldest is not None and oldest.tzinfo is None:  # SQLite hands aggregates back as naive or text
             oldest = oldest.replace(tzinfo=now.tzinfo)
         elif isinstance(oldest, str):
@@ -601,7 +659,9 @@ class SqlJobStore:
         """The account's balance, or None when it has no budget (unlimited)."""
         async with self._connection() as conn:
             return (
-                await conn.execute(select(accounts.c.balance_usd_micros).where(accounts.c.account_id == account_id))
+                await conn.execute(
+                    select(accounts.c.balance_usd_micros).where(accounts.c.account_id == account_id)
+                )
             ).scalar_one_or_none()
 
     async def remove_budget(self, account_id: str) -> bool:
@@ -615,7 +675,10 @@ class SqlJobStore:
         async with self._connection() as conn:
             rows = (
                 await conn.execute(
-                    select(ledger).where(ledger.c.account_id == account_id).order_by(ledger.c.id.desc()).limit(limit)
+                    select(ledger)
+                    .where(ledger.c.account_id == account_id)
+                    .order_by(ledger.c.id.desc())
+                    .limit(limit)
                 )
             ).all()
         return [LedgerEntry(**row._mapping) for row in rows]
@@ -625,7 +688,9 @@ class SqlJobStore:
         async with self._transaction() as conn:
             current = (
                 await conn.execute(
-                    select(accounts.c.balance_usd_micros).where(accounts.c.account_id == account_id).with_for_update()
+                    select(accounts.c.balance_usd_micros)
+                    .where(accounts.c.account_id == account_id)
+                    .with_for_update()
                 )
             ).scalar_one_or_none()
             if kind == "set":
@@ -635,14 +700,28 @@ class SqlJobStore:
             else:
                 balance, delta = current + amount, amount
             if current is None:
-                await conn.execute(insert(accounts).values(account_id=account_id, balance_usd_micros=balance,
-                                                           create_time=now, update_time=now))
+                await conn.execute(
+                    insert(accounts).values(
+                        account_id=account_id, balance_usd_micros=balance, create_time=now, update_time=now
+                    )
+                )
             else:
-                await conn.execute(update(accounts).where(accounts.c.account_id == account_id)
-                                   .values(balance_usd_micros=balance, update_time=now))
-            await conn.execute(insert(ledger).values(account_id=account_id, job_id=None, kind=kind,
-                                                     amount_usd_micros=delta, balance_usd_micros=balance, time=now,
-                                                     note=note))
+                await conn.execute(
+                    update(accounts)
+                    .where(accounts.c.account_id == account_id)
+                    .values(balance_usd_micros=balance, update_time=now)
+                )
+            await conn.execute(
+                insert(ledger).values(
+                    account_id=account_id,
+                    job_id=None,
+                    kind=kind,
+                    amount_usd_micros=delta,
+                    balance_usd_micros=balance,
+                    time=now,
+                    note=note,
+                )
+            )
         return balance
 
     async def _reserve(self, conn: AsyncConnection, job: Job) -> int:
@@ -654,18 +733,31 @@ class SqlJobStore:
         quote = job.estimated_cost_usd_micros
         balance = (
             await conn.execute(
-                select(accounts.c.balance_usd_micros).where(accounts.c.account_id == job.account_id).with_for_update()
+                select(accounts.c.balance_usd_micros)
+                .where(accounts.c.account_id == job.account_id)
+                .with_for_update()
             )
         ).scalar_one_or_none()
         if balance is None or quote <= 0:
             return 0  # no budget: unlimited
         if balance < quote:
             raise InsufficientCredit(job.account_id, balance, quote)
-        await conn.execute(update(accounts).where(accounts.c.account_id == job.account_id)
-                           .values(balance_usd_micros=balance - quote, update_time=job.create_time))
-        await conn.execute(insert(ledger).values(account_id=job.account_id, job_id=job.id, kind="reserve",
-                                                 amount_usd_micros=-quote, balance_usd_micros=balance - quote,
-                                                 time=job.create_time, note="quoted at submit"))
+        await conn.execute(
+            update(accounts)
+            .where(accounts.c.account_id == job.account_id)
+            .values(balance_usd_micros=balance - quote, update_time=job.create_time)
+        )
+        await conn.execute(
+            insert(ledger).values(
+                account_id=job.account_id,
+                job_id=job.id,
+                kind="reserve",
+                amount_usd_micros=-quote,
+                balance_usd_micros=balance - quote,
+                time=job.create_time,
+                note="quoted at submit",
+            )
+        )
         return quote
 
     async def _settle(self, conn: AsyncConnection, job: Job, now: datetime) -> None:
@@ -680,16 +772,25 @@ class SqlJobStore:
             note = f"job {job.status.value}: free"
         balance = (
             await conn.execute(
-                update(accounts).where(accounts.c.account_id == job.account_id)
+                update(accounts)
+                .where(accounts.c.account_id == job.account_id)
                 .values(balance_usd_micros=accounts.c.balance_usd_micros + delta, update_time=now)
                 .returning(accounts.c.balance_usd_micros)
             )
         ).scalar_one_or_none()
         if balance is None:
             return  # the budget was removed meanwhile: the account is unlimited now
-        await conn.execute(insert(ledger).values(account_id=job.account_id, job_id=job.id, kind=kind,
-                                                 amount_usd_micros=delta, balance_usd_micros=balance, time=now,
-                                                 note=note))
+        await conn.execute(
+            insert(ledger).values(
+                account_id=job.account_id,
+                job_id=job.id,
+                kind=kind,
+                amount_usd_micros=delta,
+                balance_usd_micros=balance,
+                time=now,
+                note=note,
+            )
+        )
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers."""
@@ -732,8 +833,13 @@ class SqlJobStore:
                 await conn.execute(
                     update(jobs)
                     .where(*_fenced(fence))
-                    .values(status=status.value, version=jobs.c.version + 1, update_time=now, message=message,
-                            **values)
+                    .values(
+                        status=status.value,
+                        version=jobs.c.version + 1,
+                        update_time=now,
+                        message=message,
+                        **values,
+                    )
                     .returning(*jobs.c)
                 )
             ).first()
@@ -746,7 +852,13 @@ class SqlJobStore:
         return job
 
     async def _update(
-        self, conn: AsyncConnection, current: Job, status: JobStatus, message: str, *, values: dict[str, Any],
+        self,
+        conn: AsyncConnection,
+        current: Job,
+        status: JobStatus,
+        message: str,
+        *,
+        values: dict[str, Any],
         now: datetime,
     ) -> Job:
         if status not in ALLOWED_TRANSITIONS[current.status]:
@@ -755,7 +867,13 @@ class SqlJobStore:
             await conn.execute(
                 update(jobs)
                 .where(jobs.c.id == current.id)
-                .values(status=status.value, version=jobs.c.version + 1, update_time=now, message=message, **values)
+                .values(
+                    status=status.value,
+                    version=jobs.c.version + 1,
+                    update_time=now,
+                    message=message,
+                    **values,
+                )
                 .returning(*jobs.c)
             )
         ).one()
@@ -764,7 +882,9 @@ class SqlJobStore:
         await self._settle(conn, job, now)
         return job
 
-    async def _record_events(self, conn: AsyncConnection, transitions: Sequence[tuple[Job, JobStatus | None]]) -> None:
+    async def _record_events(
+        self, conn: AsyncConnection, transitions: Sequence[tuple[Job, JobStatus | None]]
+    ) -> None:
         await conn.execute(
             insert(job_events),
             [
@@ -805,7 +925,11 @@ async def _unavailable_on_connection_errors() -> AsyncIterator[None]:
     try:
         yield
     except sqlalchemy.exc.DBAPIError as exc:
-        if exc.connection_invalidated or isinstance(exc, sqlalchemy.exc.InterfaceError) or _is_connection_error(exc):
+        if (
+            exc.connection_invalidated
+            or isinstance(exc, sqlalchemy.exc.InterfaceError)
+            or _is_connection_error(exc)
+        ):
             raise StoreUnavailable(f"database unreachable: {exc.orig!s}") from exc
         raise
     except (OSError, TimeoutError, sqlalchemy.exc.TimeoutError) as exc:
@@ -815,7 +939,9 @@ async def _unavailable_on_connection_errors() -> AsyncIterator[None]:
 def _is_connection_error(exc: sqlalchemy.exc.DBAPIError) -> bool:
     # asyncpg's connection errors and PostgreSQL's SQLSTATE class 08 (connection exception) and 57P
     # (operator intervention: admin shutdown, terminated backend) mean "try again later".
-    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(getattr(exc.orig, "__cause__", None), "sqlstate", None)
+    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
+        getattr(exc.orig, "__cause__", None), "sqlstate", None
+    )
     if isinstance(sqlstate, str) and (sqlstate.startswith("08") or sqlstate.startswith("57P")):
         return True
     cause = getattr(exc.orig, "__cause__", None)
@@ -847,7 +973,9 @@ def _notice(job: Job) -> JobNotice:
 
 
 def _notice_from_row(row: Row[Any]) -> JobNotice:
-    return JobNotice(job_id=row.id, version=row.version, status=JobStatus(row.status), account_id=row.account_id)
+    return JobNotice(
+        job_id=row.id, version=row.version, status=JobStatus(row.status), account_id=row.account_id
+    )
 
 
 def _job_values(job: Job, request_hash: str) -> dict[str, Any]:

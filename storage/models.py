@@ -225,8 +225,9 @@ class JobNotice:
     def decode(cls, payload: str) -> JobNotice:
         """Inverse of `encode`; raises ValueError on a foreign payload."""
         job_id, version, status, account_id = payload.split(" ", 3)
-        return cls(job_id=uuid.UUID(job_id), version=int(version), status=JobStatus(status),
-                   account_id=account_id)
+        return cls(
+            job_id=uuid.UUID(job_id), version=int(version), status=JobStatus(status), account_id=account_id
+        )
 
 
 def utcnow() -> datetime:

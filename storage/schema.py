@@ -1,4 +1,4 @@
-"""The tables, as SQLAlchemy Core metadata (Alembic migrations own the real schema; a test checks they agree)."""
+"""The tables as SQLAlchemy Core metadata (Alembic migrations own the schema; a test checks they agree)."""
 
 from __future__ import annotations
 
@@ -104,13 +104,25 @@ jobs = Table(
     Column("start_time", UtcDateTime, nullable=True),
     Column("end_time", UtcDateTime, nullable=True),
     # the claim scans only these small partial indexes
-    Index("ix_jobs_pending", "next_attempt_at", postgresql_where=text("status = 'pending'"),
-          sqlite_where=text("status = 'pending'")),
-    Index("ix_jobs_leases", "lease_expires_at", postgresql_where=text("status = 'processing'"),
-          sqlite_where=text("status = 'processing'")),
+    Index(
+        "ix_jobs_pending",
+        "next_attempt_at",
+        postgresql_where=text("status = 'pending'"),
+        sqlite_where=text("status = 'pending'"),
+    ),
+    Index(
+        "ix_jobs_leases",
+        "lease_expires_at",
+        postgresql_where=text("status = 'processing'"),
+        sqlite_where=text("status = 'processing'"),
+    ),
     # per-account backpressure counts only the account's pending jobs
-    Index("ix_jobs_account_pending", "account_id", postgresql_where=text("status = 'pending'"),
-          sqlite_where=text("status = 'pending'")),
+    Index(
+        "ix_jobs_account_pending",
+        "account_id",
+        postgresql_where=text("status = 'pending'"),
+        sqlite_where=text("status = 'pending'"),
+    ),
     # ListJobs: newest first within an account
     Index("ix_jobs_account_created", "account_id", "create_time", "id"),
     # AIP-155 idempotency; NULL request ids never collide

@@ -61,18 +61,29 @@ def upgrade() -> None:
         sa.Column("end_time", UtcDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_jobs"),
     )
-    op.create_index("ix_jobs_pending", "jobs", ["next_attempt_at"],
-                    postgresql_where=sa.text("status = 'pending'"), sqlite_where=sa.text("status = 'pending'"))
-    op.create_index("ix_jobs_leases", "jobs", ["lease_expires_at"],
-                    postgresql_where=sa.text("status = 'processing'"),
-                    sqlite_where=sa.text("status = 'processing'"))
+    op.create_index(
+        "ix_jobs_pending",
+        "jobs",
+        ["next_attempt_at"],
+        postgresql_where=sa.text("status = 'pending'"),
+        sqlite_where=sa.text("status = 'pending'"),
+    )
+    op.create_index(
+        "ix_jobs_leases",
+        "jobs",
+        ["lease_expires_at"],
+        postgresql_where=sa.text("status = 'processing'"),
+        sqlite_where=sa.text("status = 'processing'"),
+    )
     op.create_index("ix_jobs_account_created", "jobs", ["account_id", "create_time", "id"])
     op.create_index("uq_jobs_account_request", "jobs", ["account_id", "request_id"], unique=True)
     op.create_index("ix_jobs_update_time", "jobs", ["update_time"])
 
     op.create_table(
         "job_events",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
+        ),
         sa.Column("job_id", sa.Uuid(), nullable=False),
         sa.Column("account_id", sa.String(128), nullable=False),
         sa.Column("version", sa.BigInteger(), nullable=False),
@@ -81,7 +92,9 @@ def upgrade() -> None:
         sa.Column("message", sa.Text(), server_default="", nullable=False),
         sa.Column("event_time", UtcDateTime(), nullable=False),
         sa.Column("snapshot", Json, nullable=False),
-        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name="fk_job_events_job_id_jobs", ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["job_id"], ["jobs.id"], name="fk_job_events_job_id_jobs", ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_job_events"),
     )
     op.create_index("uq_job_events_job_version", "job_events", ["job_id", "version"], unique=True)

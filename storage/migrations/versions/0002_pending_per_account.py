@@ -17,8 +17,13 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_jobs_account_pending", "jobs", ["account_id"],
-                    postgresql_where=sa.text("status = 'pending'"), sqlite_where=sa.text("status = 'pending'"))
+    op.create_index(
+        "ix_jobs_account_pending",
+        "jobs",
+        ["account_id"],
+        postgresql_where=sa.text("status = 'pending'"),
+        sqlite_where=sa.text("status = 'pending'"),
+    )
 
 
 def downgrade() -> None:

@@ -29,7 +29,9 @@ def upgrade() -> None:
     )
     op.create_table(
         "ledger",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
+        ),
         sa.Column("account_id", sa.String(128), nullable=False),
         sa.Column("job_id", sa.Uuid(), nullable=True),
         sa.Column("kind", sa.String(16), nullable=False),
@@ -41,8 +43,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_ledger_account_id", "ledger", ["account_id", "id"])
     with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("reserved_usd_micros", sa.BigInteger(), server_default=sa.text("0"),
-                                   nullable=False))
+        batch.add_column(
+            sa.Column("reserved_usd_micros", sa.BigInteger(), server_default=sa.text("0"), nullable=False)
+        )
 
 
 def downgrade() -> None:
