@@ -14,20 +14,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.utils
 import io
-import json
 import math
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import aiohttp
 from PIL import Image, UnidentifiedImageError
 from yarl import URL
 
+from providers._http import (
+    Reply,
+    classify_status,
+    describe,
+    most_telling,
+    read_limited,
+    retry_after_s,
+    snippet,
+)
 from providers.base import (
     Checkpoint,
     ContentModerated,
@@ -141,7 +146,7 @@ class ArkProvider:
         )
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if errors:
-            raise _most_telling(errors)
+            raise most_telling(errors, _rank)
         variants = [outcome for outcome in outcomes if isinstance(outcome, _Variant)]
         counts = [variant.generated_images for variant in variants]
         refs: dict[str, Any] = {"ark_sizes": [variant.size for variant in variants]}
@@ -161,7 +166,7 @@ class ArkProvider:
 
     async def _variant(self, payload: Mapping[str, Any]) -> _Variant:
         reply = await self._post(payload)
-        if not 200 <= reply.status < 300:
+        if not reply.ok:
             raise _http_error(reply)
         body = _json_object(reply)
         item = _image_item(body, reply)
@@ -196,7 +201,7 @@ class ArkProvider:
                     request_id=response.headers.get("X-Request-Id"),
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"Ark image generation call failed: {_describe(exc)}") from exc
+            raise ProviderUnavailable(f"Ark image generation call failed: {describe(exc)}") from exc
 
     async def _download(self, url: str, reply: _Reply) -> bytes:
         stage = "download of Ark's image"
@@ -212,9 +217,9 @@ class ArkProvider:
                     raise ProviderUnavailable(
                         f"Ark's storage answered HTTP {response.status} to the {stage}{_rid(reply)}"
                     )
-                return await _read_limited(response, stage)
+                return await read_limited(response, _MAX_IMAGE_BYTES, f"the {stage}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"the {stage} failed: {_describe(exc)}{_rid(reply)}") from exc
+            raise ProviderUnavailable(f"the {stage} failed: {describe(exc)}{_rid(reply)}") from exc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,19 +233,8 @@ class _Variant:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Reply:
-    status: int
-    raw: bytes
-    retry_after: str | None
+class _Reply(Reply):
     request_id: str | None
-
-    @cached_property
-    def body(self) -> Any:
-        """The parsed JSON body, or None when it is not JSON."""
-        try:
-            return json.loads(self.raw)
-        except ValueError:
-            return None
 
 
 def _spec(model: str) -> ModelSpec:
@@ -279,10 +273,10 @@ def _json_object(reply: _Reply) -> Mapping[str, Any]:
     if body is None:
         raise ProviderUnavailable(
             f"Ark answered HTTP {reply.status} with a body that is not valid JSON "
-            f"({len(reply.raw)} bytes: {_snippet(reply)}){_rid(reply)}"
+            f"({len(reply.raw)} bytes: {snippet(reply.raw)}){_rid(reply)}"
         )
     if not isinstance(body, dict):
-        raise InvalidProviderResponse(f"Ark's answer is not a JSON object: {_snippet(reply)}{_rid(reply)}")
+        raise InvalidProviderResponse(f"Ark's answer is not a JSON object: {snippet(reply.raw)}{_rid(reply)}")
     return body
 
 
@@ -295,7 +289,7 @@ def _image_item(body: Mapping[str, Any], reply: _Reply) -> Mapping[str, Any]:
     data = body.get("data")
     if not isinstance(data, list):
         raise InvalidProviderResponse(
-            f"Ark answered success without a data array: {_snippet(reply)}{_rid(reply)}"
+            f"Ark answered success without a data array: {snippet(reply.raw)}{_rid(reply)}"
         )
     failures: list[ProviderError] = []
     for item in data:
@@ -310,7 +304,7 @@ def _image_item(body: Mapping[str, Any], reply: _Reply) -> Mapping[str, Any]:
         if isinstance(item_error, dict):
             failures.append(_coded_error(item_error, reply, status=None))
     if failures:
-        raise _most_telling(failures)
+        raise most_telling(failures, _rank)
     raise InvalidProviderResponse(
         f"Ark answered success but returned no image (data has {len(data)} items, "
         f"usage.generated_images={_generated_images(body)}){_rid(reply)}"
@@ -347,20 +341,13 @@ def _coded_error(error: Mapping[str, Any], reply: _Reply, *, status: int | None)
             f"Ark accepted the call but failed to generate the image ({code or 'no code'}): "
             f"{detail}{_rid(reply, detail)}"
         )
-    if status in _HTTP_ERRORS:
-        error_class, meaning = _HTTP_ERRORS[status]
-    elif status >= 500:
-        error_class, meaning = ProviderUnavailable, "server error"
-    elif status >= 400:
-        error_class, meaning = ProviderRejected, "client error"
-    else:
-        error_class, meaning = InvalidProviderResponse, "unexpected status"
+    error_class, meaning = classify_status(status, _HTTP_ERRORS)
     if code in _TRANSIENT_CODES:
         error_class = ProviderUnavailable
     label = f"{meaning}, {code}" if code else meaning
     text = f"Ark answered HTTP {status} ({label})" + (f": {detail}" if detail else "") + _rid(reply, detail)
-    retry_after_s = _retry_after_s(reply.retry_after) if status in (429, 503) else None
-    return error_class(text, retry_after_s=retry_after_s)
+    wait_s = retry_after_s(reply.retry_after) if status in (429, 503) else None
+    return error_class(text, retry_after_s=wait_s)
 
 
 def _moderation_subject(code: str) -> str | None:
@@ -391,21 +378,6 @@ def _image_type(data: bytes, reply: _Reply) -> str:
     return content_type
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    # Retry-After is either delta-seconds or an HTTP date (RFC 9110 section 10.2.3).
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _rid(reply: _Reply, detail: str = "") -> str:
     # Ark's messages usually end with "Request id: …" already; the header is added only when they do not.
     if reply.request_id is None or reply.request_id in detail:
@@ -413,50 +385,14 @@ def _rid(reply: _Reply, detail: str = "") -> str:
     return f" (request id {reply.request_id})"
 
 
-def _snippet(reply: _Reply) -> str:
-    return repr(reply.raw[:120].decode("utf-8", "replace"))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"the connection dropped mid-response ({exc})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection without answering"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-async def _read_limited(response: aiohttp.ClientResponse, stage: str) -> bytes:
-    if response.content_length is not None and response.content_length > _MAX_IMAGE_BYTES:
-        raise InvalidProviderResponse(
-            f"the {stage} is {response.content_length} bytes, over the {_MAX_IMAGE_BYTES}-byte limit"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > _MAX_IMAGE_BYTES:
-            raise InvalidProviderResponse(f"the {stage} exceeds the {_MAX_IMAGE_BYTES}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _most_telling(errors: Sequence[BaseException]) -> BaseException:
-    # A bug (not a ProviderError) must not hide behind a vendor error; then moderation, which settles the
-    # job and names the reason; then other final verdicts; a transient failure only when nothing else.
-    unexpected = [error for error in errors if not isinstance(error, ProviderError)]
-    if unexpected:
-        return unexpected[0]
-    moderated = [error for error in errors if isinstance(error, ContentModerated)]
-    if moderated:
-        return moderated[0]
-    final = [error for error in errors if isinstance(error, ProviderError) and not error.retryable]
-    if final:
-        return final[0]
-    # Among transient failures, the longest wait the vendor asked for is the one to honour.
-    hinted = [e for e in errors if isinstance(e, ProviderError) and e.retry_after_s is not None]
-    return max(hinted, key=lambda e: e.retry_after_s or 0.0) if hinted else errors[0]
+def _rank(error: ProviderError) -> tuple[float, ...]:
+    # Moderation settles the job and names the reason; then other final verdicts; a transient failure
+    # only when nothing else, and among those the longest wait the vendor asked for is the one to honour.
+    if isinstance(error, ContentModerated):
+        return (0, 0.0)
+    if not error.retryable:
+        return (1, 0.0)
+    return (2, math.inf if error.retry_after_s is None else -error.retry_after_s)
 
 
 def _ceil_sqrt(numerator: int, denominator: int) -> int:

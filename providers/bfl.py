@@ -10,18 +10,26 @@ retry submits it afresh.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 from yarl import URL
 
+from providers._http import (
+    Reply,
+    classify_status,
+    describe,
+    json_object,
+    most_telling,
+    read_limited,
+    retry_after_s,
+    sniff_content_type,
+    snippet,
+)
 from providers.base import (
     Checkpoint,
     ContentModerated,
@@ -105,7 +113,7 @@ class BflProvider:
             lost = {failure.task_id for failure in _leaves(failures) if isinstance(failure, _TaskLost)}
             if lost:
                 await checkpoint.save(_state([None if t is None or t.id in lost else t for t in tasks]))
-            raise _public(_most_telling(_leaves(failures))) from None
+            raise _public(most_telling(_leaves(failures))) from None
         # A partial sum would undercut the catalog's estimate: report a cost only if every task had one.
         costs = [task.cost for task in submitted if task.cost is not None]
         return GenerationResult(
@@ -135,18 +143,18 @@ class BflProvider:
             await checkpoint.save(_state(tasks))
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if errors:
-            raise _public(_most_telling(errors))
+            raise _public(most_telling(errors))
 
     async def _submit(self, request: GenerationRequest, variant: int) -> _Task:
         payload = _payload(request, variant)
         reply = await self._exchange("POST", URL(self._submit_url), "submit", payload=payload)
         if not reply.ok:
             raise _http_error("submit", reply)
-        body = _json_object(reply, "submit")
+        body = json_object(reply, vendor="BFL", stage="submit")
         task_id = body.get("id")
         if not isinstance(task_id, str) or not task_id:
             raise InvalidProviderResponse(
-                f"BFL accepted the submit but its answer has no task id: {_snippet(reply)}"
+                f"BFL accepted the submit but its answer has no task id: {snippet(reply.raw)}"
             )
         polling_url = body.get("polling_url")
         if not isinstance(polling_url, str) or not polling_url.startswith(("https://", "http://")):
@@ -192,9 +200,11 @@ class BflProvider:
                 )
             if not reply.ok:
                 raise _http_error(stage, reply)
-            body = _json_object(reply, stage)
+            body = json_object(reply, vendor="BFL", stage=stage)
             if not isinstance(status, str):
-                raise InvalidProviderResponse(f"BFL's answer to the {stage} has no status: {_snippet(reply)}")
+                raise InvalidProviderResponse(
+                    f"BFL's answer to the {stage} has no status: {snippet(reply.raw)}"
+                )
             if status == "Ready":
                 result = body.get("result")
                 return result if isinstance(result, dict) else {}
@@ -227,28 +237,28 @@ class BflProvider:
                     )
                 if not 200 <= response.status < 300:
                     raise ProviderUnavailable(f"BFL answered HTTP {response.status} to the {stage}")
-                data = await _read_limited(response, stage)
+                data = await read_limited(response, _MAX_IMAGE_BYTES, f"BFL's {stage}")
                 content_type = response.content_type
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"BFL {stage} failed: {_describe(exc)}") from exc
+            raise ProviderUnavailable(f"BFL {stage} failed: {describe(exc)}") from exc
         if not data:
             raise InvalidProviderResponse(f"BFL's image for task {task.id} is empty (0 bytes)")
         if not content_type.startswith("image/"):
-            content_type = _sniff_content_type(data)
+            content_type = sniff_content_type(data)
         return data, content_type
 
     async def _exchange(
         self, method: str, url: URL, stage: str, *, payload: Mapping[str, Any] | None = None
-    ) -> _Reply:
+    ) -> Reply:
         try:
             async with self._session.request(
                 method, url, json=payload, headers=self._auth, raise_for_status=False
             ) as response:
                 raw = await response.read()
                 retry_after = response.headers.get("Retry-After")
-                reply = _Reply(status=response.status, raw=raw, retry_after=retry_after)
+                reply = Reply(status=response.status, raw=raw, retry_after=retry_after)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"BFL {stage} failed: {_describe(exc)}") from exc
+            raise ProviderUnavailable(f"BFL {stage} failed: {describe(exc)}") from exc
         return reply
 
 
@@ -271,25 +281,6 @@ class _Task:
             return None
         known_cost = float(cost) if isinstance(cost, int | float) else None
         return cls(id=task_id, polling_url=polling_url, cost=known_cost)
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Reply:
-    status: int
-    raw: bytes
-    retry_after: str | None
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.status < 300
-
-    @cached_property
-    def body(self) -> Any:
-        """The parsed JSON body, or None when it is not JSON."""
-        try:
-            return json.loads(self.raw)
-        except ValueError:
-            return None
 
 
 class _TaskLost(ProviderUnavailable):
@@ -340,35 +331,16 @@ def _seed(request: GenerationRequest, variant: int) -> int | None:
     return None if request.seed is None else request.seed + variant
 
 
-def _json_object(reply: _Reply, stage: str) -> Mapping[str, Any]:
-    body = reply.body
-    if body is None:
-        raise ProviderUnavailable(
-            f"BFL answered the {stage} with HTTP {reply.status} but a body that is not valid JSON "
-            f"({len(reply.raw)} bytes: {_snippet(reply)})"
-        )
-    if not isinstance(body, dict):
-        raise InvalidProviderResponse(f"BFL's answer to the {stage} is not a JSON object: {_snippet(reply)}")
-    return body
-
-
-def _http_error(stage: str, reply: _Reply) -> ProviderError:
+def _http_error(stage: str, reply: Reply) -> ProviderError:
     status = reply.status
-    if status in _HTTP_ERRORS:
-        error_class, meaning = _HTTP_ERRORS[status]
-    elif status >= 500:
-        error_class, meaning = ProviderUnavailable, "server error"
-    elif status >= 400:
-        error_class, meaning = ProviderRejected, "client error"
-    else:
-        error_class, meaning = InvalidProviderResponse, "unexpected status"
+    error_class, meaning = classify_status(status, _HTTP_ERRORS)
     detail = _error_detail(reply)
     message = f"BFL answered HTTP {status} ({meaning}) to the {stage}" + (f": {detail}" if detail else "")
-    retry_after_s = _retry_after_s(reply.retry_after) if status in (429, 503) else None
-    return error_class(message, retry_after_s=retry_after_s)
+    wait_s = retry_after_s(reply.retry_after) if status in (429, 503) else None
+    return error_class(message, retry_after_s=wait_s)
 
 
-def _error_detail(reply: _Reply) -> str:
+def _error_detail(reply: Reply) -> str:
     body = reply.body
     detail: object = None
     if isinstance(body, dict):
@@ -387,21 +359,6 @@ def _error_detail(reply: _Reply) -> str:
     return text[:_MAX_DETAIL_CHARS]
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    # Retry-After is either delta-seconds or an HTTP date (RFC 9110 section 10.2.3).
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _moderation_reasons(body: Mapping[str, Any]) -> str:
     details = body.get("details")
     reasons = details.get("Moderation Reasons") if isinstance(details, dict) else None
@@ -413,45 +370,6 @@ def _moderation_reasons(body: Mapping[str, Any]) -> str:
 def _details(body: Mapping[str, Any]) -> str:
     details = body.get("details")
     return f" ({json.dumps(details)[:_MAX_DETAIL_CHARS]})" if details else ""
-
-
-def _snippet(reply: _Reply) -> str:
-    return repr(reply.raw[:120].decode("utf-8", "replace"))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"the connection dropped mid-response ({exc})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection without answering"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-async def _read_limited(response: aiohttp.ClientResponse, stage: str) -> bytes:
-    if response.content_length is not None and response.content_length > _MAX_IMAGE_BYTES:
-        raise InvalidProviderResponse(
-            f"BFL's {stage} is {response.content_length} bytes, over the {_MAX_IMAGE_BYTES}-byte limit"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > _MAX_IMAGE_BYTES:
-            raise InvalidProviderResponse(f"BFL's {stage} exceeds the {_MAX_IMAGE_BYTES}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _sniff_content_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
 
 
 def _public(error: BaseException) -> BaseException:
@@ -466,13 +384,3 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return leaves
-
-
-def _most_telling(errors: Sequence[BaseException]) -> BaseException:
-    # A bug (not a ProviderError) must not hide behind a vendor error; among vendor errors, one that
-    # settles the job (moderation, rejection) matters more than one a retry may cure.
-    unexpected = [error for error in errors if not isinstance(error, ProviderError)]
-    if unexpected:
-        return unexpected[0]
-    final = [error for error in errors if isinstance(error, ProviderError) and not error.retryable]
-    return final[0] if final else errors[0]

@@ -22,11 +22,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.utils
 import json
 import math
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +33,15 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from providers._http import (
+    describe,
+    most_telling,
+    read_limited,
+    retry_after_s,
+    shorten,
+    sniff_content_type,
+    snippet,
+)
 from providers.base import (
     Checkpoint,
     ContentModerated,
@@ -235,7 +242,7 @@ class GeminiProvider:
         )
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if errors:
-            raise _most_telling(errors)
+            raise most_telling(errors, _rank)
         answers = [outcome for outcome in outcomes if isinstance(outcome, _Answer)]
         return GenerationResult(
             images=tuple(answer.image for answer in answers),
@@ -251,10 +258,10 @@ class GeminiProvider:
             async with self._session.post(
                 url, data=body, headers=self._headers, raise_for_status=False
             ) as response:
-                raw = await _read_limited(response, _MAX_ANSWER_BYTES, "Gemini's answer")
+                raw = await read_limited(response, _MAX_ANSWER_BYTES, "Gemini's answer")
                 status, retry_after = response.status, response.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"Gemini generateContent failed: {_describe(exc)}") from exc
+            raise ProviderUnavailable(f"Gemini generateContent failed: {describe(exc)}") from exc
         if status != 200:
             raise _http_error(status, raw, retry_after)
         # A multi-megabyte JSON parse and base64 decode: keep the event loop free for other jobs.
@@ -269,11 +276,11 @@ class GeminiProvider:
         )
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if errors:
-            raise _most_telling(errors)
+            raise most_telling(errors, _rank)
         return [outcome for outcome in outcomes if isinstance(outcome, _Reference)]
 
     async def _download_reference(self, number: int, url: str) -> _Reference:
-        what = f"reference image {number} ({_short(url)})"
+        what = f"reference image {number} ({shorten(url, 100)})"
         try:
             # No API key: the reference's host is not Google.
             async with self._references.get(URL(url), raise_for_status=False) as response:
@@ -287,9 +294,9 @@ class GeminiProvider:
                     raise ProviderRejected(
                         f"{what} is {mime_type}; Gemini reads {', '.join(_INLINE_TYPES)} only"
                     )
-                data = await _read_limited(response, self._max_reference_bytes, what, error=ProviderRejected)
+                data = await read_limited(response, self._max_reference_bytes, what, error=ProviderRejected)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"could not download {what}: {_describe(exc)}") from exc
+            raise ProviderUnavailable(f"could not download {what}: {describe(exc)}") from exc
         if not data:
             raise ProviderRejected(f"{what} is empty (0 bytes)")
         await asyncio.to_thread(check_reference_image, data, what)
@@ -348,10 +355,10 @@ def _read_answer(raw: bytes) -> _Answer:
     except ValueError:
         raise ProviderUnavailable(
             "Gemini answered HTTP 200 but a body that is not valid JSON "
-            f"({len(raw)} bytes: {_snippet(raw)}); it was probably cut short"
+            f"({len(raw)} bytes: {snippet(raw)}); it was probably cut short"
         ) from None
     if not isinstance(body, dict):
-        raise InvalidProviderResponse(f"Gemini's answer is not a JSON object: {_snippet(raw)}")
+        raise InvalidProviderResponse(f"Gemini's answer is not a JSON object: {snippet(raw)}")
     feedback = body.get("promptFeedback")
     block_reason = feedback.get("blockReason") if isinstance(feedback, dict) else None
     if block_reason:
@@ -365,7 +372,7 @@ def _read_answer(raw: bytes) -> _Answer:
     candidate = candidates[0] if isinstance(candidates, list) and candidates else None
     if not isinstance(candidate, dict):
         raise InvalidProviderResponse(
-            f"Gemini answered without a candidate or a block reason: {_snippet(raw)}"
+            f"Gemini answered without a candidate or a block reason: {snippet(raw)}"
         )
     finish_reason = str(candidate.get("finishReason") or "")
     finish_message = candidate.get("finishMessage")
@@ -399,7 +406,7 @@ def _read_answer(raw: bytes) -> _Answer:
     response_id, model_version = body.get("responseId"), body.get("modelVersion")
     return _Answer(
         image=ProviderImage(
-            data=data, content_type=mime_type if mime_type.startswith("image/") else _sniff_content_type(data)
+            data=data, content_type=mime_type if mime_type.startswith("image/") else sniff_content_type(data)
         ),
         usage=_usage(body.get("usageMetadata")),
         response_id=response_id if isinstance(response_id, str) else None,
@@ -480,7 +487,7 @@ def _http_error(status: int, raw: bytes, retry_after: str | None) -> ProviderErr
         # Out of prepaid credit looks like throttling but a retry cannot cure it: it is the account's problem.
         return ProviderAuthError(text)
     if status in (408, 429, 499) or status >= 500:
-        return ProviderUnavailable(text, retry_after_s=_retry_delay_s(details) or _retry_after_s(retry_after))
+        return ProviderUnavailable(text, retry_after_s=_retry_delay_s(details) or retry_after_s(retry_after))
     if 400 <= status < 500:
         return ProviderRejected(text)
     return InvalidProviderResponse(text)
@@ -515,21 +522,6 @@ def _retry_delay_s(details: Sequence[Any]) -> float | None:
     return None
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    # Retry-After is either delta-seconds or an HTTP date (RFC 9110 section 10.2.3).
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _reference_http_error(what: str, status: int) -> ProviderError:
     message = f"{what} answered HTTP {status}"
     if status in (408, 429) or status >= 500:
@@ -555,66 +547,8 @@ def _extra(*notes: object) -> str:
     return f": {'; '.join(shown)}" if shown else ""
 
 
-def _snippet(raw: bytes) -> str:
-    return repr(raw[:120].decode("utf-8", "replace"))
-
-
-def _short(url: str) -> str:
-    return url if len(url) <= 100 else url[:97] + "..."
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"the connection dropped mid-response ({exc})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection without answering"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-async def _read_limited(
-    response: aiohttp.ClientResponse,
-    limit: int,
-    what: str,
-    *,
-    error: type[ProviderError] = InvalidProviderResponse,
-) -> bytes:
-    if response.content_length is not None and response.content_length > limit:
-        raise error(f"{what} is {response.content_length} bytes, over the {limit}-byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise error(f"{what} exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _sniff_content_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
-
-
-def _most_telling(errors: Sequence[BaseException]) -> BaseException:
-    # A bug (not a ProviderError) must not hide behind a vendor error. Among vendor errors, one that
-    # settles the job (moderation first) beats one a retry may cure; among retryable ones, the longest
-    # wait the vendor asked for wins, so the retry does not come back too early.
-    unexpected = [error for error in errors if not isinstance(error, ProviderError)]
-    if unexpected:
-        return unexpected[0]
-    vendor_errors = [error for error in errors if isinstance(error, ProviderError)]
-
-    def rank(error: ProviderError) -> tuple[int, float]:
-        kind = next(
-            (index for index, cls in enumerate(_PRECEDENCE) if isinstance(error, cls)), len(_PRECEDENCE)
-        )
-        return kind, -(error.retry_after_s or 0.0)
-
-    return min(vendor_errors, key=rank)
+def _rank(error: ProviderError) -> tuple[float, ...]:
+    # One that settles the job (moderation first) beats one a retry may cure; among retryable ones, the
+    # longest wait the vendor asked for wins, so the retry does not come back too early.
+    kind = next((index for index, cls in enumerate(_PRECEDENCE) if isinstance(error, cls)), len(_PRECEDENCE))
+    return kind, -(error.retry_after_s or 0.0)

@@ -17,21 +17,27 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.utils
-import json
 import math
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
-from functools import cached_property
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
+from providers._http import (
+    Reply,
+    describe,
+    json_object,
+    most_telling,
+    read_limited,
+    seconds_until,
+    shorten,
+    sniff_content_type,
+)
 from providers.base import (
     Checkpoint,
     ContentModerated,
@@ -195,7 +201,7 @@ class OpenAIProvider:
                 {key: request.options[key] for key in _GENERATION_OPTIONS if key in request.options}
             )
             reply = await self._post("generations", self._generations_url, json_body=fields)
-        if not 200 <= reply.status < 300:
+        if not reply.ok:
             raise _http_error(reply)
         # Decoding megabytes of JSON and base64 is CPU work: keep it off the event loop.
         answer = await asyncio.to_thread(_parse_answer, reply, request.num_variants)
@@ -226,7 +232,7 @@ class OpenAIProvider:
             async with self._session.post(
                 url, json=json_body, data=data, headers=self._headers, raise_for_status=False
             ) as response:
-                raw = await _read_limited(response, _MAX_RESPONSE_BYTES, f"answer to the {endpoint} call")
+                raw = await read_limited(response, _MAX_RESPONSE_BYTES, f"answer to the {endpoint} call")
                 headers = response.headers
                 return _Reply(
                     endpoint=endpoint,
@@ -237,7 +243,7 @@ class OpenAIProvider:
                     retry_after=headers.get("retry-after"),
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"OpenAI {endpoint} call failed: {_describe(exc)}") from exc
+            raise ProviderUnavailable(f"OpenAI {endpoint} call failed: {describe(exc)}") from exc
 
     async def _fetch_references(self, urls: Sequence[str]) -> list[_Reference]:
         # Every fetch runs to its end (no cancel on the first failure), so that the error reported does
@@ -248,7 +254,7 @@ class OpenAIProvider:
         )
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if errors:
-            raise _most_telling(errors)
+            raise most_telling(errors)
         return [outcome for outcome in outcomes if isinstance(outcome, _Reference)]
 
     async def _fetch_reference(self, number: int, url: str) -> _Reference:
@@ -269,10 +275,10 @@ class OpenAIProvider:
                     raise ProviderRejected(
                         f"{what} is not an image (Content-Type {response.content_type or 'missing'})"
                     )
-                data = await _read_limited(response, self._max_reference_bytes, what, error=ProviderRejected)
+                data = await read_limited(response, self._max_reference_bytes, what, error=ProviderRejected)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"could not fetch {what}: {_describe(exc)}") from exc
-        content_type = _sniff_content_type(data)
+            raise ProviderUnavailable(f"could not fetch {what}: {describe(exc)}") from exc
+        content_type = sniff_content_type(data)
         if content_type not in _REFERENCE_FORMATS:
             raise ProviderRejected(
                 f"{what} is not a PNG, JPEG or WebP image, the formats OpenAI's edits accept"
@@ -293,21 +299,10 @@ class _Reference:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Reply:
+class _Reply(Reply):
     endpoint: str
-    status: int
-    raw: bytes
     request_id: str | None
     retry_after_ms: str | None
-    retry_after: str | None
-
-    @cached_property
-    def body(self) -> Any:
-        """The parsed JSON body, or None when it is not JSON."""
-        try:
-            return json.loads(self.raw)
-        except ValueError:
-            return None
 
     @property
     def error(self) -> Mapping[str, Any]:
@@ -355,16 +350,7 @@ def _form(fields: Mapping[str, Any], references: Sequence[_Reference]) -> aiohtt
 
 
 def _parse_answer(reply: _Reply, num_variants: int) -> _Answer:
-    body = reply.body
-    if body is None:
-        raise ProviderUnavailable(
-            f"OpenAI answered the {reply.endpoint} call with HTTP {reply.status} but a body that is not "
-            f"valid JSON ({len(reply.raw)} bytes: {_snippet(reply)})"
-        )
-    if not isinstance(body, dict):
-        raise InvalidProviderResponse(
-            f"OpenAI's answer to the {reply.endpoint} call is not a JSON object: {_snippet(reply)}"
-        )
+    body = json_object(reply, vendor="OpenAI", stage=f"{reply.endpoint} call")
     data = body.get("data")
     if not isinstance(data, list) or not data:
         raise InvalidProviderResponse(
@@ -391,7 +377,7 @@ def _image(item: object, index: int, declared: str | None, reply: _Reply) -> Pro
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidProviderResponse(f"OpenAI's image {index + 1} is not valid base64: {exc}") from exc
-    content_type = _sniff_content_type(data)
+    content_type = sniff_content_type(data)
     if content_type == "application/octet-stream":
         if declared is None:
             raise InvalidProviderResponse(
@@ -444,12 +430,9 @@ def _retry_after_s(reply: _Reply) -> float | None:
         seconds = _finite(reply.retry_after)
         if seconds is not None:
             return max(0.0, seconds)
-        try:
-            when = email.utils.parsedate_to_datetime(reply.retry_after)
-        except (TypeError, ValueError):
-            when = None
-        if when is not None:
-            return max(0.0, when.timestamp() - time.time())
+        until = seconds_until(reply.retry_after)
+        if until is not None:
+            return until
     message = reply.error.get("message")
     match = _TRY_AGAIN_IN.search(message) if isinstance(message, str) else None
     if match is not None:
@@ -491,60 +474,6 @@ def _request_id(reply: _Reply) -> str:
     return f" [request {reply.request_id}]" if reply.request_id else ""
 
 
-def _snippet(reply: _Reply) -> str:
-    return repr(reply.raw[:120].decode("utf-8", "replace"))
-
-
 def _short(url: str) -> str:
     # Signed URLs carry long query strings; the host and path are enough to recognise the image.
-    shown = str(URL(url, encoded=True).with_query(None).with_fragment(None))
-    return shown if len(shown) <= 120 else f"{shown[:117]}..."
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"the connection dropped mid-response ({exc})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection without answering"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-async def _read_limited(
-    response: aiohttp.ClientResponse,
-    limit: int,
-    what: str,
-    *,
-    error: type[ProviderError] = InvalidProviderResponse,
-) -> bytes:
-    if response.content_length is not None and response.content_length > limit:
-        raise error(f"{what} is {response.content_length} bytes, over the {limit}-byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise error(f"{what} exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _sniff_content_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
-
-
-def _most_telling(errors: Sequence[BaseException]) -> BaseException:
-    # A bug (not a ProviderError) must not hide behind a vendor error; a failure that settles the job
-    # (a reference that is not an image, or gone) matters more than one a retry may cure.
-    unexpected = [error for error in errors if not isinstance(error, ProviderError)]
-    if unexpected:
-        return unexpected[0]
-    final = [error for error in errors if isinstance(error, ProviderError) and not error.retryable]
-    return final[0] if final else errors[0]
+    return shorten(str(URL(url, encoded=True).with_query(None).with_fragment(None)), 120)

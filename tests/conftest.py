@@ -27,6 +27,7 @@ from server.settings import Settings
 from storage import migrate
 from storage.db import make_engine
 
+pytest_plugins = ["tests.vendor_fixtures"]
 DEFAULT_TEST_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import copy
 import dataclasses
-import io
 import json
 import math
 import time
@@ -16,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from PIL import Image, ImageChops, ImageStat
+from PIL import ImageChops, ImageStat
 from yarl import URL
 
 from providers.ark import MAX_PIXELS, MIN_PIXELS, SIDE_STEP, ArkProvider, native_size
@@ -33,22 +30,14 @@ from providers.base import (
 from providers.catalog import CATALOG
 from providers.sandbox import Sandbox
 from providers.sandbox.ark import render_image
+from tests import vendor_fixtures
+from tests.vendor_fixtures import RecordingCheckpoint, decode, request_maker
 
 API_KEY = "test-key"
 GENERATIONS = "/api/v3/images/generations"
 SEEDREAM_4 = "seedream-4-0-250828"
 SEEDREAM_4_5 = "seedream-4-5-251128"
 INVALID = "InvalidParameter"
-
-
-class RecordingCheckpoint:
-    """An in-memory Checkpoint; a sync vendor's adapter must never use it."""
-
-    def __init__(self) -> None:
-        self.saves: list[dict[str, Any]] = []
-
-    async def save(self, state: Mapping[str, Any]) -> None:
-        self.saves.append(copy.deepcopy(dict(state)))
 
 
 class SentRequests:
@@ -70,12 +59,6 @@ class SentRequests:
 
 
 @pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox.running(port=0) as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
 def sent() -> SentRequests:
     return SentRequests()
 
@@ -91,36 +74,13 @@ def provider(sandbox: Sandbox, session: aiohttp.ClientSession) -> ArkProvider:
     return ArkProvider(session, base_url=sandbox.base_url, api_key=API_KEY)
 
 
-@pytest.fixture
-def checkpoint() -> RecordingCheckpoint:
-    return RecordingCheckpoint()
-
-
-def make_request(prompt: str = "a red fox in the snow", **fields: Any) -> GenerationRequest:
-    values: dict[str, Any] = {
-        "job_id": "job-1",
-        "model": "seedream_4",
-        "prompt": prompt,
-        "width": 1024,
-        "height": 1024,
-        "num_variants": 1,
-        "output_format": "png",
-    }
-    values.update(fields)
-    return GenerationRequest(**values)
-
-
-def decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
+make_request = request_maker(model="seedream_4", prompt="a red fox in the snow")
 
 
 async def generate(
     provider: ArkProvider, request: GenerationRequest, checkpoint: RecordingCheckpoint
 ) -> GenerationResult:
-    async with asyncio.timeout(10):
-        result = await provider.generate(request, checkpoint)
+    result = await vendor_fixtures.generate(provider, request, checkpoint)
     assert checkpoint.saves == []
     return result
 
@@ -128,10 +88,9 @@ async def generate(
 async def generate_error(
     provider: ArkProvider, request: GenerationRequest, checkpoint: RecordingCheckpoint
 ) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await generate(provider, request, checkpoint)
+    error = await vendor_fixtures.generate_error(provider, request, checkpoint)
     assert checkpoint.saves == []
-    return caught.value
+    return error
 
 
 # --- the native size policy ------------------------------------------------------------------------

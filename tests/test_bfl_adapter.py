@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import copy
-import io
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from PIL import Image
 from yarl import URL
 
 from providers.base import (
     ContentModerated,
-    GenerationRequest,
-    GenerationResult,
     InvalidProviderResponse,
     ProviderAuthError,
     ProviderError,
@@ -29,39 +24,10 @@ from providers.base import (
 from providers.bfl import BflProvider
 from providers.sandbox import Sandbox
 from providers.sandbox.drawing import draw_placeholder
+from tests.vendor_fixtures import RecordingCheckpoint, decode, generate, generate_error, request_maker
 
 API_KEY = "test-key"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-class RecordingCheckpoint:
-    """An in-memory Checkpoint that keeps every saved state, and the sandbox's poll count at each save."""
-
-    def __init__(self, sandbox: Sandbox | None = None) -> None:
-        self.saves: list[dict[str, Any]] = []
-        self.polls_at_save: list[int] = []
-        self._sandbox = sandbox
-
-    async def save(self, state: Mapping[str, Any]) -> None:
-        self.saves.append(copy.deepcopy(dict(state)))
-        if self._sandbox is not None:
-            self.polls_at_save.append(self._sandbox.counters["bfl.poll"])
-
-    @property
-    def last(self) -> dict[str, Any]:
-        return self.saves[-1]
-
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox.running(port=0) as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture
@@ -71,6 +37,7 @@ def provider(sandbox: Sandbox, session: aiohttp.ClientSession) -> BflProvider:
 
 @pytest.fixture
 def checkpoint(sandbox: Sandbox) -> RecordingCheckpoint:
+    # Not the shared fixture: BFL's adapter saves its tasks before polling, and tests check it did.
     return RecordingCheckpoint(sandbox)
 
 
@@ -80,39 +47,9 @@ def make_provider(sandbox: Sandbox, session: aiohttp.ClientSession, api_key: str
     )
 
 
-def make_request(prompt: str = "a red fox in the snow", **fields: Any) -> GenerationRequest:
-    values: dict[str, Any] = {
-        "job_id": "job-1",
-        "model": "flux_2_pro",
-        "prompt": prompt,
-        "width": 256,
-        "height": 256,
-        "num_variants": 1,
-        "output_format": "jpeg",
-    }
-    values.update(fields)
-    return GenerationRequest(**values)
-
-
-def decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-async def generate(
-    provider: BflProvider, request: GenerationRequest, checkpoint: RecordingCheckpoint
-) -> GenerationResult:
-    async with asyncio.timeout(10):
-        return await provider.generate(request, checkpoint)
-
-
-async def generate_error(
-    provider: BflProvider, request: GenerationRequest, checkpoint: RecordingCheckpoint
-) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await generate(provider, request, checkpoint)
-    return caught.value
+make_request = request_maker(
+    model="flux_2_pro", prompt="a red fox in the snow", width=256, height=256, output_format="jpeg"
+)
 
 
 # --- success -------------------------------------------------------------------------------------------

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import copy
 import io
 import json
 import socket
@@ -18,8 +16,6 @@ from PIL import Image
 
 from providers.base import (
     ContentModerated,
-    GenerationRequest,
-    GenerationResult,
     InvalidProviderResponse,
     ProviderAuthError,
     ProviderError,
@@ -29,6 +25,14 @@ from providers.base import (
 from providers.gemini import GeminiProvider, NativeSize, closest_aspect_ratio, native_size
 from providers.sandbox import Sandbox
 from providers.sandbox.drawing import draw_placeholder
+from tests.vendor_fixtures import (
+    RecordingCheckpoint,
+    decode,
+    generate,
+    generate_error,
+    request_maker,
+    serving,
+)
 
 API_KEY = "test-key"
 FLASH, PRO = "nano_banana", "nano_banana_pro"
@@ -44,16 +48,6 @@ REFERENCE_JPEG = draw_placeholder(prompt="reference", seed=2, width=64, height=9
 RATES = {FLASH: (300_000, 30_000_000, 2_500_000), PRO: (2_000_000, 120_000_000, 12_000_000)}
 
 
-class RecordingCheckpoint:
-    """An in-memory Checkpoint; a sync vendor's adapter must never use it."""
-
-    def __init__(self) -> None:
-        self.saves: list[dict[str, Any]] = []
-
-    async def save(self, state: Mapping[str, Any]) -> None:
-        self.saves.append(copy.deepcopy(dict(state)))
-
-
 class ReferenceHost:
     """A real HTTP server on port 0 that serves reference images (and a few bad ones) and records requests."""
 
@@ -66,25 +60,8 @@ class ReferenceHost:
 
 
 @pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox.running(port=0) as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 def provider(sandbox: Sandbox, session: aiohttp.ClientSession) -> GeminiProvider:
     return make_provider(sandbox, session)
-
-
-@pytest.fixture
-def checkpoint() -> RecordingCheckpoint:
-    return RecordingCheckpoint()
 
 
 @pytest.fixture
@@ -108,16 +85,9 @@ async def references() -> AsyncIterator[ReferenceHost]:
 
     app = web.Application()
     app.add_routes([web.get("/{name}", serve)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        host = ReferenceHost(f"http://127.0.0.1:{port}")
+    async with serving(app) as base_url:
+        host = ReferenceHost(base_url)
         yield host
-    finally:
-        await runner.cleanup()
 
 
 class CannedGemini:
@@ -143,14 +113,9 @@ async def canned() -> AsyncIterator[CannedGemini]:
 
     app = web.Application()
     app.add_routes([web.post("/v1beta/models/{target}", serve)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        upstream.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async with serving(app) as base_url:
+        upstream.base_url = base_url
         yield upstream
-    finally:
-        await runner.cleanup()
 
 
 def make_provider(
@@ -159,43 +124,11 @@ def make_provider(
     return GeminiProvider(session, base_url=sandbox.base_url, api_key=api_key, **options)
 
 
-def make_request(prompt: str = PROMPT, **fields: Any) -> GenerationRequest:
-    values: dict[str, Any] = {
-        "job_id": "job-1",
-        "model": FLASH,
-        "prompt": prompt,
-        "width": 1024,
-        "height": 1024,
-        "num_variants": 1,
-        "output_format": "png",
-    }
-    values.update(fields)
-    return GenerationRequest(**values)
+make_request = request_maker(model=FLASH, prompt=PROMPT)
 
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-async def generate(
-    provider: GeminiProvider, request: GenerationRequest, checkpoint: RecordingCheckpoint
-) -> GenerationResult:
-    async with asyncio.timeout(10):
-        return await provider.generate(request, checkpoint)
-
-
-async def generate_error(
-    provider: GeminiProvider, request: GenerationRequest, checkpoint: RecordingCheckpoint
-) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await generate(provider, request, checkpoint)
-    return caught.value
 
 
 def cost_from_recorded_usage(model: str, sandbox: Sandbox) -> int:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import copy
 import hashlib
-import io
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -16,12 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from PIL import Image
 
 from providers.base import (
     ContentModerated,
-    GenerationRequest,
-    GenerationResult,
     InvalidProviderResponse,
     ProviderAuthError,
     ProviderError,
@@ -33,32 +27,25 @@ from providers.openai import TOKEN_PRICES, OpenAIProvider, TokenPrices, native_s
 from providers.sandbox import Sandbox
 from providers.sandbox.drawing import draw_placeholder
 from providers.sandbox.openai import output_tokens_per_image, placeholder_seed
+from tests.vendor_fixtures import (
+    RecordingCheckpoint,
+    decode,
+    generate,
+    generate_error,
+    request_maker,
+    serving,
+)
 
 API_KEY = "sk-test-key-0123456789"
 OPENAI_MODELS = [spec.id for spec in CATALOG.values() if spec.vendor == "openai"]
 PRICES = TOKEN_PRICES["gpt-image-1.5"]
 
 
-class MemoryCheckpoint:
-    """An in-memory Checkpoint; a sync vendor's adapter must never use it."""
-
-    def __init__(self) -> None:
-        self.saves: list[dict[str, Any]] = []
-
-    async def save(self, state: Mapping[str, Any]) -> None:
-        self.saves.append(copy.deepcopy(dict(state)))
-
-
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
+    # Not the shared fixture: this sandbox knows OpenAI's key, so that a wrong one is refused as OpenAI does.
     async with Sandbox.running(port=0, api_key=API_KEY) as sandbox:
         yield sandbox
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture
@@ -66,44 +53,7 @@ def provider(sandbox: Sandbox, session: aiohttp.ClientSession) -> OpenAIProvider
     return OpenAIProvider(session, base_url=sandbox.base_url, api_key=API_KEY)
 
 
-@pytest.fixture
-def checkpoint() -> MemoryCheckpoint:
-    return MemoryCheckpoint()
-
-
-def make_request(prompt: str = "a poster that says SALE", **fields: Any) -> GenerationRequest:
-    values: dict[str, Any] = {
-        "job_id": "job-1",
-        "model": "gpt_image_1_5",
-        "prompt": prompt,
-        "width": 1024,
-        "height": 1024,
-        "num_variants": 1,
-        "output_format": "png",
-    }
-    values.update(fields)
-    return GenerationRequest(**values)
-
-
-def decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-async def generate(
-    provider: OpenAIProvider, request: GenerationRequest, checkpoint: MemoryCheckpoint
-) -> GenerationResult:
-    async with asyncio.timeout(10):
-        return await provider.generate(request, checkpoint)
-
-
-async def generate_error(
-    provider: OpenAIProvider, request: GenerationRequest, checkpoint: MemoryCheckpoint
-) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await generate(provider, request, checkpoint)
-    return caught.value
+make_request = request_maker(model="gpt_image_1_5", prompt="a poster that says SALE")
 
 
 def expected_cost(usage: Mapping[str, Any]) -> int:
@@ -151,7 +101,7 @@ def test_native_size_is_only_for_openai_models() -> None:
 async def test_variants_at_the_native_size(
     provider: OpenAIProvider,
     sandbox: Sandbox,
-    checkpoint: MemoryCheckpoint,
+    checkpoint: RecordingCheckpoint,
     model: str,
     width: int,
     height: int,
@@ -180,7 +130,7 @@ async def test_variants_at_the_native_size(
 
 
 async def test_request_body_is_what_openai_expects(
-    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: MemoryCheckpoint
+    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
 ) -> None:
     request = make_request(
         width=1600,
@@ -208,7 +158,7 @@ async def test_request_body_is_what_openai_expects(
 
 
 async def test_bytes_are_delivered_as_drawn(
-    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: MemoryCheckpoint
+    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
 ) -> None:
     result = await generate(provider, make_request(num_variants=2), checkpoint)
 
@@ -231,7 +181,7 @@ async def test_bytes_are_delivered_as_drawn(
 async def test_output_format_is_asked_for(
     provider: OpenAIProvider,
     sandbox: Sandbox,
-    checkpoint: MemoryCheckpoint,
+    checkpoint: RecordingCheckpoint,
     output_format: str,
     pillow_format: str,
 ) -> None:
@@ -243,7 +193,7 @@ async def test_output_format_is_asked_for(
 
 
 async def test_transparent_jpeg_is_asked_as_png(
-    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: MemoryCheckpoint
+    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
 ) -> None:
     request = make_request(output_format="jpeg", options={"background": "transparent"})
 
@@ -294,7 +244,7 @@ def test_token_table_matches_the_catalog_price(
 async def test_cost_comes_from_usage(
     provider: OpenAIProvider,
     sandbox: Sandbox,
-    checkpoint: MemoryCheckpoint,
+    checkpoint: RecordingCheckpoint,
     quality: str,
     size: tuple[int, int],
     num_variants: int,
@@ -353,7 +303,7 @@ def test_usage_cost_rounds_up_to_a_micro() -> None:
 
 
 async def test_slow_call_waits_for_the_answer(
-    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: MemoryCheckpoint
+    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
 ) -> None:
     started = time.monotonic()
     result = await generate(provider, make_request("a slow poster [sandbox:slow=0.15]"), checkpoint)
@@ -362,7 +312,7 @@ async def test_slow_call_waits_for_the_answer(
     assert len(result.images) == 1
 
 
-async def test_the_sessions_timeout_applies(sandbox: Sandbox, checkpoint: MemoryCheckpoint) -> None:
+async def test_the_sessions_timeout_applies(sandbox: Sandbox, checkpoint: RecordingCheckpoint) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.05)) as short:
         provider = OpenAIProvider(short, base_url=sandbox.base_url, api_key=API_KEY)
         error = await generate_error(provider, make_request("[sandbox:slow=0.2]"), checkpoint)
@@ -436,14 +386,8 @@ async def elsewhere() -> AsyncIterator[str]:
 
     app = web.Application()
     app.add_routes([web.get("/img/{name}", image), web.post("/canned/{case}/v1/images/generations", canned)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base_url:
+        yield base_url
 
 
 def _envelope(message: str, code: str | None) -> dict[str, Any]:
@@ -451,7 +395,7 @@ def _envelope(message: str, code: str | None) -> dict[str, Any]:
 
 
 async def test_references_are_sent_as_image_parts(
-    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: MemoryCheckpoint, elsewhere: str
+    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint, elsewhere: str
 ) -> None:
     request = make_request(
         width=1080,
@@ -506,7 +450,7 @@ async def test_references_are_sent_as_image_parts(
 async def test_reference_that_cannot_be_used(
     sandbox: Sandbox,
     session: aiohttp.ClientSession,
-    checkpoint: MemoryCheckpoint,
+    checkpoint: RecordingCheckpoint,
     elsewhere: str,
     name: str,
     error_class: type[ProviderError],
@@ -524,7 +468,7 @@ async def test_reference_that_cannot_be_used(
 
 
 async def test_unreachable_reference_is_transient(
-    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: MemoryCheckpoint
+    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
 ) -> None:
     closed = f"{sandbox.base_url.rsplit(':', 1)[0]}:9/a.png"  # the discard port: nothing listens
 
@@ -534,7 +478,7 @@ async def test_unreachable_reference_is_transient(
     assert "could not fetch reference image 1" in error.message
 
 
-async def test_too_many_references(provider: OpenAIProvider, checkpoint: MemoryCheckpoint) -> None:
+async def test_too_many_references(provider: OpenAIProvider, checkpoint: RecordingCheckpoint) -> None:
     urls = tuple(f"https://example.com/{n}.png" for n in range(17))
 
     error = await generate_error(provider, make_request(reference_image_urls=urls), checkpoint)
@@ -567,7 +511,7 @@ async def test_too_many_references(provider: OpenAIProvider, checkpoint: MemoryC
 )
 async def test_fault_maps_to_error(
     provider: OpenAIProvider,
-    checkpoint: MemoryCheckpoint,
+    checkpoint: RecordingCheckpoint,
     tag: str,
     error_class: type[ProviderError],
     fragment: str,
@@ -581,7 +525,7 @@ async def test_fault_maps_to_error(
 
 
 async def test_moderation_names_the_vendors_reason(
-    provider: OpenAIProvider, checkpoint: MemoryCheckpoint
+    provider: OpenAIProvider, checkpoint: RecordingCheckpoint
 ) -> None:
     before = await generate_error(provider, make_request("[sandbox:moderated]"), checkpoint)
     after = await generate_error(provider, make_request("[sandbox:moderated-output]"), checkpoint)
@@ -593,7 +537,7 @@ async def test_moderation_names_the_vendors_reason(
 
 @pytest.mark.parametrize("tag", ["rate-limited", "server-error", "disconnect"])
 async def test_first_call_fails_and_the_retry_succeeds(
-    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: MemoryCheckpoint, tag: str
+    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint, tag: str
 ) -> None:
     request = make_request(f"a poster [sandbox:{tag}]")
 
@@ -605,14 +549,17 @@ async def test_first_call_fails_and_the_retry_succeeds(
     assert len(sandbox.openai.requests) == 2
 
 
-async def test_rate_limit_without_a_hint(provider: OpenAIProvider, checkpoint: MemoryCheckpoint) -> None:
+async def test_rate_limit_without_a_hint(provider: OpenAIProvider, checkpoint: RecordingCheckpoint) -> None:
     error = await generate_error(provider, make_request("[sandbox:rate-limited]"), checkpoint)
 
     assert error.retry_after_s is None
 
 
 async def test_rate_limit_with_retry_after_ms(
-    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: MemoryCheckpoint, session: aiohttp.ClientSession
+    provider: OpenAIProvider,
+    sandbox: Sandbox,
+    checkpoint: RecordingCheckpoint,
+    session: aiohttp.ClientSession,
 ) -> None:
     error = await generate_error(provider, make_request("[sandbox:rate-limited=2.5]"), checkpoint)
 
@@ -640,7 +587,7 @@ async def test_rate_limit_with_retry_after_ms(
 )
 async def test_answers_the_sandbox_does_not_give(
     session: aiohttp.ClientSession,
-    checkpoint: MemoryCheckpoint,
+    checkpoint: RecordingCheckpoint,
     elsewhere: str,
     case: str,
     error_class: type[ProviderError],
@@ -657,7 +604,7 @@ async def test_answers_the_sandbox_does_not_give(
 
 
 async def test_retry_after_as_an_http_date(
-    session: aiohttp.ClientSession, checkpoint: MemoryCheckpoint, elsewhere: str
+    session: aiohttp.ClientSession, checkpoint: RecordingCheckpoint, elsewhere: str
 ) -> None:
     provider = OpenAIProvider(session, base_url=f"{elsewhere}/canned/retry-date", api_key=API_KEY)
 
@@ -667,7 +614,7 @@ async def test_retry_after_as_an_http_date(
 
 
 async def test_answer_without_usage_has_no_cost(
-    session: aiohttp.ClientSession, checkpoint: MemoryCheckpoint, elsewhere: str
+    session: aiohttp.ClientSession, checkpoint: RecordingCheckpoint, elsewhere: str
 ) -> None:
     provider = OpenAIProvider(session, base_url=f"{elsewhere}/canned/no-usage", api_key=API_KEY)
 
@@ -685,7 +632,7 @@ async def test_answer_without_usage_has_no_cost(
 
 
 async def test_invalid_option_is_rejected_by_openai(
-    provider: OpenAIProvider, checkpoint: MemoryCheckpoint
+    provider: OpenAIProvider, checkpoint: RecordingCheckpoint
 ) -> None:
     error = await generate_error(provider, make_request(options={"quality": "ultra"}), checkpoint)
 
@@ -697,7 +644,7 @@ async def test_invalid_option_is_rejected_by_openai(
 
 
 async def test_missing_key(
-    sandbox: Sandbox, session: aiohttp.ClientSession, checkpoint: MemoryCheckpoint
+    sandbox: Sandbox, session: aiohttp.ClientSession, checkpoint: RecordingCheckpoint
 ) -> None:
     provider = OpenAIProvider(session, base_url=sandbox.base_url, api_key="")
 
@@ -711,7 +658,7 @@ async def test_missing_key(
 
 
 async def test_wrong_key(
-    sandbox: Sandbox, session: aiohttp.ClientSession, checkpoint: MemoryCheckpoint
+    sandbox: Sandbox, session: aiohttp.ClientSession, checkpoint: RecordingCheckpoint
 ) -> None:
     provider = OpenAIProvider(session, base_url=sandbox.base_url, api_key="sk-wrong-key-9999")
 
