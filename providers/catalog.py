@@ -188,4 +188,3 @@ CATALOG: Mapping[str, ModelSpec] = {
 }
 
 DEFAULT_MODEL = "flux_2_pro"
-

@@ -190,7 +190,7 @@ def native_size(model: str, width: int, height: int) -> NativeSize:
         )
     if model == _PRO:
         base_width, base_height = _PRO_1K_SIZES[aspect_ratio]
-        for tier, scale in IMAGE_SIZES.items():
+        for tier, scale in IMAGE_SIZES.items():  # noqa: B007 - the tier the loop stops on is the answer
             if base_width * scale >= width and base_height * scale >= height:
                 break
         # When no tier covers the request, the loop ends on the largest (4K).
@@ -387,7 +387,8 @@ def _read_answer(raw: bytes) -> _Answer:
     image_part = _final_image(parts)
     if image_part is None:
         text = " ".join(
-            part["text"] for part in parts
+            part["text"]
+            for part in parts
             if isinstance(part, dict) and isinstance(part.get("text"), str) and not part.get("thought")
         )
         raise InvalidProviderResponse(

@@ -73,7 +73,9 @@ def check_reference_image(data: bytes, what: str) -> None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_REFERENCE_PIXELS:
-                raise ProviderRejected(f"{what} is {image.width}x{image.height}, over {MAX_REFERENCE_PIXELS} pixels")
+                raise ProviderRejected(
+                    f"{what} is {image.width}x{image.height}, over {MAX_REFERENCE_PIXELS} pixels"
+                )
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ProviderRejected(f"{what} is not a readable image ({exc.__class__.__name__})") from exc

@@ -87,10 +87,16 @@ def write_tokens_file(directory: Path) -> Path:
     """A tokens file with TEST_TOKEN (every account) and ACME_TOKEN (only "acme")."""
     path = directory / "tokens.json"
     directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"callers": [
-        caller_entry("tester", TEST_TOKEN, None),
-        caller_entry("acme-backend", ACME_TOKEN, ["acme"]),
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "callers": [
+                    caller_entry("tester", TEST_TOKEN, None),
+                    caller_entry("acme-backend", ACME_TOKEN, ["acme"]),
+                ]
+            }
+        )
+    )
     return path
 
 
@@ -105,8 +111,9 @@ class _Bearer:
         metadata.add("authorization", f"Bearer {self._token}")
         if "x-account-id" not in metadata:
             metadata.add("x-account-id", self._account)
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                          details.wait_for_ready)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
 
 
 # grpc.aio files an interceptor under the first kind it matches, so each kind needs its own class
@@ -122,8 +129,9 @@ class _StreamBearer(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
 
 def authed_channel(target: str, token: str = TEST_TOKEN, account: str = "default") -> grpc.aio.Channel:
     """A channel whose calls carry `token` (and act for `account` unless a call says otherwise)."""
-    return grpc.aio.insecure_channel(target, interceptors=[_UnaryBearer(token, account),
-                                                           _StreamBearer(token, account)])
+    return grpc.aio.insecure_channel(
+        target, interceptors=[_UnaryBearer(token, account), _StreamBearer(token, account)]
+    )
 
 
 def test_settings(data_dir: Path, database_url: str, *, secured: bool = False, **overrides: Any) -> Settings:

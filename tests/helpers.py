@@ -33,20 +33,30 @@ def bad_fields(error: grpc.aio.AioRpcError) -> dict[str, str]:
 
 
 async def events_until_end(
-    stub: pb_grpc.ImageGenerationStub, job_id: str, *, after_version: int = 0, timeout: float = 20.0,
+    stub: pb_grpc.ImageGenerationStub,
+    job_id: str,
+    *,
+    after_version: int = 0,
+    timeout: float = 20.0,
     metadata: tuple[tuple[str, str], ...] = (),
 ) -> list[pb.JobEvent]:
     """Every event WatchJob sends until the stream ends (which it must, within `timeout`)."""
     events: list[pb.JobEvent] = []
     async with asyncio.timeout(timeout):
-        async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_version=after_version),
-                                         metadata=metadata):
+        async for event in stub.WatchJob(
+            pb.WatchJobRequest(job_id=job_id, after_version=after_version), metadata=metadata
+        ):
             events.append(event)
     return events
 
 
-async def finished(stub: pb_grpc.ImageGenerationStub, job_id: str, *, timeout: float = 20.0,
-                   metadata: tuple[tuple[str, str], ...] = ()) -> pb.Job:
+async def finished(
+    stub: pb_grpc.ImageGenerationStub,
+    job_id: str,
+    *,
+    timeout: float = 20.0,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> pb.Job:
     """The job once it reached a terminal status."""
     events = await events_until_end(stub, job_id, timeout=timeout, metadata=metadata)
     job = events[-1].job
@@ -55,7 +65,10 @@ async def finished(stub: pb_grpc.ImageGenerationStub, job_id: str, *, timeout: f
 
 
 async def first_event_with_status(
-    stream: grpc.aio.UnaryStreamCall, status: int, *, timeout: float = 10.0  # type: ignore[type-arg]
+    stream: grpc.aio.UnaryStreamCall,
+    status: int,
+    *,
+    timeout: float = 10.0,  # type: ignore[type-arg]
 ) -> pb.JobEvent:
     """Read a watch stream until an event whose job has `status`."""
     async with asyncio.timeout(timeout):
@@ -66,8 +79,9 @@ async def first_event_with_status(
                 return event
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 10.0,
-                     interval: float = 0.02) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 10.0, interval: float = 0.02
+) -> None:
     """Wait until `check()` is true, failing after `timeout` (a bounded poll, for states with no event)."""
     async with asyncio.timeout(timeout):
         while True:

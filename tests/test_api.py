@@ -62,12 +62,19 @@ async def test_generate_with_defaults_returns_a_pending_job_at_once(stub, app) -
         ({"prompt": "ok", "output_format": 42}, {"output_format"}),
         ({"prompt": "ok", "request_id": "has space"}, {"request_id"}),
         ({"prompt": "ok", "labels": {"Bad Key": "v"}}, {"labels[Bad Key]"}),
-        ({"prompt": "a\x00b", "negative_prompt": "x\x00", "labels": {"k": "\x00"}}, {"prompt", "negative_prompt", "labels[k]"}),
-        ({"prompt": "", "width": 100, "num_variants": 9, "provider": "nope"},
-         {"prompt", "width", "num_variants", "provider"}),
+        (
+            {"prompt": "a\x00b", "negative_prompt": "x\x00", "labels": {"k": "\x00"}},
+            {"prompt", "negative_prompt", "labels[k]"},
+        ),
+        (
+            {"prompt": "", "width": 100, "num_variants": 9, "provider": "nope"},
+            {"prompt", "width", "num_variants", "provider"},
+        ),
     ],
 )
-async def test_bad_input_names_every_bad_field_and_writes_nothing(stub, app, request_fields, expected_fields) -> None:
+async def test_bad_input_names_every_bad_field_and_writes_nothing(
+    stub, app, request_fields, expected_fields
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GenerateImage(pb.GenerateImageRequest(**request_fields))
 
@@ -105,8 +112,10 @@ async def test_unconfigured_provider_is_a_failed_precondition(tmp_path, database
     from tests.conftest import test_settings
 
     # no vendor keys and no sandbox: nothing is configured
-    async with running_app(test_settings(tmp_path, database_url, sandbox="off")) as app, \
-            grpc.aio.insecure_channel(app.grpc_target) as channel:
+    async with (
+        running_app(test_settings(tmp_path, database_url, sandbox="off")) as app,
+        grpc.aio.insecure_channel(app.grpc_target) as channel,
+    ):
         stub = pb_grpc.ImageGenerationStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GenerateImage(pb.GenerateImageRequest(prompt="a poster", provider="gpt_image_1_5"))
@@ -119,7 +128,9 @@ async def test_unconfigured_provider_is_a_failed_precondition(tmp_path, database
 
 async def test_validate_only_quotes_without_creating(stub, app) -> None:
     job = await stub.GenerateImage(
-        pb.GenerateImageRequest(prompt="hero banner", width=1920, height=1080, num_variants=3, validate_only=True)
+        pb.GenerateImageRequest(
+            prompt="hero banner", width=1920, height=1080, num_variants=3, validate_only=True
+        )
     )
     assert job.id == ""
     assert job.status == pb.JOB_STATUS_UNSPECIFIED
@@ -146,8 +157,9 @@ async def test_request_id_makes_submit_idempotent(secured_stub, secured_app) -> 
     assert first.id in caught.value.details()
 
     # request ids are per account: another account's identical key is a different job
-    other = await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="a dog", request_id="req-1"),
-                                     metadata=OTHER_ACCOUNT)
+    other = await secured_stub.GenerateImage(
+        pb.GenerateImageRequest(prompt="a dog", request_id="req-1"), metadata=OTHER_ACCOUNT
+    )
     assert other.id != first.id
     assert (await _count_rows(secured_app))[0] == 2
 
@@ -182,7 +194,9 @@ async def test_list_jobs_newest_first_with_pages_and_filters(secured_stub) -> No
     created = []
     for index in range(7):
         folder = "campaign-a" if index % 2 else ""
-        created.append(await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt=f"job {index}", folder_id=folder)))
+        created.append(
+            await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt=f"job {index}", folder_id=folder))
+        )
     await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="elsewhere"), metadata=OTHER_ACCOUNT)
 
     seen: list[str] = []
@@ -203,8 +217,11 @@ async def test_list_jobs_newest_first_with_pages_and_filters(secured_stub) -> No
     in_root = await secured_stub.ListJobs(pb.ListJobsRequest(folder_id="root"))
     assert len(in_root.jobs) == 4
 
-    pending = await secured_stub.ListJobs(pb.ListJobsRequest(statuses=[pb.JOB_STATUS_PENDING, pb.JOB_STATUS_PROCESSING,
-                                                               pb.JOB_STATUS_COMPLETED]))
+    pending = await secured_stub.ListJobs(
+        pb.ListJobsRequest(
+            statuses=[pb.JOB_STATUS_PENDING, pb.JOB_STATUS_PROCESSING, pb.JOB_STATUS_COMPLETED]
+        )
+    )
     assert len(pending.jobs) == 7
     none = await secured_stub.ListJobs(pb.ListJobsRequest(statuses=[pb.JOB_STATUS_CANCELLED]))
     assert list(none.jobs) == []
@@ -223,8 +240,11 @@ async def test_list_jobs_rejects_bad_tokens_and_fields(stub) -> None:
     assert set(bad_fields(caught.value)) == {"page_token"}
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.ListJobs(pb.ListJobsRequest(page_token="garbage!", page_size=-1,
-                                               statuses=[pb.JOB_STATUS_UNSPECIFIED], provider="nope"))
+        await stub.ListJobs(
+            pb.ListJobsRequest(
+                page_token="garbage!", page_size=-1, statuses=[pb.JOB_STATUS_UNSPECIFIED], provider="nope"
+            )
+        )
     assert set(bad_fields(caught.value)) == {"page_token", "page_size", "statuses", "provider"}
 
     big = await stub.ListJobs(pb.ListJobsRequest(page_size=10_000))  # coerced to the maximum
@@ -234,8 +254,14 @@ async def test_list_jobs_rejects_bad_tokens_and_fields(stub) -> None:
 async def test_list_providers_publishes_the_catalog(stub) -> None:
     response = await stub.ListProviders(pb.ListProvidersRequest())
     providers = {p.id: p for p in response.providers}
-    assert set(providers) == {"flux_2_pro", "gpt_image_1_5", "seedream_4", "seedream_4_5", "nano_banana",
-                              "nano_banana_pro"}
+    assert set(providers) == {
+        "flux_2_pro",
+        "gpt_image_1_5",
+        "seedream_4",
+        "seedream_4_5",
+        "nano_banana",
+        "nano_banana_pro",
+    }
     flux = providers["flux_2_pro"]
     assert flux.configured and flux.supports_seed and flux.max_reference_images == 8
     assert (flux.min_width, flux.max_width, flux.max_variants) == (256, 2048, 4)
@@ -243,8 +269,12 @@ async def test_list_providers_publishes_the_catalog(stub) -> None:
     assert "safety_tolerance" in flux.provider_option_keys
     assert all(provider.configured for provider in providers.values())  # the sandbox serves every vendor
     assert not providers["gpt_image_1_5"].supports_seed
-    assert set(providers["gpt_image_1_5"].provider_option_keys) == {"quality", "background", "moderation",
-                                                                    "input_fidelity"}
+    assert set(providers["gpt_image_1_5"].provider_option_keys) == {
+        "quality",
+        "background",
+        "moderation",
+        "input_fidelity",
+    }
     assert providers["nano_banana_pro"].price_1024_usd_micros == 134_400
 
 
@@ -254,8 +284,10 @@ async def test_store_outage_answers_unavailable_with_retry_info(tmp_path, databa
 
     # a database URL nobody answers on: the server starts (not ready) and RPCs say UNAVAILABLE quickly
     dead = "postgresql://postgres@127.0.0.1:1/nothing"
-    async with running_app(test_settings(tmp_path, dead, db_timeout_s=1.0)) as app, \
-            grpc.aio.insecure_channel(app.grpc_target) as channel:
+    async with (
+        running_app(test_settings(tmp_path, dead, db_timeout_s=1.0)) as app,
+        grpc.aio.insecure_channel(app.grpc_target) as channel,
+    ):
         from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
         stub = pb_grpc.ImageGenerationStub(channel)
@@ -290,7 +322,9 @@ async def test_submits_per_minute_are_limited_per_account(tmp_path, database_url
     from server.app import running_app
     from tests.conftest import authed_channel, test_settings
 
-    settings = test_settings(tmp_path, database_url, secured=True, role="api", max_submits_per_minute_per_account=3)
+    settings = test_settings(
+        tmp_path, database_url, secured=True, role="api", max_submits_per_minute_per_account=3
+    )
     async with running_app(settings) as app, authed_channel(app.grpc_target) as channel:
         stub = pb_grpc.ImageGenerationStub(channel)
         for _ in range(3):

@@ -58,7 +58,9 @@ async def test_tokens_decide_who_may_act_for_which_account(secured_app: App) -> 
         for token, account, expected in cases:
             code = await _code(stub.GenerateImage(request, metadata=_metadata(token, account)))
             assert code == expected, (token, account)
-        acme = await stub.GenerateImage(pb.GenerateImageRequest(prompt="x"), metadata=_metadata(ACME_TOKEN, None))
+        acme = await stub.GenerateImage(
+            pb.GenerateImageRequest(prompt="x"), metadata=_metadata(ACME_TOKEN, None)
+        )
         assert acme.account_id == "acme"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GenerateImage(request, metadata=(("authorization", f"Basic {TEST_TOKEN}"),))
@@ -69,16 +71,21 @@ async def test_tokens_decide_who_may_act_for_which_account(secured_app: App) -> 
 
 
 async def test_no_rpc_reaches_another_accounts_job(secured_app: App) -> None:
-    async with authed_channel(secured_app.grpc_target, ACME_TOKEN, "acme") as acme_channel, \
-            authed_channel(secured_app.grpc_target, TEST_TOKEN, "globex") as globex_channel:
+    async with (
+        authed_channel(secured_app.grpc_target, ACME_TOKEN, "acme") as acme_channel,
+        authed_channel(secured_app.grpc_target, TEST_TOKEN, "globex") as globex_channel,
+    ):
         acme = pb_grpc.ImageGenerationStub(acme_channel)
         globex = pb_grpc.ImageGenerationStub(globex_channel)
-        job = await acme.GenerateImage(pb.GenerateImageRequest(prompt="acme's secret product", width=256,
-                                                               height=256, folder_id="launch"))
+        job = await acme.GenerateImage(
+            pb.GenerateImageRequest(prompt="acme's secret product", width=256, height=256, folder_id="launch")
+        )
         done = await finished(acme, job.id)
 
-        for call in (globex.GetJob(pb.GetJobRequest(job_id=job.id)),
-                     globex.CancelJob(pb.CancelJobRequest(job_id=job.id))):
+        for call in (
+            globex.GetJob(pb.GetJobRequest(job_id=job.id)),
+            globex.CancelJob(pb.CancelJobRequest(job_id=job.id)),
+        ):
             assert await _code(call) == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await events_until_end(globex, job.id)
@@ -112,8 +119,9 @@ async def test_local_mode_serves_only_the_default_account(app: App) -> None:
         stub = pb_grpc.ImageGenerationStub(channel)
         job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="x", validate_only=True))
         assert job.account_id == "default"
-        same = await stub.GenerateImage(pb.GenerateImageRequest(prompt="x", validate_only=True),
-                                        metadata=(("x-account-id", "default"),))
+        same = await stub.GenerateImage(
+            pb.GenerateImageRequest(prompt="x", validate_only=True), metadata=(("x-account-id", "default"),)
+        )
         assert same.account_id == "default"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.ListJobs(pb.ListJobsRequest(), metadata=(("x-account-id", "acme"),))
@@ -134,8 +142,14 @@ async def test_tokens_never_reach_the_logs(secured_app: App, caplog: pytest.LogC
 
 
 def test_tokens_file_is_checked_and_the_token_command_writes_entries(tmp_path: Path) -> None:
-    made = subprocess.run([sys.executable, "-m", "server", "token", "--name", "ads", "--accounts", "acme,globex"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    made = subprocess.run(
+        [sys.executable, "-m", "server", "token", "--name", "ads", "--accounts", "acme,globex"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     token = made.stdout.split(": ", 1)[1].splitlines()[0].strip()
     entry = json.loads(made.stdout.strip().splitlines()[-1])
     assert entry == {"name": "ads", "token_sha256": token_digest(token), "accounts": ["acme", "globex"]}
@@ -144,9 +158,12 @@ def test_tokens_file_is_checked_and_the_token_command_writes_entries(tmp_path: P
     auth = Authenticator.from_file(path)
     assert auth.account([("authorization", f"Bearer {token}"), ("x-account-id", "globex")]) == "globex"
 
-    for broken in ('{"callers": [{"name": "x", "token_sha256": "short", "accounts": "*"}]}',
-                   '{"callers": [{"name": "x", "token_sha256": "' + "a" * 64 + '", "accounts": []}]}',
-                   "not json", '{"people": []}'):
+    for broken in (
+        '{"callers": [{"name": "x", "token_sha256": "short", "accounts": "*"}]}',
+        '{"callers": [{"name": "x", "token_sha256": "' + "a" * 64 + '", "accounts": []}]}',
+        "not json",
+        '{"people": []}',
+    ):
         path.write_text(broken)
         with pytest.raises(AuthConfigError):
             Authenticator.from_file(path)
@@ -163,34 +180,89 @@ def certificates(tmp_path: Path) -> Path:
         pytest.fail("openssl is needed to make test certificates")
     d = tmp_path / "pki"
     d.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=d,
+    )
+    for name, extension in (
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=d,
+        )
         (d / f"{name}.ext").write_text(extension + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.pem",
+            cwd=d,
+        )
     return d
 
 
 async def test_mutual_tls(certificates: Path, tmp_path: Path, database_url: str) -> None:
     d = certificates
-    settings = test_settings(tmp_path, database_url, tls_cert_file=d / "server.pem", tls_key_file=d / "server.key",
-                             tls_client_ca_file=d / "ca.pem")
+    settings = test_settings(
+        tmp_path,
+        database_url,
+        tls_cert_file=d / "server.pem",
+        tls_key_file=d / "server.key",
+        tls_client_ca_file=d / "ca.pem",
+    )
     async with running_app(settings) as app:
         with_client_cert = grpc.ssl_channel_credentials(
-            root_certificates=(d / "ca.pem").read_bytes(), private_key=(d / "client.key").read_bytes(),
-            certificate_chain=(d / "client.pem").read_bytes())
+            root_certificates=(d / "ca.pem").read_bytes(),
+            private_key=(d / "client.key").read_bytes(),
+            certificate_chain=(d / "client.pem").read_bytes(),
+        )
         async with grpc.aio.secure_channel(app.grpc_target, with_client_cert) as channel:
-            reply = await pb_grpc.ImageGenerationStub(channel).ListProviders(pb.ListProvidersRequest(), timeout=10)
+            reply = await pb_grpc.ImageGenerationStub(channel).ListProviders(
+                pb.ListProvidersRequest(), timeout=10
+            )
             assert len(reply.providers) == 6
         without_client_cert = grpc.ssl_channel_credentials(root_certificates=(d / "ca.pem").read_bytes())
         async with grpc.aio.secure_channel(app.grpc_target, without_client_cert) as channel:
-            code = await _code(pb_grpc.ImageGenerationStub(channel).ListProviders(pb.ListProvidersRequest(),
-                                                                                   timeout=5))
+            code = await _code(
+                pb_grpc.ImageGenerationStub(channel).ListProviders(pb.ListProvidersRequest(), timeout=5)
+            )
             assert code == grpc.StatusCode.UNAVAILABLE  # the handshake is refused
         async with grpc.aio.insecure_channel(app.grpc_target) as channel:
-            code = await _code(pb_grpc.ImageGenerationStub(channel).ListProviders(pb.ListProvidersRequest(),
-                                                                                   timeout=5))
+            code = await _code(
+                pb_grpc.ImageGenerationStub(channel).ListProviders(pb.ListProvidersRequest(), timeout=5)
+            )
             assert code == grpc.StatusCode.UNAVAILABLE  # plaintext is not spoken

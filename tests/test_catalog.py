@@ -41,9 +41,16 @@ async def test_every_model_delivers_exactly_the_requested_sizes(stub, model: str
     submitted = []
     for width, height in PLACEMENTS:
         for variants in (1, 4):
-            job = await stub.GenerateImage(pb.GenerateImageRequest(
-                prompt=f"a poster for a summer sale, {width}x{height}", provider=model, width=width, height=height,
-                num_variants=variants, output_format=pb.OUTPUT_FORMAT_JPEG))
+            job = await stub.GenerateImage(
+                pb.GenerateImageRequest(
+                    prompt=f"a poster for a summer sale, {width}x{height}",
+                    provider=model,
+                    width=width,
+                    height=height,
+                    num_variants=variants,
+                    output_format=pb.OUTPUT_FORMAT_JPEG,
+                )
+            )
             submitted.append(job)
     histories = await asyncio.gather(*(events_until_end(stub, job.id, timeout=60) for job in submitted))
     async with aiohttp.ClientSession() as http:
@@ -64,13 +71,17 @@ async def test_every_model_delivers_exactly_the_requested_sizes(stub, model: str
 @pytest.mark.parametrize("model", MODELS)
 async def test_every_fault_ends_in_its_documented_state(stub, model: str) -> None:
     jobs = {
-        tag: await stub.GenerateImage(pb.GenerateImageRequest(
-            prompt=f"{model} product shot {tag}", provider=model, width=512, height=512))
+        tag: await stub.GenerateImage(
+            pb.GenerateImageRequest(
+                prompt=f"{model} product shot {tag}", provider=model, width=512, height=512
+            )
+        )
         for tag in FAULTS
     }
     # after_version=1 replays the whole history, however far the job got before the watch began
-    histories = await asyncio.gather(*(events_until_end(stub, job.id, after_version=1, timeout=60)
-                                       for job in jobs.values()))
+    histories = await asyncio.gather(
+        *(events_until_end(stub, job.id, after_version=1, timeout=60) for job in jobs.values())
+    )
     for (tag, (status, code, attempts)), events in zip(FAULTS.items(), histories, strict=True):
         job = events[-1].job
         assert (job.status, job.error.code, job.attempt) == (status, code, attempts), (model, tag, job.error)
@@ -80,7 +91,9 @@ async def test_every_fault_ends_in_its_documented_state(stub, model: str) -> Non
         else:
             assert job.cost_usd_micros > 0
         if attempts > 1:
-            retries = [e.message for e in events if e.job.status == pb.JOB_STATUS_PENDING and e.previous_status]
+            retries = [
+                e.message for e in events if e.job.status == pb.JOB_STATUS_PENDING and e.previous_status
+            ]
             assert retries and all("retrying in" in message for message in retries), (model, tag, retries)
 
 
@@ -88,10 +101,20 @@ async def test_unsupported_options_are_refused_per_model(stub) -> None:
     cases = [
         (pb.GenerateImageRequest(prompt="x", provider="gpt_image_1_5", seed=3), "seed", "gpt_image_1_5"),
         (pb.GenerateImageRequest(prompt="x", provider="seedream_4_5", seed=3), "seed", "seedream_4_5"),
-        (pb.GenerateImageRequest(prompt="x", provider="nano_banana", reference_image_urls=["https://a.test/x.png"] * 4),
-         "reference_image_urls", "nano_banana"),
-        (pb.GenerateImageRequest(prompt="x", provider="flux_2_pro", reference_image_urls=["https://a.test/x.png"] * 9),
-         "reference_image_urls", "flux_2_pro"),
+        (
+            pb.GenerateImageRequest(
+                prompt="x", provider="nano_banana", reference_image_urls=["https://a.test/x.png"] * 4
+            ),
+            "reference_image_urls",
+            "nano_banana",
+        ),
+        (
+            pb.GenerateImageRequest(
+                prompt="x", provider="flux_2_pro", reference_image_urls=["https://a.test/x.png"] * 9
+            ),
+            "reference_image_urls",
+            "flux_2_pro",
+        ),
     ]
     for request, field, model in cases:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -102,8 +125,13 @@ async def test_unsupported_options_are_refused_per_model(stub) -> None:
     options = struct_pb2.Struct()
     options.update({"optimize_prompt": "fast"})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.GenerateImage(pb.GenerateImageRequest(prompt="x", provider="seedream_4_5", provider_options=options))
+        await stub.GenerateImage(
+            pb.GenerateImageRequest(prompt="x", provider="seedream_4_5", provider_options=options)
+        )
     assert "provider_options.optimize_prompt" in bad_fields(caught.value)
-    accepted = await stub.GenerateImage(pb.GenerateImageRequest(prompt="x", provider="seedream_4",
-                                                                provider_options=options, validate_only=True))
+    accepted = await stub.GenerateImage(
+        pb.GenerateImageRequest(
+            prompt="x", provider="seedream_4", provider_options=options, validate_only=True
+        )
+    )
     assert accepted.provider_options["optimize_prompt"] == "fast"

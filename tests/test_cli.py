@@ -41,9 +41,22 @@ async def test_three_story_variants_from_the_installed_command(app: App, tmp_pat
     out = tmp_path / "out"
     env = {**os.environ, "IMAGEGEN_ADDRESS": app.grpc_target}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "client", "--json", "generate", "a red fox in the snow, product shot",
-        "--size", "1080x1920", "--variants", "3", "--out", str(out),
-        cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "client",
+        "--json",
+        "generate",
+        "a red fox in the snow, product shot",
+        "--size",
+        "1080x1920",
+        "--variants",
+        "3",
+        "--out",
+        str(out),
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(30):
         stdout, stderr = await process.communicate()
@@ -66,10 +79,28 @@ async def test_three_story_variants_from_the_installed_command(app: App, tmp_pat
 
 
 async def test_generate_shows_progress_per_event_and_saves_jpegs(app: App, tmp_path: Path, capsys) -> None:
-    code = await imagegen("--address", app.grpc_target, "generate", "a poster [sandbox:rate-limited]",
-                          "--size", "720x1280", "--variants", "2", "--format", "jpeg", "--folder", "stories",
-                          "--seed", "7", "--option", "safety_tolerance=3", "--label", "campaign=spring",
-                          "--out", str(tmp_path / "jpegs"))
+    code = await imagegen(
+        "--address",
+        app.grpc_target,
+        "generate",
+        "a poster [sandbox:rate-limited]",
+        "--size",
+        "720x1280",
+        "--variants",
+        "2",
+        "--format",
+        "jpeg",
+        "--folder",
+        "stories",
+        "--seed",
+        "7",
+        "--option",
+        "safety_tolerance=3",
+        "--label",
+        "campaign=spring",
+        "--out",
+        str(tmp_path / "jpegs"),
+    )
     captured = capsys.readouterr()
     assert code == cli.EXIT_OK, captured.err
 
@@ -89,8 +120,22 @@ async def test_generate_shows_progress_per_event_and_saves_jpegs(app: App, tmp_p
 
 
 async def test_no_wait_prints_the_id_then_watch_get_and_jobs(app: App, tmp_path: Path, capsys) -> None:
-    assert await imagegen("--address", app.grpc_target, "generate", "a quiet lake", "--size", "256x256",
-                          "--no-wait", "--folder", "lakes", "--request-id", "lake-1") == 0
+    assert (
+        await imagegen(
+            "--address",
+            app.grpc_target,
+            "generate",
+            "a quiet lake",
+            "--size",
+            "256x256",
+            "--no-wait",
+            "--folder",
+            "lakes",
+            "--request-id",
+            "lake-1",
+        )
+        == 0
+    )
     job_id = capsys.readouterr().out.strip()
     assert str(uuid.UUID(job_id)) == job_id
 
@@ -102,8 +147,10 @@ async def test_no_wait_prints_the_id_then_watch_get_and_jobs(app: App, tmp_path:
     assert await imagegen("get", job_id, "--address", app.grpc_target, "--json") == 0
     assert read_json(capsys.readouterr().out)["request_id"] == "lake-1"
 
-    assert await imagegen("--address", app.grpc_target, "jobs", "--folder", "lakes",
-                          "--status", "completed") == 0
+    assert (
+        await imagegen("--address", app.grpc_target, "jobs", "--folder", "lakes", "--status", "completed")
+        == 0
+    )
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["ID", "STATUS", "PROVIDER", "SIZE"]
     assert len(table) == 2 and table[1].startswith(job_id) and "completed" in table[1] and "lakes" in table[1]
@@ -113,8 +160,16 @@ async def test_no_wait_prints_the_id_then_watch_get_and_jobs(app: App, tmp_path:
 
 
 async def test_a_failed_job_exits_1_with_its_reason(app: App, tmp_path: Path, capsys) -> None:
-    code = await imagegen("--address", app.grpc_target, "generate", "a scene [sandbox:moderated]", "--size",
-                          "256x256", "--out", str(tmp_path / "none"))
+    code = await imagegen(
+        "--address",
+        app.grpc_target,
+        "generate",
+        "a scene [sandbox:moderated]",
+        "--size",
+        "256x256",
+        "--out",
+        str(tmp_path / "none"),
+    )
     captured = capsys.readouterr()
     assert code == cli.EXIT_JOB_FAILED
     assert "failed: CONTENT_MODERATED" in captured.out
@@ -122,8 +177,9 @@ async def test_a_failed_job_exits_1_with_its_reason(app: App, tmp_path: Path, ca
 
 
 async def test_invalid_input_exits_2(app: App, capsys) -> None:
-    code = await imagegen("--address", app.grpc_target, "generate", "", "--size", "100x1920",
-                          "--variants", "9")
+    code = await imagegen(
+        "--address", app.grpc_target, "generate", "", "--size", "100x1920", "--variants", "9"
+    )
     captured = capsys.readouterr()
     assert code == cli.EXIT_INVALID
     assert "INVALID_ARGUMENT" in captured.err
@@ -165,13 +221,29 @@ async def test_unreachable_server_exits_3(capsys) -> None:
 
 
 async def test_estimate_quotes_without_creating_a_job(app: App, capsys) -> None:
-    assert await imagegen("--address", app.grpc_target, "estimate", "a banner", "--size", "1080x1920",
-                          "--variants", "3") == 0
+    assert (
+        await imagegen(
+            "--address", app.grpc_target, "estimate", "a banner", "--size", "1080x1920", "--variants", "3"
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "flux_2_pro" in out and "1080x1920" in out and "$0.135" in out
 
-    assert await imagegen("--address", app.grpc_target, "--json", "estimate", "a banner", "--size",
-                          "1080x1920", "--variants", "3") == 0
+    assert (
+        await imagegen(
+            "--address",
+            app.grpc_target,
+            "--json",
+            "estimate",
+            "a banner",
+            "--size",
+            "1080x1920",
+            "--variants",
+            "3",
+        )
+        == 0
+    )
     quote = read_json(capsys.readouterr().out)
     assert quote["estimated_cost_usd_micros"] == "135000" and quote["id"] == ""
 
@@ -233,9 +305,15 @@ def test_terminal_progress_redraws_one_line_per_job_and_keeps_retry_reasons() ->
     retrying = pb.Job()
     retrying.CopyFrom(created)
     retrying.status, retrying.attempt = pb.JOB_STATUS_PENDING, 1
-    progress.update(pb.JobEvent(job=retrying, previous_status=pb.JOB_STATUS_PROCESSING, version=3,
-                                kind=pb.JOB_EVENT_KIND_TRANSITION,
-                                message="retrying in 1.2 s after: BFL answered HTTP 429 (attempt 2 of 4)"))
+    progress.update(
+        pb.JobEvent(
+            job=retrying,
+            previous_status=pb.JOB_STATUS_PROCESSING,
+            version=3,
+            kind=pb.JOB_EVENT_KIND_TRANSITION,
+            message="retrying in 1.2 s after: BFL answered HTTP 429 (attempt 2 of 4)",
+        )
+    )
     drawn = screen.getvalue()
     last_frame = drawn.rsplit("\x1b[2F", 1)[1]  # the cursor went back up over the two job lines
     assert "11111111  retry 1: retrying in 1.2 s after: BFL answered HTTP 429 (attempt 2 of 4)" in last_frame

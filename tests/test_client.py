@@ -38,7 +38,10 @@ from server.settings import VendorSettings
 from tests.conftest import ACME_TOKEN, TEST_TOKEN, test_settings
 
 PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
-    pb.JOB_STATUS_PENDING, pb.JOB_STATUS_PROCESSING, pb.JOB_STATUS_COMPLETED, pb.JOB_STATUS_FAILED,
+    pb.JOB_STATUS_PENDING,
+    pb.JOB_STATUS_PROCESSING,
+    pb.JOB_STATUS_COMPLETED,
+    pb.JOB_STATUS_FAILED,
     pb.JOB_STATUS_CANCELLED,
 )
 #: retries and reconnects in tens of milliseconds, so tests never wait on real-world backoff
@@ -52,8 +55,15 @@ async def client(app: App) -> AsyncIterator[ImagegenClient]:
 
 
 async def test_generate_wait_and_save_three_story_variants(client: ImagegenClient, tmp_path: Path) -> None:
-    job = await client.generate("a lighthouse at dusk", width=1080, height=1920, num_variants=3,
-                                folder_id="reels", output_format="webp", labels={"team": "growth"})
+    job = await client.generate(
+        "a lighthouse at dusk",
+        width=1080,
+        height=1920,
+        num_variants=3,
+        folder_id="reels",
+        output_format="webp",
+        labels={"team": "growth"},
+    )
     assert job.status == PENDING and job.id
     assert uuid.UUID(job.request_id).version == 4  # generated, so the client's own retries are idempotent
 
@@ -116,12 +126,13 @@ async def test_watch_yields_a_snapshot_then_transitions_in_order_and_resumes(cli
 
 async def test_watch_skips_heartbeats_unless_asked(tmp_path: Path, database_url: str) -> None:
     settings = test_settings(tmp_path, database_url, watch_heartbeat_s=0.05)
-    async with running_app(settings) as app, \
-            ImagegenClient.connect(app.grpc_target, retry=FAST) as client:
+    async with running_app(settings) as app, ImagegenClient.connect(app.grpc_target, retry=FAST) as client:
         job = await client.generate("a long one [sandbox:slow=30]", width=256, height=256)
         kinds: list[int] = []
-        async with asyncio.timeout(10), \
-                contextlib.aclosing(client.watch(job.id, include_heartbeats=True)) as events:
+        async with (
+            asyncio.timeout(10),
+            contextlib.aclosing(client.watch(job.id, include_heartbeats=True)) as events,
+        ):
             async for event in events:
                 kinds.append(event.kind)
                 if kinds.count(pb.JOB_EVENT_KIND_HEARTBEAT) == 2:
@@ -147,10 +158,14 @@ async def test_wait_times_out_and_the_job_can_still_be_cancelled(client: Imagege
 
 async def test_list_walks_pages_newest_first_with_filters(tmp_path: Path, database_url: str) -> None:
     # an API-only server: the jobs stay pending, so the listing is stable
-    async with running_app(test_settings(tmp_path, database_url, role="api")) as app, \
-            ImagegenClient.connect(app.grpc_target, retry=FAST) as client:
-        made = [await client.generate(f"job {n}", width=256, height=256, folder_id="a" if n % 2 else "")
-                for n in range(5)]
+    async with (
+        running_app(test_settings(tmp_path, database_url, role="api")) as app,
+        ImagegenClient.connect(app.grpc_target, retry=FAST) as client,
+    ):
+        made = [
+            await client.generate(f"job {n}", width=256, height=256, folder_id="a" if n % 2 else "")
+            for n in range(5)
+        ]
         await client.cancel(made[0].id)
 
         pages = [page async for page in client.pages(page_size=2)]
@@ -162,10 +177,14 @@ async def test_list_walks_pages_newest_first_with_filters(tmp_path: Path, databa
         assert [job.id async for job in client.list(folder_id="a")] == [made[3].id, made[1].id]
         assert [job.id async for job in client.list(statuses=["cancelled"])] == [made[0].id]
         assert [job.id async for job in client.list(statuses=[PENDING], folder_id="root")] == [
-            made[4].id, made[2].id]
+            made[4].id,
+            made[2].id,
+        ]
 
 
-async def test_providers_and_accounts(client: ImagegenClient, app: App, tmp_path: Path, database_url: str) -> None:
+async def test_providers_and_accounts(
+    client: ImagegenClient, app: App, tmp_path: Path, database_url: str
+) -> None:
     catalog = {provider.id: provider for provider in await client.providers()}
     assert catalog["flux_2_pro"].configured and catalog["flux_2_pro"].max_variants >= 3
 
@@ -175,15 +194,18 @@ async def test_providers_and_accounts(client: ImagegenClient, app: App, tmp_path
             await acme.generate("acme's", width=256, height=256)
 
     settings = test_settings(tmp_path / "secured", database_url, secured=True, role="api")
-    async with running_app(settings) as secured, \
-            ImagegenClient.connect(secured.grpc_target, account="acme", token=ACME_TOKEN, retry=FAST) as acme, \
-            ImagegenClient.connect(secured.grpc_target, account="default", token=TEST_TOKEN, retry=FAST) as other:
+    async with (
+        running_app(settings) as secured,
+        ImagegenClient.connect(secured.grpc_target, account="acme", token=ACME_TOKEN, retry=FAST) as acme,
+        ImagegenClient.connect(secured.grpc_target, account="default", token=TEST_TOKEN, retry=FAST) as other,
+    ):
         theirs = await acme.generate("acme's", width=256, height=256)
         assert theirs.account_id == "acme"
         with pytest.raises(NotFound):
             await other.get(theirs.id)  # another account cannot see it
-        async with ImagegenClient.connect(secured.grpc_target, account="default", token=ACME_TOKEN,
-                                          retry=FAST) as trespasser:
+        async with ImagegenClient.connect(
+            secured.grpc_target, account="default", token=ACME_TOKEN, retry=FAST
+        ) as trespasser:
             with pytest.raises(PermissionDenied):
                 await trespasser.get(theirs.id)
         async with ImagegenClient.connect(secured.grpc_target, account="acme", retry=FAST) as anonymous:
@@ -216,8 +238,9 @@ class _FlakyServicer(pb_grpc.ImageGenerationServicer):
         self.requests: list[pb.GenerateImageRequest] = []
         self.metadata: list[dict[str, str]] = []
 
-    async def GenerateImage(self, request: pb.GenerateImageRequest,
-                            context: grpc.aio.ServicerContext) -> pb.Job:  # type: ignore[type-arg]
+    async def GenerateImage(
+        self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Job:  # type: ignore[type-arg]
         self.requests.append(request)
         self.metadata.append({key: str(value) for key, value in context.invocation_metadata() or ()})
         if len(self.requests) <= self.failures:
@@ -225,14 +248,21 @@ class _FlakyServicer(pb_grpc.ImageGenerationServicer):
         return pb.Job(id=str(uuid.uuid4()), status=PENDING, request_id=request.request_id)
 
     async def ListProviders(
-        self, request: pb.ListProvidersRequest, context: grpc.aio.ServicerContext  # type: ignore[type-arg]
+        self,
+        request: pb.ListProvidersRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> pb.ListProvidersResponse:
         await _abort(context, code_pb2.RESOURCE_EXHAUSTED, "queue full", retry_s=7.5)
         raise AssertionError("unreachable")
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: int, message: str, *,  # type: ignore[type-arg]
-                 retry_s: float) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext,
+    code: int,
+    message: str,
+    *,  # type: ignore[type-arg]
+    retry_s: float,
+) -> None:
     detail = any_pb2.Any()
     delay = duration_pb2.Duration()
     delay.FromNanoseconds(int(retry_s * 1e9))
@@ -248,13 +278,16 @@ async def test_unavailable_submits_are_retried_with_one_request_id_and_the_metad
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with ImagegenClient.connect(f"127.0.0.1:{port}", token="s3cret", account="acme",
-                                          retry=FAST) as client:
+        async with ImagegenClient.connect(
+            f"127.0.0.1:{port}", token="s3cret", account="acme", retry=FAST
+        ) as client:
             job = await client.generate("retry me")
             assert len(servicer.requests) == 3
             assert {request.request_id for request in servicer.requests} == {job.request_id}
-            assert all(sent["authorization"] == "Bearer s3cret" and sent["x-account-id"] == "acme"
-                       for sent in servicer.metadata)
+            assert all(
+                sent["authorization"] == "Bearer s3cret" and sent["x-account-id"] == "acme"
+                for sent in servicer.metadata
+            )
 
             # RESOURCE_EXHAUSTED is not retried, and its RetryInfo reaches the caller
             with pytest.raises(ResourceExhausted) as caught:
@@ -263,8 +296,9 @@ async def test_unavailable_submits_are_retried_with_one_request_id_and_the_metad
 
         servicer.requests.clear()
         servicer.failures = 10
-        async with ImagegenClient.connect(f"127.0.0.1:{port}", retry=RetryPolicy(
-                max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)) as client:
+        async with ImagegenClient.connect(
+            f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+        ) as client:
             with pytest.raises(Unavailable) as gave_up:
                 await client.generate("still down")
         assert len(servicer.requests) == 3 and gave_up.value.retry_after == pytest.approx(0.01)
@@ -284,8 +318,10 @@ async def test_watch_survives_the_server_being_restarted_mid_job(tmp_path: Path,
 
     # The vendor outlives our server, as BFL does: the restarted worker resumes polling the same task.
     async with Sandbox.running() as vendor, contextlib.AsyncExitStack() as stack:
-        overrides = {"bfl": VendorSettings(api_key="test-key", base_url=vendor.base_url),
-                     "shutdown_grace_s": 0.2}
+        overrides = {
+            "bfl": VendorSettings(api_key="test-key", base_url=vendor.base_url),
+            "shutdown_grace_s": 0.2,
+        }
         async with running_app(test_settings(tmp_path, database_url, **overrides)) as app:
             port = app.grpc_port
             client = await stack.enter_async_context(ImagegenClient.connect(f"127.0.0.1:{port}", retry=FAST))

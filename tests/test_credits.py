@@ -47,7 +47,9 @@ async def test_parallel_submits_never_overspend_a_small_balance(tmp_path: Path, 
         assert len(await app.store.ledger_entries("acme")) == 6  # the budget and five reservations
         # another account without a budget is unlimited
         async with authed_channel(app.grpc_target, account="globex") as other:
-            await pb_grpc.ImageGenerationStub(other).GenerateImage(pb.GenerateImageRequest(prompt="free rein"))
+            await pb_grpc.ImageGenerationStub(other).GenerateImage(
+                pb.GenerateImageRequest(prompt="free rein")
+            )
 
 
 async def test_completion_settles_the_vendors_figure_and_failures_refund(secured_app: App) -> None:
@@ -57,8 +59,11 @@ async def test_completion_settles_the_vendors_figure_and_failures_refund(secured
         stub = pb_grpc.ImageGenerationStub(channel)
         options = struct_pb2.Struct()
         options.update({"quality": "low"})
-        job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="poster: 50% off", provider="gpt_image_1_5",
-                                                               provider_options=options))
+        job = await stub.GenerateImage(
+            pb.GenerateImageRequest(
+                prompt="poster: 50% off", provider="gpt_image_1_5", provider_options=options
+            )
+        )
         assert job.estimated_cost_usd_micros == 9_000
         done = await finished(stub, job.id)
         assert done.status == pb.JOB_STATUS_COMPLETED
@@ -69,17 +74,30 @@ async def test_completion_settles_the_vendors_figure_and_failures_refund(secured
 
     assert await app.store.budget("acme") == 1_000_000 - actual
     entries = [(e.kind, e.amount_usd_micros) for e in reversed(await app.store.ledger_entries("acme"))]
-    assert entries == [("set", 1_000_000), ("reserve", -9_000), ("settle", 9_000 - actual),
-                       ("reserve", -30_000), ("refund", 30_000)]
+    assert entries == [
+        ("set", 1_000_000),
+        ("reserve", -9_000),
+        ("settle", 9_000 - actual),
+        ("reserve", -30_000),
+        ("refund", 30_000),
+    ]
 
 
 def test_the_budget_command(database_url: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_")}
-    env.update(IMAGEGEN_DATABASE_URL=database_url, IMAGEGEN_DATA_DIR=str(tmp_path), IMAGEGEN_LOG_FORMAT="text")
+    env.update(
+        IMAGEGEN_DATABASE_URL=database_url, IMAGEGEN_DATA_DIR=str(tmp_path), IMAGEGEN_LOG_FORMAT="text"
+    )
 
     def budget(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "server", "budget", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "server", "budget", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
 
@@ -89,8 +107,14 @@ def test_the_budget_command(database_url: str, tmp_path: Path) -> None:
     ledger = budget("ledger", "acme")
     assert "set" in ledger and "November" in ledger and "-2.500000" in ledger
     assert budget("remove", "acme") == "acme: budget removed; unlimited\n"
-    refused = subprocess.run([sys.executable, "-m", "server", "budget", "add", "acme", "1"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "server", "budget", "add", "acme", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 1 and "no budget" in refused.stderr
     with pytest.raises(AssertionError):
         budget("set", "acme", "lots")

@@ -67,8 +67,18 @@ async def _start_sandbox(tmp: Path, *, latency_s: float) -> tuple[Process, str]:
     log = tmp / "sandbox.log"
     with open(log, "wb") as stderr:  # the child keeps its own descriptor
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "providers.sandbox", "--host", "127.0.0.1", "--port", "0", "--latency",
-            str(latency_s), cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+            sys.executable,
+            "-m",
+            "providers.sandbox",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--latency",
+            str(latency_s),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
         )
     assert process.stdout is not None
     async with asyncio.timeout(20):
@@ -81,8 +91,14 @@ async def _start_replica(name: str, tmp: Path, env: dict[str, str]) -> Replica:
     log = tmp / f"{name}.log"
     with open(log, "wb") as stderr:  # the child keeps its own descriptor
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server", "serve", cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
         )
     replica = Replica(process, log)
 
@@ -101,22 +117,24 @@ async def _start_replica(name: str, tmp: Path, env: dict[str, str]) -> Replica:
 
 def _replica_env(database_url: str, data_dir: Path, sandbox_url: str, **extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("IMAGEGEN_")}
-    env.update({
-        "IMAGEGEN_DATABASE_URL": database_url,
-        "IMAGEGEN_GRPC_ADDRESS": "127.0.0.1:0",
-        "IMAGEGEN_HTTP_ADDRESS": "127.0.0.1:0",
-        "IMAGEGEN_DATA_DIR": str(data_dir),  # shared: one blob directory and URL-signing key
-        "IMAGEGEN_LOG_FORMAT": "json",
-        "IMAGEGEN_LEASE_S": "3",
-        "IMAGEGEN_POLL_INTERVAL_S": "0.3",
-        "IMAGEGEN_RETRY_BASE_S": "0.1",
-        "IMAGEGEN_RETRY_MAX_S": "0.5",
-        "IMAGEGEN_MAX_ATTEMPTS": "6",
-        "IMAGEGEN_SHUTDOWN_GRACE_S": "1",
-        "IMAGEGEN_WORKER_CONCURRENCY": "16",
-        "BFL_API_KEY": "sandbox-key",
-        "IMAGEGEN_BFL_BASE_URL": sandbox_url,
-    })
+    env.update(
+        {
+            "IMAGEGEN_DATABASE_URL": database_url,
+            "IMAGEGEN_GRPC_ADDRESS": "127.0.0.1:0",
+            "IMAGEGEN_HTTP_ADDRESS": "127.0.0.1:0",
+            "IMAGEGEN_DATA_DIR": str(data_dir),  # shared: one blob directory and URL-signing key
+            "IMAGEGEN_LOG_FORMAT": "json",
+            "IMAGEGEN_LEASE_S": "3",
+            "IMAGEGEN_POLL_INTERVAL_S": "0.3",
+            "IMAGEGEN_RETRY_BASE_S": "0.1",
+            "IMAGEGEN_RETRY_MAX_S": "0.5",
+            "IMAGEGEN_MAX_ATTEMPTS": "6",
+            "IMAGEGEN_SHUTDOWN_GRACE_S": "1",
+            "IMAGEGEN_WORKER_CONCURRENCY": "16",
+            "BFL_API_KEY": "sandbox-key",
+            "IMAGEGEN_BFL_BASE_URL": sandbox_url,
+        }
+    )
     env.update(extra)
     return env
 
@@ -140,8 +158,9 @@ class ResumingWatcher:
             replica = random.choice(live)
             after = self.versions[-1] if self.versions else 0
             try:
-                async for event in replica.stub.WatchJob(pb.WatchJobRequest(job_id=self.job_id,
-                                                                            after_version=after)):
+                async for event in replica.stub.WatchJob(
+                    pb.WatchJobRequest(job_id=self.job_id, after_version=after)
+                ):
                     if event.kind == pb.JOB_EVENT_KIND_HEARTBEAT:
                         continue
                     self.versions.append(event.version)
@@ -149,8 +168,12 @@ class ResumingWatcher:
                 return
             except grpc.aio.AioRpcError as error:
                 # a replica that is killed mid-stream may reset it (INTERNAL) rather than close it
-                assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                        grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), error
+                assert error.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.UNKNOWN,
+                    grpc.StatusCode.INTERNAL,
+                ), error
                 self.resumes += 1
                 await asyncio.sleep(0.05)  # a client's backoff before resuming elsewhere
 
@@ -179,11 +202,15 @@ async def test_replicas_survive_a_kill_and_a_restart_with_no_job_lost_or_paid_tw
     replicas = [await _start_replica(f"replica{n}", tmp_path, env) for n in range(3)]
     started = time.monotonic()
     try:
+
         async def submit(index: int) -> str:
             replica = replicas[index % 3]
             job = await replica.stub.GenerateImage(
-                pb.GenerateImageRequest(prompt=f"durable job {index}", width=256, height=256,
-                                        request_id=f"durable-{index}"), timeout=30)
+                pb.GenerateImageRequest(
+                    prompt=f"durable job {index}", width=256, height=256, request_id=f"durable-{index}"
+                ),
+                timeout=30,
+            )
             return job.id
 
         job_ids = []
@@ -211,23 +238,35 @@ async def test_replicas_survive_a_kill_and_a_restart_with_no_job_lost_or_paid_tw
         try:
             counts = dict(await connection.fetch("SELECT status, count(*) FROM jobs GROUP BY status"))
             completions = await connection.fetch(
-                "SELECT job_id, count(*) AS n FROM job_events WHERE status = 'completed' GROUP BY job_id")
+                "SELECT job_id, count(*) AS n FROM job_events WHERE status = 'completed' GROUP BY job_id"
+            )
             gaps = await connection.fetch(
-                "SELECT job_id FROM job_events GROUP BY job_id HAVING count(*) != max(version) OR min(version) != 1")
+                "SELECT job_id FROM job_events GROUP BY job_id "
+                "HAVING count(*) != max(version) OR min(version) != 1"
+            )
             takeovers = await connection.fetchval(
-                "SELECT count(*) FROM job_events WHERE message LIKE '%expired%'")
+                "SELECT count(*) FROM job_events WHERE message LIKE '%expired%'"
+            )
             handed_back = await connection.fetchval(
-                "SELECT count(*) FROM job_events WHERE message LIKE 'handed back%'")
+                "SELECT count(*) FROM job_events WHERE message LIKE 'handed back%'"
+            )
         finally:
             await connection.close()
         async with aiohttp.ClientSession() as http, http.get(f"{sandbox_url}/_sandbox/counters") as response:
             counters = await response.json()
 
-        figures = {"jobs": jobs_total, "replicas": 3, "kills": 1, "restarts": 1,
-                   "lost": jobs_total - counts.get("completed", 0),
-                   "duplicate_vendor_submissions": counters.get("bfl.submit", 0) - jobs_total,
-                   "jobs_taken_over": takeovers, "jobs_handed_back": handed_back,
-                   "watch_resumes": sum(w.resumes for w in watchers), "seconds": round(elapsed, 1)}
+        figures = {
+            "jobs": jobs_total,
+            "replicas": 3,
+            "kills": 1,
+            "restarts": 1,
+            "lost": jobs_total - counts.get("completed", 0),
+            "duplicate_vendor_submissions": counters.get("bfl.submit", 0) - jobs_total,
+            "jobs_taken_over": takeovers,
+            "jobs_handed_back": handed_back,
+            "watch_resumes": sum(w.resumes for w in watchers),
+            "seconds": round(elapsed, 1),
+        }
         context = f"{figures} statuses={counts} sandbox={counters}"
         assert counts == {"completed": jobs_total}, context  # every job, exactly one terminal status
         assert len(completions) == jobs_total and {row["n"] for row in completions} == {1}, context
@@ -267,9 +306,15 @@ async def test_cut_database_connections_lose_no_acknowledged_job(database_url: s
             nonlocal refused
             for index in range(25):
                 try:
-                    job = await stub.GenerateImage(pb.GenerateImageRequest(
-                        prompt=f"cut {worker}-{index}", width=256, height=256,
-                        request_id=f"cut-{worker}-{index}"), timeout=10)
+                    job = await stub.GenerateImage(
+                        pb.GenerateImageRequest(
+                            prompt=f"cut {worker}-{index}",
+                            width=256,
+                            height=256,
+                            request_id=f"cut-{worker}-{index}",
+                        ),
+                        timeout=10,
+                    )
                     acknowledged.append(job.id)
                 except grpc.aio.AioRpcError as error:
                     assert error.code() == grpc.StatusCode.UNAVAILABLE, error  # never UNKNOWN or a hang
@@ -283,7 +328,8 @@ async def test_cut_database_connections_lose_no_acknowledged_job(database_url: s
                     await asyncio.sleep(0.3)  # spread the cuts over the run
                     cuts += await admin.fetchval(
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND application_name = 'imagegen'")
+                        "WHERE datname = current_database() AND application_name = 'imagegen'"
+                    )
             finally:
                 await admin.close()
             return cuts
@@ -300,8 +346,17 @@ async def test_cut_database_connections_lose_no_acknowledged_job(database_url: s
         statuses = {row["id"]: row["status"] for row in rows}
         assert set(acknowledged) <= set(statuses)  # nothing acknowledged is missing
         assert {statuses[job_id] for job_id in acknowledged} == {"completed"}
-        print("database cuts:", json.dumps({"backends_terminated": cuts, "acknowledged": len(acknowledged),
-                                            "refused_unavailable": refused, "lost": 0}))
+        print(
+            "database cuts:",
+            json.dumps(
+                {
+                    "backends_terminated": cuts,
+                    "acknowledged": len(acknowledged),
+                    "refused_unavailable": refused,
+                    "lost": 0,
+                }
+            ),
+        )
         await eventually(lambda: app.readiness.ready, timeout=10)
 
 
@@ -310,25 +365,33 @@ async def _all_terminal_of(database_url: str, job_ids: list[str]) -> bool:
     try:
         count = await connection.fetchval(
             "SELECT count(*) FROM jobs WHERE id = ANY($1::uuid[]) AND status = ANY($2::text[])",
-            job_ids, list(TERMINAL))
+            job_ids,
+            list(TERMINAL),
+        )
     finally:
         await connection.close()
     return count == len(job_ids)
 
 
 @pytest.fixture
-async def api_only(tmp_path: Path, database_url: str) -> AsyncIterator[tuple[pb_grpc.ImageGenerationStub, str]]:
+async def api_only(
+    tmp_path: Path, database_url: str
+) -> AsyncIterator[tuple[pb_grpc.ImageGenerationStub, str]]:
     """An API server without workers: jobs stay as GenerateImage wrote them."""
-    async with running_app(test_settings(tmp_path, database_url, role="api", max_pending_jobs_per_account=0)) as app, \
-            grpc.aio.insecure_channel(app.grpc_target) as channel:
+    async with (
+        running_app(test_settings(tmp_path, database_url, role="api", max_pending_jobs_per_account=0)) as app,
+        grpc.aio.insecure_channel(app.grpc_target) as channel,
+    ):
         yield pb_grpc.ImageGenerationStub(channel), database_url
 
 
 async def test_concurrent_retries_across_replicas_create_one_job(tmp_path: Path, database_url: str) -> None:
-    async with running_app(test_settings(tmp_path / "a", database_url, role="api")) as first, \
-            running_app(test_settings(tmp_path / "b", database_url, role="api")) as second, \
-            grpc.aio.insecure_channel(first.grpc_target) as one, \
-            grpc.aio.insecure_channel(second.grpc_target) as two:
+    async with (
+        running_app(test_settings(tmp_path / "a", database_url, role="api")) as first,
+        running_app(test_settings(tmp_path / "b", database_url, role="api")) as second,
+        grpc.aio.insecure_channel(first.grpc_target) as one,
+        grpc.aio.insecure_channel(second.grpc_target) as two,
+    ):
         stubs = [pb_grpc.ImageGenerationStub(one), pb_grpc.ImageGenerationStub(two)]
         request = pb.GenerateImageRequest(prompt="retried submit", request_id=str(uuid.uuid4()))
         jobs = await asyncio.gather(*(stubs[n % 2].GenerateImage(request) for n in range(40)))
@@ -336,7 +399,9 @@ async def test_concurrent_retries_across_replicas_create_one_job(tmp_path: Path,
         assert (await _status_counts(database_url)) == {"pending": 1}
 
 
-_PROVIDERS = st.sampled_from(["", "flux_2_pro", "gpt_image_1_5", "seedream_4", "nano_banana", "bogus", "FLUX_2_PRO"])
+_PROVIDERS = st.sampled_from(
+    ["", "flux_2_pro", "gpt_image_1_5", "seedream_4", "nano_banana", "bogus", "FLUX_2_PRO"]
+)
 _TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60)
 
 
@@ -349,14 +414,22 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateImageRequest:
         width=draw(st.one_of(st.integers(-5, 3000), st.sampled_from([0, 255, 256, 1080, 2048, 2049]))),
         height=draw(st.one_of(st.integers(-5, 3000), st.sampled_from([0, 255, 256, 1920, 2048, 2049]))),
         num_variants=draw(st.integers(-1, 6)),
-        folder_id=draw(st.one_of(st.just(""), st.just("root"), st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True),
-                                 _TEXT)),
+        folder_id=draw(
+            st.one_of(
+                st.just(""), st.just("root"), st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True), _TEXT
+            )
+        ),
         negative_prompt=draw(st.one_of(st.just(""), _TEXT)),
         output_format=draw(st.integers(0, 5)),
-        reference_image_urls=draw(st.lists(st.one_of(st.just("https://img.example/a.png"), _TEXT), max_size=3)),
+        reference_image_urls=draw(
+            st.lists(st.one_of(st.just("https://img.example/a.png"), _TEXT), max_size=3)
+        ),
         request_id=draw(st.one_of(st.just(""), st.from_regex(r"[!-~]{1,20}", fullmatch=True), _TEXT)),
-        labels=draw(st.dictionaries(st.one_of(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True), _TEXT),
-                                    _TEXT, max_size=3)),
+        labels=draw(
+            st.dictionaries(
+                st.one_of(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True), _TEXT), _TEXT, max_size=3
+            )
+        ),
     )
     if draw(st.booleans()):
         request.seed = draw(st.integers(-(2**40), 2**40))
@@ -373,8 +446,11 @@ async def test_every_request_makes_one_valid_job_or_a_precise_error_and_nothing_
     try:
         job = await stub.GenerateImage(request, timeout=10)
     except grpc.aio.AioRpcError as error:
-        assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                                grpc.StatusCode.ALREADY_EXISTS), error
+        assert error.code() in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.ALREADY_EXISTS,
+        ), error
         assert "Traceback" not in (error.details() or "")
         assert await _row_counts(database_url) == before  # nothing half-written
         return
@@ -391,7 +467,9 @@ async def test_every_request_makes_one_valid_job_or_a_precise_error_and_nothing_
 async def _row_counts(database_url: str) -> tuple[int, int]:
     connection = await _db(database_url)
     try:
-        return (await connection.fetchval("SELECT count(*) FROM jobs"),
-                await connection.fetchval("SELECT count(*) FROM job_events"))
+        return (
+            await connection.fetchval("SELECT count(*) FROM jobs"),
+            await connection.fetchval("SELECT count(*) FROM job_events"),
+        )
     finally:
         await connection.close()

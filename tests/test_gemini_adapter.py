@@ -150,20 +150,48 @@ def cost_from_recorded_usage(model: str, sandbox: Sandbox) -> int:
 @pytest.mark.parametrize(
     ("width", "height", "flash", "pro"),
     [
-        (1024, 1024, NativeSize(aspect_ratio="1:1", image_size=None, width=1024, height=1024),
-         NativeSize(aspect_ratio="1:1", image_size="1K", width=1024, height=1024)),
-        (1080, 1920, NativeSize(aspect_ratio="9:16", image_size=None, width=768, height=1344),
-         NativeSize(aspect_ratio="9:16", image_size="2K", width=1536, height=2752)),
-        (1920, 1080, NativeSize(aspect_ratio="16:9", image_size=None, width=1344, height=768),
-         NativeSize(aspect_ratio="16:9", image_size="2K", width=2752, height=1536)),
-        (256, 256, NativeSize(aspect_ratio="1:1", image_size=None, width=1024, height=1024),
-         NativeSize(aspect_ratio="1:1", image_size="1K", width=1024, height=1024)),
-        (2048, 2048, NativeSize(aspect_ratio="1:1", image_size=None, width=1024, height=1024),
-         NativeSize(aspect_ratio="1:1", image_size="2K", width=2048, height=2048)),
-        (1600, 900, NativeSize(aspect_ratio="16:9", image_size=None, width=1344, height=768),
-         NativeSize(aspect_ratio="16:9", image_size="2K", width=2752, height=1536)),
-        (720, 1280, NativeSize(aspect_ratio="9:16", image_size=None, width=768, height=1344),
-         NativeSize(aspect_ratio="9:16", image_size="1K", width=768, height=1376)),
+        (
+            1024,
+            1024,
+            NativeSize(aspect_ratio="1:1", image_size=None, width=1024, height=1024),
+            NativeSize(aspect_ratio="1:1", image_size="1K", width=1024, height=1024),
+        ),
+        (
+            1080,
+            1920,
+            NativeSize(aspect_ratio="9:16", image_size=None, width=768, height=1344),
+            NativeSize(aspect_ratio="9:16", image_size="2K", width=1536, height=2752),
+        ),
+        (
+            1920,
+            1080,
+            NativeSize(aspect_ratio="16:9", image_size=None, width=1344, height=768),
+            NativeSize(aspect_ratio="16:9", image_size="2K", width=2752, height=1536),
+        ),
+        (
+            256,
+            256,
+            NativeSize(aspect_ratio="1:1", image_size=None, width=1024, height=1024),
+            NativeSize(aspect_ratio="1:1", image_size="1K", width=1024, height=1024),
+        ),
+        (
+            2048,
+            2048,
+            NativeSize(aspect_ratio="1:1", image_size=None, width=1024, height=1024),
+            NativeSize(aspect_ratio="1:1", image_size="2K", width=2048, height=2048),
+        ),
+        (
+            1600,
+            900,
+            NativeSize(aspect_ratio="16:9", image_size=None, width=1344, height=768),
+            NativeSize(aspect_ratio="16:9", image_size="2K", width=2752, height=1536),
+        ),
+        (
+            720,
+            1280,
+            NativeSize(aspect_ratio="9:16", image_size=None, width=768, height=1344),
+            NativeSize(aspect_ratio="9:16", image_size="1K", width=768, height=1376),
+        ),
     ],
 )
 def test_native_size(width: int, height: int, flash: NativeSize, pro: NativeSize) -> None:
@@ -460,7 +488,6 @@ async def test_one_throttled_variant_fails_the_call_with_its_retry_hint(
     request = make_request("a fox [sandbox:rate-limited=5]", num_variants=4)
 
     error = await generate_error(provider, request, checkpoint)
-
 
     assert (type(error), error.retry_after_s) == (ProviderUnavailable, 5.0)
     assert sandbox.counters["gemini.generate"] == 3
@@ -822,7 +849,6 @@ async def test_unknown_model_is_404(session: aiohttp.ClientSession, sandbox: San
     path = "/v1beta/models/gemini-9-ultra:generateContent"
 
     status, answer = await post(session, sandbox, path, text_body())
-
 
     assert (status, answer["error"]["status"]) == (404, "NOT_FOUND")
     assert "models/gemini-9-ultra is not found for API version v1beta" in answer["error"]["message"]

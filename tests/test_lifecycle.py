@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 import io
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -19,20 +19,31 @@ from tests.conftest import authed_channel, test_settings
 from tests.helpers import events_until_end, eventually, finished, first_event_with_status
 
 PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
-    pb.JOB_STATUS_PENDING, pb.JOB_STATUS_PROCESSING, pb.JOB_STATUS_COMPLETED, pb.JOB_STATUS_FAILED,
+    pb.JOB_STATUS_PENDING,
+    pb.JOB_STATUS_PROCESSING,
+    pb.JOB_STATUS_COMPLETED,
+    pb.JOB_STATUS_FAILED,
     pb.JOB_STATUS_CANCELLED,
 )
 
 
 async def test_job_completes_with_images_of_exactly_the_requested_size(stub, app: App) -> None:
     job = await stub.GenerateImage(
-        pb.GenerateImageRequest(prompt="a product shot of headphones", width=1080, height=1920, num_variants=2,
-                                folder_id="reels", output_format=pb.OUTPUT_FORMAT_JPEG, seed=40)
+        pb.GenerateImageRequest(
+            prompt="a product shot of headphones",
+            width=1080,
+            height=1920,
+            num_variants=2,
+            folder_id="reels",
+            output_format=pb.OUTPUT_FORMAT_JPEG,
+            seed=40,
+        )
     )
     events = await events_until_end(stub, job.id)
 
     assert [e.kind for e in events] == [pb.JOB_EVENT_KIND_SNAPSHOT] + [pb.JOB_EVENT_KIND_TRANSITION] * (
-        len(events) - 1)
+        len(events) - 1
+    )
     statuses = [e.job.status for e in events]
     assert statuses[-1] == COMPLETED
     assert PROCESSING in statuses or events[0].job.status != PENDING
@@ -58,7 +69,9 @@ async def test_job_completes_with_images_of_exactly_the_requested_size(stub, app
             decoded = Image.open(io.BytesIO(body))
             assert decoded.format == "JPEG" and decoded.size == (1080, 1920)
             # the stored file sits where DESIGN.md says, under the account and folder
-            assert (app.settings.data_dir / "blobs" / "default" / "reels" / done.id / f"{index}.jpg").is_file()
+            assert (
+                app.settings.data_dir / "blobs" / "default" / "reels" / done.id / f"{index}.jpg"
+            ).is_file()
 
     fetched = await stub.GetJob(pb.GetJobRequest(job_id=job.id))
     assert fetched.status == COMPLETED and fetched.version == done.version
@@ -92,12 +105,15 @@ async def test_watch_of_unknown_or_foreign_job_is_not_found(secured_stub) -> Non
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_idle_watch_gets_heartbeats_and_leaves_nothing_behind(tmp_path: Path, database_url: str) -> None:
+async def test_idle_watch_gets_heartbeats_and_leaves_nothing_behind(
+    tmp_path: Path, database_url: str
+) -> None:
     settings = test_settings(tmp_path, database_url, watch_heartbeat_s=0.1)
     async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:
         stub = pb_grpc.ImageGenerationStub(channel)
-        job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="slow [sandbox:slow=30]", width=256,
-                                                                height=256))
+        job = await stub.GenerateImage(
+            pb.GenerateImageRequest(prompt="slow [sandbox:slow=30]", width=256, height=256)
+        )
         stream = stub.WatchJob(pb.WatchJobRequest(job_id=job.id))
         await first_event_with_status(stream, PROCESSING)
         async with asyncio.timeout(5):
@@ -114,8 +130,10 @@ async def test_idle_watch_gets_heartbeats_and_leaves_nothing_behind(tmp_path: Pa
 
 async def test_cancel_pending_is_immediate_and_idempotent(tmp_path: Path, database_url: str) -> None:
     # an API-only server has no worker, so the job stays pending
-    async with running_app(test_settings(tmp_path, database_url, role="api", secured=True)) as app, \
-            authed_channel(app.grpc_target) as channel:
+    async with (
+        running_app(test_settings(tmp_path, database_url, role="api", secured=True)) as app,
+        authed_channel(app.grpc_target) as channel,
+    ):
         stub = pb_grpc.ImageGenerationStub(channel)
         job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a cat"))
         cancelled = await stub.CancelJob(pb.CancelJobRequest(job_id=job.id))
@@ -133,8 +151,9 @@ async def test_cancel_pending_is_immediate_and_idempotent(tmp_path: Path, databa
 
 
 async def test_cancel_processing_discards_the_result(stub, app: App) -> None:
-    job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="big scene [sandbox:slow=30]", width=256,
-                                                            height=256))
+    job = await stub.GenerateImage(
+        pb.GenerateImageRequest(prompt="big scene [sandbox:slow=30]", width=256, height=256)
+    )
     stream = stub.WatchJob(pb.WatchJobRequest(job_id=job.id))
     await first_event_with_status(stream, PROCESSING)
 
@@ -200,34 +219,45 @@ async def test_transient_failures_are_retried_to_completion(stub, tag) -> None:
 
 
 async def test_job_deadline_fails_the_job_at_no_cost(tmp_path: Path, database_url: str) -> None:
-    async with running_app(test_settings(tmp_path, database_url, job_deadline_s=1.0)) as app, \
-            grpc.aio.insecure_channel(app.grpc_target) as channel:
+    async with (
+        running_app(test_settings(tmp_path, database_url, job_deadline_s=1.0)) as app,
+        grpc.aio.insecure_channel(app.grpc_target) as channel,
+    ):
         stub = pb_grpc.ImageGenerationStub(channel)
-        job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="slow [sandbox:slow=30]", width=256,
-                                                                height=256))
+        job = await stub.GenerateImage(
+            pb.GenerateImageRequest(prompt="slow [sandbox:slow=30]", width=256, height=256)
+        )
         failed = await finished(stub, job.id, timeout=10)
         assert failed.status == FAILED and failed.error.code == "DEADLINE_EXCEEDED" and failed.cost_cents == 0
 
 
 async def test_pending_job_survives_a_restart(tmp_path: Path, database_url: str) -> None:
-    async with running_app(test_settings(tmp_path, database_url, role="api")) as app, \
-            grpc.aio.insecure_channel(app.grpc_target) as channel:
+    async with (
+        running_app(test_settings(tmp_path, database_url, role="api")) as app,
+        grpc.aio.insecure_channel(app.grpc_target) as channel,
+    ):
         job = await pb_grpc.ImageGenerationStub(channel).GenerateImage(
-            pb.GenerateImageRequest(prompt="kept across restarts", width=256, height=256))
+            pb.GenerateImageRequest(prompt="kept across restarts", width=256, height=256)
+        )
         assert job.status == PENDING
 
-    async with running_app(test_settings(tmp_path, database_url)) as app, \
-            grpc.aio.insecure_channel(app.grpc_target) as channel:
+    async with (
+        running_app(test_settings(tmp_path, database_url)) as app,
+        grpc.aio.insecure_channel(app.grpc_target) as channel,
+    ):
         done = await finished(pb_grpc.ImageGenerationStub(channel), job.id)
         assert done.status == COMPLETED and len(done.images) == 1
 
 
-async def test_shutdown_ends_watch_streams_unavailable_and_hands_jobs_back(tmp_path: Path, database_url: str) -> None:
+async def test_shutdown_ends_watch_streams_unavailable_and_hands_jobs_back(
+    tmp_path: Path, database_url: str
+) -> None:
     settings = test_settings(tmp_path, database_url, shutdown_grace_s=0.2)
     async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:
         stub = pb_grpc.ImageGenerationStub(channel)
-        job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="long [sandbox:slow=60]", width=256,
-                                                                height=256))
+        job = await stub.GenerateImage(
+            pb.GenerateImageRequest(prompt="long [sandbox:slow=60]", width=256, height=256)
+        )
         stream = stub.WatchJob(pb.WatchJobRequest(job_id=job.id))
         await first_event_with_status(stream, PROCESSING)
         stopping = asyncio.create_task(app_stop(app))
@@ -240,8 +270,10 @@ async def test_shutdown_ends_watch_streams_unavailable_and_hands_jobs_back(tmp_p
 
     # The job went back to the queue (not lost, not stuck in PROCESSING), and the vendor task id was
     # kept, so the next worker resumes polling the same task.
-    async with running_app(test_settings(tmp_path, database_url, role="api")) as app, \
-            grpc.aio.insecure_channel(app.grpc_target) as channel:
+    async with (
+        running_app(test_settings(tmp_path, database_url, role="api")) as app,
+        grpc.aio.insecure_channel(app.grpc_target) as channel,
+    ):
         job = await pb_grpc.ImageGenerationStub(channel).GetJob(pb.GetJobRequest(job_id=job.id))
         assert job.status == PENDING
         stored = await app.store.get("default", uuid.UUID(job.id))

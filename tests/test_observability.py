@@ -53,8 +53,11 @@ def _samples(exposition: str) -> Samples:
 
 def _value(samples: Samples, name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
-    return sum(value for (sample, sample_labels), value in samples.items()
-               if sample == name and set(labels.items()) <= set(sample_labels))
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )
 
 
 @pytest.fixture
@@ -64,11 +67,14 @@ async def mixed_run(app: App) -> AsyncIterator[tuple[App, str]]:
         stub = pb_grpc.ImageGenerationStub(channel)
         plain = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a fox", width=256, height=256))
         retried = await stub.GenerateImage(
-            pb.GenerateImageRequest(prompt="a fox [sandbox:rate-limited]", width=256, height=256))
+            pb.GenerateImageRequest(prompt="a fox [sandbox:rate-limited]", width=256, height=256)
+        )
         moderated = await stub.GenerateImage(
-            pb.GenerateImageRequest(prompt="a fox [sandbox:moderated]", width=256, height=256))
+            pb.GenerateImageRequest(prompt="a fox [sandbox:moderated]", width=256, height=256)
+        )
         slow = await stub.GenerateImage(
-            pb.GenerateImageRequest(prompt="a fox [sandbox:slow=30]", width=256, height=256))
+            pb.GenerateImageRequest(prompt="a fox [sandbox:slow=30]", width=256, height=256)
+        )
         stream = stub.WatchJob(pb.WatchJobRequest(job_id=slow.id))
         await first_event_with_status(stream, pb.JOB_STATUS_PROCESSING)
         await stub.CancelJob(pb.CancelJobRequest(job_id=slow.id))
@@ -100,7 +106,10 @@ async def test_metrics_move_as_the_jobs_did(mixed_run: tuple[App, str]) -> None:
 
     assert _value(samples, "imagegen_jobs_submitted_total", **flux) == 4
     assert _value(samples, "imagegen_jobs_finished_total", status="completed", **flux) == 2
-    assert _value(samples, "imagegen_jobs_finished_total", status="failed", code="CONTENT_MODERATED", **flux) == 1
+    assert (
+        _value(samples, "imagegen_jobs_finished_total", status="failed", code="CONTENT_MODERATED", **flux)
+        == 1
+    )
     assert _value(samples, "imagegen_jobs_finished_total", status="cancelled", **flux) == 1
     assert _value(samples, "imagegen_job_retries_total", reason="rate_limited", **flux) == 1
     assert _value(samples, "imagegen_job_attempts_started_total", **flux) == 5  # retried job ran twice
@@ -116,14 +125,27 @@ async def test_metrics_move_as_the_jobs_did(mixed_run: tuple[App, str]) -> None:
     assert _value(samples, "imagegen_lease_takeovers_total") == 0
 
     # vendor HTTP, as the adapter spoke it: one throttled submit, successful submits, polls, downloads
-    assert _value(samples, "imagegen_provider_requests_total", vendor="bfl", endpoint="submit", outcome="429") == 1
-    assert _value(samples, "imagegen_provider_requests_total", vendor="bfl", endpoint="submit", outcome="2xx") == 4
-    assert _value(samples, "imagegen_provider_requests_total", vendor="bfl", endpoint="download", outcome="2xx") == 2
+    assert (
+        _value(samples, "imagegen_provider_requests_total", vendor="bfl", endpoint="submit", outcome="429")
+        == 1
+    )
+    assert (
+        _value(samples, "imagegen_provider_requests_total", vendor="bfl", endpoint="submit", outcome="2xx")
+        == 4
+    )
+    assert (
+        _value(samples, "imagegen_provider_requests_total", vendor="bfl", endpoint="download", outcome="2xx")
+        == 2
+    )
     assert _value(samples, "imagegen_provider_response_bytes_total", vendor="bfl", endpoint="download") > 1000
     assert _value(samples, "imagegen_provider_request_seconds_count", vendor="bfl") >= 7
 
     # gRPC server metrics, under the ecosystem's names and code labels
-    method = {"grpc_service": "imagegen.v1.ImageGeneration", "grpc_method": "GenerateImage", "grpc_type": "unary"}
+    method = {
+        "grpc_service": "imagegen.v1.ImageGeneration",
+        "grpc_method": "GenerateImage",
+        "grpc_type": "unary",
+    }
     assert _value(samples, "grpc_server_started_total", **method) == 5
     assert _value(samples, "grpc_server_handled_total", grpc_code="OK", **method) == 4
     assert _value(samples, "grpc_server_handled_total", grpc_code="InvalidArgument", **method) == 1
@@ -143,11 +165,16 @@ async def test_metrics_move_as_the_jobs_did(mixed_run: tuple[App, str]) -> None:
 async def test_promtool_accepts_the_exposition_and_the_rules(mixed_run: tuple[App, str]) -> None:
     _app, exposition = mixed_run
     promtool = _tool("promtool")
-    checked = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True,
-                             timeout=30)
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, text=True, timeout=30
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    rules = subprocess.run([promtool, "check", "rules", str(OPERATIONS / "alerts.yml")], capture_output=True,
-                           text=True, timeout=30)
+    rules = subprocess.run(
+        [promtool, "check", "rules", str(OPERATIONS / "alerts.yml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert rules.returncode == 0, rules.stdout + rules.stderr
     assert "SUCCESS: 8 rules found" in rules.stdout
 
@@ -158,7 +185,9 @@ async def test_rules_and_dashboard_only_use_exported_metrics(mixed_run: tuple[Ap
     dashboard = json.loads((OPERATIONS / "dashboard.json").read_text())
     expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     expressions.append((OPERATIONS / "alerts.yml").read_text())
-    named = {name for text in expressions for name in re.findall(r"\b((?:imagegen|grpc_server)_[a-z_]+)\b", text)}
+    named = {
+        name for text in expressions for name in re.findall(r"\b((?:imagegen|grpc_server)_[a-z_]+)\b", text)
+    }
     assert named, "no metric names found"
     assert named <= exported, named - exported
 
@@ -178,8 +207,11 @@ async def test_a_real_prometheus_scrape_sees_the_values(mixed_run: tuple[App, st
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = await asyncio.create_subprocess_exec(
-        prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{port}", stdout=asyncio.subprocess.DEVNULL,
+        prometheus,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
@@ -187,7 +219,9 @@ async def test_a_real_prometheus_scrape_sees_the_values(mixed_run: tuple[App, st
 
             async def query(expr: str) -> list[dict]:  # type: ignore[type-arg]
                 try:
-                    async with http.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}) as reply:
+                    async with http.get(
+                        f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}
+                    ) as reply:
                         return (await reply.json())["data"]["result"] if reply.status == 200 else []
                 except aiohttp.ClientError:
                     return []
@@ -203,7 +237,9 @@ async def test_a_real_prometheus_scrape_sees_the_values(mixed_run: tuple[App, st
             assert moderated["value"][1] == "1"
             [cost] = await query("sum(imagegen_cost_usd_total)")
             assert float(cost["value"][1]) == pytest.approx(0.06)
-            [handled] = await query('sum(grpc_server_handled_total{grpc_method="GenerateImage",grpc_code="OK"})')
+            [handled] = await query(
+                'sum(grpc_server_handled_total{grpc_method="GenerateImage",grpc_code="OK"})'
+            )
             assert handled["value"][1] == "4"
             async with http.get(f"http://127.0.0.1:{port}/api/v1/rules") as reply:
                 groups = (await reply.json())["data"]["groups"]

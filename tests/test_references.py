@@ -53,9 +53,16 @@ async def image_host() -> AsyncIterator[str]:
     async def to_private(_r: web.Request) -> web.Response:
         raise web.HTTPFound("http://10.20.30.40/admin")
 
-    app.add_routes([web.get("/good.png", good), web.get("/page.png", text), web.get("/liar.png", liar),
-                    web.get("/huge.png", huge), web.get("/to-metadata", to_metadata),
-                    web.get("/to-private", to_private)])
+    app.add_routes(
+        [
+            web.get("/good.png", good),
+            web.get("/page.png", text),
+            web.get("/liar.png", liar),
+            web.get("/huge.png", huge),
+            web.get("/to-metadata", to_metadata),
+            web.get("/to-private", to_private),
+        ]
+    )
     runner = web.AppRunner(app)
     await runner.setup()
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -74,8 +81,16 @@ class _Names(AbstractResolver):
 
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[Any]:
         address = self._names[host]
-        return [{"hostname": host, "host": address, "port": port, "proto": 0, "flags": 0,
-                 "family": socket.AF_INET6 if ":" in address else socket.AF_INET}]
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "proto": 0,
+                "flags": 0,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+            }
+        ]
 
     async def close(self) -> None:
         pass
@@ -83,14 +98,24 @@ class _Names(AbstractResolver):
 
 async def test_the_connector_refuses_every_inward_address(image_host: str) -> None:
     port = image_host.rsplit(":", 1)[1]
-    names = {"metadata.attacker.test": "169.254.169.254", "intranet.attacker.test": "10.1.2.3",
-             "loopback.attacker.test": "127.0.0.1", "v6.attacker.test": "::1",
-             "mapped.attacker.test": "::ffff:127.0.0.1", "cgnat.attacker.test": "100.64.0.9"}
+    names = {
+        "metadata.attacker.test": "169.254.169.254",
+        "intranet.attacker.test": "10.1.2.3",
+        "loopback.attacker.test": "127.0.0.1",
+        "v6.attacker.test": "::1",
+        "mapped.attacker.test": "::ffff:127.0.0.1",
+        "cgnat.attacker.test": "100.64.0.9",
+    }
     connector = PublicOnlyConnector(resolver=_Names(names))
     async with aiohttp.ClientSession(connector=connector) as http:
         urls = [f"http://{name}:{port}/good.png" for name in names]
-        urls += [f"{image_host}/good.png", f"http://[::1]:{port}/good.png", "http://0.0.0.0/",
-                 f"http://[::ffff:127.0.0.1]:{port}/good.png", "http://169.254.169.254/latest/meta-data"]
+        urls += [
+            f"{image_host}/good.png",
+            f"http://[::1]:{port}/good.png",
+            "http://0.0.0.0/",
+            f"http://[::ffff:127.0.0.1]:{port}/good.png",
+            "http://169.254.169.254/latest/meta-data",
+        ]
         for url in urls:
             with pytest.raises(ForbiddenAddress):
                 async with http.get(url):
@@ -114,20 +139,31 @@ async def test_the_connector_refuses_every_inward_address(image_host: str) -> No
 
 
 async def test_inward_urls_are_refused_at_submit(stub) -> None:
-    urls = ["http://127.0.0.1:9/x.png", "http://2130706433/x.png", "http://0x7f000001/x.png", "http://[::1]/x.png",
-            "http://[::ffff:7f00:1]/x.png", "http://169.254.169.254/latest/meta-data", "http://10.0.0.8/x.png",
-            "http://192.168.1.1/x.png", "http://localhost/x.png", "http://metadata.google.internal/x",
-            "ftp://example.com/x.png", "http://user:secret@example.com/x.png"]
+    urls = [
+        "http://127.0.0.1:9/x.png",
+        "http://2130706433/x.png",
+        "http://0x7f000001/x.png",
+        "http://[::1]/x.png",
+        "http://[::ffff:7f00:1]/x.png",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.0.0.8/x.png",
+        "http://192.168.1.1/x.png",
+        "http://localhost/x.png",
+        "http://metadata.google.internal/x",
+        "ftp://example.com/x.png",
+        "http://user:secret@example.com/x.png",
+    ]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.GenerateImage(pb.GenerateImageRequest(prompt="x", provider="nano_banana_pro",
-                                                         reference_image_urls=urls[:14]))
+        await stub.GenerateImage(
+            pb.GenerateImageRequest(prompt="x", provider="nano_banana_pro", reference_image_urls=urls[:14])
+        )
     fields = bad_fields(caught.value)
     assert set(fields) == {f"reference_image_urls[{i}]" for i in range(len(urls))}
 
 
 @pytest.fixture
 async def allowing_stub(tmp_path: Path, database_url: str) -> AsyncIterator[pb_grpc.ImageGenerationStub]:
-    """A server whose reference fetches may reach 127.0.0.1 (where the test's image host runs), and nothing else."""
+    """A server whose reference fetches may reach 127.0.0.1 (the test's image host), and nothing else."""
     settings = test_settings(tmp_path, database_url, reference_allow_networks="127.0.0.1/32")
     async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:
         yield pb_grpc.ImageGenerationStub(channel)
@@ -145,11 +181,18 @@ async def allowing_stub(tmp_path: Path, database_url: str) -> AsyncIterator[pb_g
         ("nano_banana", "to-private", pb.JOB_STATUS_FAILED, "10.20.30.40"),
     ],
 )
-async def test_references_are_fetched_safely_end_to_end(allowing_stub, image_host, model, path, status,
-                                                        message) -> None:
-    job = await allowing_stub.GenerateImage(pb.GenerateImageRequest(
-        prompt="the same bag on a beach", provider=model, width=256, height=256,
-        reference_image_urls=[f"{image_host}/{path}"]))
+async def test_references_are_fetched_safely_end_to_end(
+    allowing_stub, image_host, model, path, status, message
+) -> None:
+    job = await allowing_stub.GenerateImage(
+        pb.GenerateImageRequest(
+            prompt="the same bag on a beach",
+            provider=model,
+            width=256,
+            height=256,
+            reference_image_urls=[f"{image_host}/{path}"],
+        )
+    )
     done = await finished(allowing_stub, job.id)
     assert done.status == status, done.error
     if status == pb.JOB_STATUS_FAILED:

@@ -36,7 +36,9 @@ async def test_grpc_health_and_readyz_agree(app: App) -> None:
 async def test_reflection_lists_the_service(app: App) -> None:
     async with grpc.aio.insecure_channel(app.grpc_target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         async for response in responses:
             names = {service.name for service in response.list_services_response.service}
             break
@@ -55,8 +57,15 @@ async def test_metrics_parse_and_count_jobs(stub, app: App) -> None:
         for sample in family.samples
     }
     assert samples[("imagegen_jobs_submitted_total", (("provider", "flux_2_pro"),))] == 1
-    assert samples[("imagegen_jobs_finished_total",
-                    (("code", ""), ("provider", "flux_2_pro"), ("status", "completed")))] == 1
+    assert (
+        samples[
+            (
+                "imagegen_jobs_finished_total",
+                (("code", ""), ("provider", "flux_2_pro"), ("status", "completed")),
+            )
+        ]
+        == 1
+    )
 
 
 async def test_file_urls_are_signed_and_expire(stub, app: App) -> None:
@@ -67,8 +76,12 @@ async def test_file_urls_are_signed_and_expire(stub, app: App) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(url) as response:
             assert response.status == 200 and len(await response.read()) == done.images[0].size_bytes
-        for tampered in (f"{base}?{query[:-2]}xx", base, base.replace(f"/{job.id}/", f"/{job.id}/../") + "?" + query,
-                         base.replace("/0.png", "/1.png") + "?" + query):
+        for tampered in (
+            f"{base}?{query[:-2]}xx",
+            base,
+            base.replace(f"/{job.id}/", f"/{job.id}/../") + "?" + query,
+            base.replace("/0.png", "/1.png") + "?" + query,
+        ):
             async with http.get(tampered) as response:
                 assert response.status in (403, 404), tampered
                 assert response.status != 200
@@ -79,21 +92,26 @@ async def test_file_urls_are_signed_and_expire(stub, app: App) -> None:
     assert signer.verify("a/root/j/0.png", expires, signature, now=1_050)
     assert not signer.verify("a/root/j/0.png", expires, signature, now=1_061)
     assert not signer.verify("a/root/j/1.png", expires, signature, now=1_050)
-    assert not UrlSigner(b"other", base_url="http://h", ttl_s=60).verify("a/root/j/0.png", expires, signature,
-                                                                         now=1_050)
+    assert not UrlSigner(b"other", base_url="http://h", ttl_s=60).verify(
+        "a/root/j/0.png", expires, signature, now=1_050
+    )
     assert not signer.verify("a/root/j/0.png", str(int(time.time()) + 10**6), signature)
 
 
 async def test_watch_jobs_streams_the_accounts_events(secured_stub, secured_app: App) -> None:
     everything = secured_stub.WatchJobs(pb.WatchJobsRequest())
-    in_folder = secured_stub.WatchJobs(pb.WatchJobsRequest(folder_id="posters", statuses=[pb.JOB_STATUS_COMPLETED]))
+    in_folder = secured_stub.WatchJobs(
+        pb.WatchJobsRequest(folder_id="posters", statuses=[pb.JOB_STATUS_COMPLETED])
+    )
     foreign = secured_stub.WatchJobs(pb.WatchJobsRequest(), metadata=(("x-account-id", "other"),))
     for stream in (everything, in_folder, foreign):
         await stream.initial_metadata()  # subscribed
     assert secured_app.hub.open_subscriptions == 3
 
     first = await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="a", width=256, height=256))
-    second = await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="b", width=256, height=256, folder_id="posters"))
+    second = await secured_stub.GenerateImage(
+        pb.GenerateImageRequest(prompt="b", width=256, height=256, folder_id="posters")
+    )
     await finished(secured_stub, first.id)
     await finished(secured_stub, second.id)
 
@@ -134,19 +152,23 @@ async def test_many_watchers_of_one_job_all_see_every_transition(stub) -> None:
 
 
 def test_settings_from_environment(tmp_path: Path) -> None:
-    settings = Settings.from_env({
-        "IMAGEGEN_GRPC_ADDRESS": "0.0.0.0:6000",
-        "IMAGEGEN_AUTH_TOKENS_FILE": str(tmp_path / "tokens.json"),
-        "IMAGEGEN_DATA_DIR": str(tmp_path),
-        "IMAGEGEN_WORKER_CONCURRENCY": "8",
-        "IMAGEGEN_JOB_DEADLINE_S": "60",
-        "BFL_API_KEY": "k",
-        "IMAGEGEN_BFL_BASE_URL": "https://api.eu.bfl.ai",
-    })
+    settings = Settings.from_env(
+        {
+            "IMAGEGEN_GRPC_ADDRESS": "0.0.0.0:6000",
+            "IMAGEGEN_AUTH_TOKENS_FILE": str(tmp_path / "tokens.json"),
+            "IMAGEGEN_DATA_DIR": str(tmp_path),
+            "IMAGEGEN_WORKER_CONCURRENCY": "8",
+            "IMAGEGEN_JOB_DEADLINE_S": "60",
+            "BFL_API_KEY": "k",
+            "IMAGEGEN_BFL_BASE_URL": "https://api.eu.bfl.ai",
+        }
+    )
     assert settings.grpc_address == "0.0.0.0:6000" and settings.worker_concurrency == 8
     assert settings.job_deadline_s == 60.0
     assert settings.database_url == f"sqlite+aiosqlite:///{(tmp_path / 'imagegen.db').resolve()}"
-    assert settings.vendor("bfl").api_key == "k" and settings.vendor("bfl").base_url == "https://api.eu.bfl.ai"
+    assert (
+        settings.vendor("bfl").api_key == "k" and settings.vendor("bfl").base_url == "https://api.eu.bfl.ai"
+    )
     with pytest.raises(SettingsError, match="IMAGEGEN_WORKER_CONCURRENCY"):
         Settings.from_env({"IMAGEGEN_WORKER_CONCURRENCY": "many"})
     with pytest.raises(SettingsError, match="IMAGEGEN_ROLE"):

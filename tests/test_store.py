@@ -15,7 +15,14 @@ from sqlalchemy import text, update
 
 from storage import migrate
 from storage.db import make_engine
-from storage.errors import IdempotencyConflict, InsufficientCredit, InvalidTransition, JobNotFound, LeaseLost, NoBudget
+from storage.errors import (
+    IdempotencyConflict,
+    InsufficientCredit,
+    InvalidTransition,
+    JobNotFound,
+    LeaseLost,
+    NoBudget,
+)
 from storage.jobs import ConcurrencyCap, Fence, JobFilter, SqlJobStore
 from storage.models import JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
 from storage.schema import jobs, metadata
@@ -37,16 +44,25 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> 
         await engine.dispose()
 
 
-def _new(prompt: str = "a cat", *, account: str = "acct", request_id: str = "", deadline_s: float = 300) -> NewJob:
+def _new(
+    prompt: str = "a cat", *, account: str = "acct", request_id: str = "", deadline_s: float = 300
+) -> NewJob:
     spec = JobSpec(prompt=prompt, provider="flux_2_pro", width=512, height=512, num_variants=1)
-    return NewJob(account_id=account, spec=spec, estimated_cost_usd_micros=30_000, request_id=request_id,
-                  deadline_s=deadline_s)
+    return NewJob(
+        account_id=account,
+        spec=spec,
+        estimated_cost_usd_micros=30_000,
+        request_id=request_id,
+        deadline_s=deadline_s,
+    )
 
 
 async def test_migrations_match_the_table_definitions(store: SqlJobStore) -> None:
     async with store.engine.connect() as connection:
         differences = await connection.run_sync(
-            lambda sync: compare_metadata(MigrationContext.configure(sync, opts={"compare_type": True}), metadata)
+            lambda sync: compare_metadata(
+                MigrationContext.configure(sync, opts={"compare_type": True}), metadata
+            )
         )
     assert differences == []
     assert await migrate.current_revision(store.engine) == migrate.head_revision()
@@ -89,8 +105,17 @@ async def test_claim_fences_and_completes(store: SqlJobStore) -> None:
     fence = Fence(job_id=job.id, attempt=1, owner="w1")
     assert await store.heartbeat(fence, lease_s=30)
     await store.save_provider_state(fence, {"tasks": [{"id": "t1"}]})
-    image = StoredImage(key="acct/root/x/0.png", width=512, height=512, content_type="image/png", size_bytes=10,
-                        sha256="00", seed=3, native_width=512, native_height=512)
+    image = StoredImage(
+        key="acct/root/x/0.png",
+        width=512,
+        height=512,
+        content_type="image/png",
+        size_bytes=10,
+        sha256="00",
+        seed=3,
+        native_width=512,
+        native_height=512,
+    )
     done = await store.complete(fence, images=[image], cost_usd_micros=45_000)
     assert done.status is JobStatus.COMPLETED and done.images == (image,) and done.cost_usd_micros == 45_000
     assert done.end_time is not None and done.lease_owner is None
@@ -143,8 +168,9 @@ async def test_cancel_processing_fences_out_the_worker(store: SqlJobStore) -> No
     assert changed and cancelled.status is JobStatus.CANCELLED
     assert await store.cancel("acct", job.id) == (cancelled, False)  # idempotent
     with pytest.raises(LeaseLost):
-        await store.complete(Fence(job_id=job.id, attempt=claim.job.attempt, owner="w1"), images=[],
-                             cost_usd_micros=1)
+        await store.complete(
+            Fence(job_id=job.id, attempt=claim.job.attempt, owner="w1"), images=[], cost_usd_micros=1
+        )
 
 
 async def test_concurrent_claims_never_share_a_job(store: SqlJobStore) -> None:
@@ -161,7 +187,9 @@ async def test_list_filters_and_pages(store: SqlJobStore) -> None:
     assert [job.id for job in page] == ids[::-1][:2] and cursor is not None
     page, cursor = await store.list("acct", page_size=10, after=cursor)
     assert [job.id for job in page] == ids[::-1][2:] and cursor is None
-    pending, _ = await store.list("acct", page_size=10, where=JobFilter(statuses=frozenset({JobStatus.FAILED})))
+    pending, _ = await store.list(
+        "acct", page_size=10, where=JobFilter(statuses=frozenset({JobStatus.FAILED}))
+    )
     assert pending == []
 
 
@@ -217,8 +245,9 @@ async def test_reaper_requeues_expired_leases_and_fails_overdue_jobs(store: SqlJ
     assert claim.job.id == running.id
     past, later = utcnow() - timedelta(seconds=1), utcnow() + timedelta(hours=1)
     async with store.engine.begin() as connection:
-        await connection.execute(update(jobs).where(jobs.c.id == running.id)
-                                 .values(lease_expires_at=past, deadline_at=later))
+        await connection.execute(
+            update(jobs).where(jobs.c.id == running.id).values(lease_expires_at=past, deadline_at=later)
+        )
         await connection.execute(update(jobs).where(jobs.c.id == overdue.id).values(deadline_at=past))
     reaped = {job.id: job for job in await store.reap()}
     assert reaped[running.id].status is JobStatus.PENDING and reaped[running.id].lease_owner is None
@@ -242,8 +271,9 @@ async def test_count_pending_is_bounded(store: SqlJobStore) -> None:
 async def test_budgets_reserve_atomically_and_settle_in_the_ending_transaction(store: SqlJobStore) -> None:
     assert await store.budget("acct") is None  # unlimited until given a budget
     await store.set_budget("acct", 100_000, note="trial")
-    outcomes = await asyncio.gather(*(store.create(_new(f"burst {i}")) for i in range(10)),
-                                    return_exceptions=True)
+    outcomes = await asyncio.gather(
+        *(store.create(_new(f"burst {i}")) for i in range(10)), return_exceptions=True
+    )
     created = [o for o in outcomes if not isinstance(o, BaseException)]
     refused = [o for o in outcomes if isinstance(o, InsufficientCredit)]
     assert len(created) == 3 and len(refused) == 7  # 3 x 30,000 fit in 100,000; never more
@@ -252,14 +282,23 @@ async def test_budgets_reserve_atomically_and_settle_in_the_ending_transaction(s
     first, second, third = (job for job, _ in created)
     claims = {c.job.id: c.job for c in await store.claim(owner="w", limit=3, lease_s=30)}
     await store.complete(Fence(job_id=first.id, attempt=1, owner="w"), images=[], cost_usd_micros=25_000)
-    await store.fail(Fence(job_id=second.id, attempt=1, owner="w"), JobError(code="CONTENT_MODERATED", message="no"))
+    await store.fail(
+        Fence(job_id=second.id, attempt=1, owner="w"), JobError(code="CONTENT_MODERATED", message="no")
+    )
     await store.cancel("acct", third.id)
     assert len(claims) == 3
     # 100,000 - 25,000 actually spent; the failed and cancelled jobs are free
     assert await store.budget("acct") == 75_000
     kinds = [(entry.kind, entry.amount_usd_micros) for entry in await store.ledger_entries("acct")]
-    assert kinds[::-1] == [("set", 100_000), ("reserve", -30_000), ("reserve", -30_000), ("reserve", -30_000),
-                           ("settle", 5_000), ("refund", 30_000), ("refund", 30_000)]
+    assert kinds[::-1] == [
+        ("set", 100_000),
+        ("reserve", -30_000),
+        ("reserve", -30_000),
+        ("reserve", -30_000),
+        ("settle", 5_000),
+        ("refund", 30_000),
+        ("refund", 30_000),
+    ]
     assert await store.add_credit("acct", 5_000) == 80_000
     assert await store.remove_budget("acct")
     job, _ = await store.create(_new("now unlimited"))

@@ -551,9 +551,7 @@ def _invalid(param: str, reason: str) -> _Refused:
     return _Refused(400, "BadRequest", "InvalidParameter", message, param)
 
 
-def _refused(
-    code: str, refusal: tuple[int, str, str], headers: Mapping[str, str] | None = None
-) -> _Refused:
+def _refused(code: str, refusal: tuple[int, str, str], headers: Mapping[str, str] | None = None) -> _Refused:
     status, kind, message = refusal
     return _Refused(status, kind, code, message, headers=headers)
 
