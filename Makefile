@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # protoc finds the mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) on PATH
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help run test tools protos check-protos migrate venv sandbox clean
+.PHONY: help run test lint tools protos check-protos migrate venv sandbox clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -29,8 +29,22 @@ run: $(STAMP)  ## migrate the embedded database and serve gRPC + HTTP with the s
 migrate: $(STAMP)  ## bring the database at IMAGEGEN_DATABASE_URL to the newest schema
 	$(PY) -m server migrate
 
-test: $(STAMP) tools check-protos  ## the whole suite, against PostgreSQL (IMAGEGEN_TEST_DATABASE_URL) and SQLite
+test: $(STAMP) tools check-protos lint  ## the whole suite, against PostgreSQL (IMAGEGEN_TEST_DATABASE_URL) and SQLite
 	$(PY) -m pytest
+
+lint: $(STAMP)  ## ruff: the rules and formatting in pyproject.toml
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# bench/ is also a directory: without .PHONY, make would find "bench" up to date and run nothing.
+.PHONY: bench
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)  ## benchmarks beside their baselines on PostgreSQL + loopback (not in `make test`): a table and bench/results.json; BENCH_ARGS="--scenario watch --quick --profile"
+	$(PY) -m bench $(BENCH_ARGS)
 
 tools:  ## the system tools the suite uses: promtool and prometheus (Debian's prometheus package)
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \

@@ -32,7 +32,10 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     output = tmp_path_factory.mktemp("bench") / "results.json"
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=170,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     result: dict[str, Any] = json.loads(output.read_text())

@@ -1,0 +1,258 @@
+"""pipeline: completed jobs per second of one process, end to end, beside pgqueuer running no-op jobs.
+
+The service (`IMAGEGEN_ROLE=all`: API and worker in one process) takes GenerateImage calls from this
+process and runs them on FLUX.2 [pro] served by the sandbox in a process of its own, with no latency and
+small images (256², the smallest size the API takes, PNG, the default format): submit, vendor submit,
+checkpoint, poll, download, fit, store, complete. The vendor cap is off (`IMAGEGEN_VENDOR_CONCURRENCY=bfl=0`)
+to measure the process rather than the cap. Producers keep at most `backlog` jobs unfinished, so the queue
+stays short and the figure is the rate of completion, not of submission. Jobs that finished are counted
+from the database (every 0.2 s), inside a window that starts after a warm-up.
+
+pgqueuer runs in the same run, in its own process with its own pool and its own database on the same
+PostgreSQL (see `bench._pgq`). CPU is read from /proc for the service, and from getrusage by pgqueuer.
+"Outside image work" subtracts what `providers.imaging.fit_image` (decode, crop/resize, encode) costs for
+one such image, measured here; the download stays in the service's share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from bench._harness import (
+    Figure,
+    RunContext,
+    Sampler,
+    ScenarioResult,
+    Target,
+    children,
+    start_child,
+    start_sandbox,
+    start_server,
+)
+from providers.imaging import fit_image
+from providers.sandbox.drawing import draw_placeholder
+from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+
+NAME = "pipeline"
+IMAGE_SIDE = 256
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How long the window is and how much is kept in flight."""
+
+    warmup_s: float = 3.0
+    duration_s: float = 10.0
+    backlog: int = 200
+    producers: int = 8
+
+
+FULL = Sizes()
+QUICK = Sizes(warmup_s=0.3, duration_s=0.8, backlog=20, producers=2)
+
+
+@dataclass
+class _Pipeline:
+    jobs_per_s: float
+    cpu_per_job_s: float
+    cpu_share: float
+    sandbox_cpu_per_job_s: float
+    failed: int
+    completed: int
+
+
+async def _finished_counts(ctx: RunContext) -> tuple[int, int]:
+    row = (
+        await ctx.sql(
+            "SELECT count(*) FILTER (WHERE status = 'completed') AS completed, "
+            "count(*) FILTER (WHERE status IN ('failed', 'cancelled')) AS failed FROM jobs"
+        )
+    )[0]
+    return int(row["completed"]), int(row["failed"])
+
+
+async def run_imagegen(ctx: RunContext, sizes: Sizes, *, label: str = NAME) -> _Pipeline:
+    """The service's completion rate with producers keeping `sizes.backlog` jobs unfinished."""
+    async with children() as started:
+        sandbox = await start_sandbox(f"{label}-sandbox", ctx, latency_s=0.0)
+        started.append(sandbox)
+        server = await start_server(
+            f"{label}-server",
+            ctx,
+            role="all",
+            sandbox="off",
+            BFL_API_KEY="bench",
+            bfl_base_url=sandbox.info["base_url"],
+            vendor_concurrency="bfl=0",
+        )
+        started.append(server)
+        submitted = 0
+        finished = (0, 0)
+        changed = asyncio.Event()
+        stop = asyncio.Event()
+
+        async def monitor() -> None:
+            nonlocal finished
+            while not stop.is_set():
+                finished = await _finished_counts(ctx)
+                changed.set()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):  # sampling period
+                        await stop.wait()
+
+        async with grpc.aio.insecure_channel(server.info["grpc_target"]) as channel:
+            stub = pb_grpc.ImageGenerationStub(channel)
+
+            async def produce() -> None:
+                nonlocal submitted
+                while not stop.is_set():
+                    if submitted - sum(finished) >= sizes.backlog:
+                        changed.clear()
+                        await changed.wait()
+                        continue
+                    submitted += 1
+                    await stub.GenerateImage(
+                        pb.GenerateImageRequest(
+                            prompt="a small red fox, bench",
+                            width=IMAGE_SIDE,
+                            height=IMAGE_SIDE,
+                            request_id=uuid.uuid4().hex,
+                        ),
+                        timeout=30,
+                    )
+
+            tasks = [asyncio.create_task(monitor())] + [
+                asyncio.create_task(produce()) for _ in range(sizes.producers)
+            ]
+            try:
+                await asyncio.sleep(sizes.warmup_s)  # the window starts after the warm-up
+                before = await _finished_counts(ctx)
+                server_window, sandbox_window = Sampler(server), Sampler(sandbox)
+                async with ctx.profiling(server, label):
+                    await asyncio.sleep(sizes.duration_s)  # the measured window
+                after = await _finished_counts(ctx)
+                elapsed = server_window.elapsed()
+                cpu, sandbox_cpu = server_window.cpu(), sandbox_window.cpu()
+            finally:
+                stop.set()
+                changed.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    completed = after[0] - before[0]
+    return _Pipeline(
+        jobs_per_s=completed / elapsed,
+        cpu_per_job_s=cpu / completed if completed else float("nan"),
+        cpu_share=cpu / elapsed,
+        sandbox_cpu_per_job_s=sandbox_cpu / completed if completed else float("nan"),
+        failed=after[1],
+        completed=completed,
+    )
+
+
+async def run_pgqueuer(ctx: RunContext, sizes: Sizes) -> dict[str, Any] | None:
+    """pgqueuer's no-op jobs per second in its own process and database; None if pgqueuer is not installed."""
+    if importlib.util.find_spec("pgqueuer") is None:
+        return None
+    dsn = await ctx.create_database("pgqueuer")
+    async with children() as started:
+        child = await start_child(
+            "pgqueuer",
+            "bench._pgq",
+            [
+                "--dsn",
+                dsn,
+                "--warmup",
+                str(sizes.warmup_s),
+                "--duration",
+                str(sizes.duration_s),
+                "--backlog",
+                str(sizes.backlog),
+            ],
+            run_dir=ctx.run_dir,
+        )
+        started.append(child)
+        assert child.process.stdout is not None
+        async with asyncio.timeout(sizes.warmup_s + sizes.duration_s + 60):
+            line = await child.process.stdout.readline()
+    if not line:
+        raise RuntimeError(f"pgqueuer baseline failed:\n{child.log_tail()}")
+    result: dict[str, Any] = json.loads(line)["result"]
+    return result
+
+
+def fit_cpu_per_image(side: int = IMAGE_SIDE, runs: int = 30) -> float:
+    """CPU seconds `fit_image` spends on one `side`² PNG as the sandbox delivers it (median of `runs`)."""
+    source = draw_placeholder(
+        prompt="a small red fox, bench", seed=7, width=side, height=side, image_format="png"
+    )
+    times = []
+    for _ in range(runs):
+        began = time.thread_time()
+        fit_image(source, width=side, height=side, output_format="png")
+        times.append(time.thread_time() - began)
+    return statistics.median(times)
+
+
+async def run(ctx: RunContext) -> ScenarioResult:
+    """pgqueuer first, then the service, then the image work alone."""
+    sizes = QUICK if ctx.quick else FULL
+    baseline = await run_pgqueuer(ctx, sizes)
+    await ctx.reset()
+    service = await run_imagegen(ctx, sizes)
+    fit_s = fit_cpu_per_image()
+    label = "pgqueuer no-op jobs"
+    outside = service.cpu_per_job_s - fit_s
+    base_rate = round(baseline["jobs_per_s"], 1) if baseline else None
+    base_cpu = round(baseline["cpu_per_job_ms"], 3) if baseline and baseline["cpu_per_job_ms"] else None
+    figures = [
+        Figure(
+            NAME,
+            "completed jobs/s, one process",
+            round(service.jobs_per_s, 1),
+            "jobs/s",
+            baseline=base_rate,
+            baseline_label=label,
+            target=Target("ratio_min", 1.0),
+        ),
+        Figure(
+            NAME,
+            "service CPU per completed job",
+            round(service.cpu_per_job_s * 1000, 3),
+            "ms",
+            baseline=base_cpu,
+            baseline_label=label,
+        ),
+        Figure(
+            NAME,
+            "service CPU per job outside image work",
+            round(outside * 1000, 3),
+            "ms",
+            target=Target("max", 1.0),
+        ),
+    ]
+    details = {
+        "image": f"{IMAGE_SIDE}x{IMAGE_SIDE} png",
+        "window_s": sizes.duration_s,
+        "backlog": sizes.backlog,
+        "service": {
+            "jobs_per_s": round(service.jobs_per_s, 1),
+            "completed_in_window": service.completed,
+            "failed_or_cancelled": service.failed,
+            "cpu_per_job_ms": round(service.cpu_per_job_s * 1000, 3),
+            "cpu_cores_used": round(service.cpu_share, 2),
+            "fit_image_cpu_per_job_ms": round(fit_s * 1000, 3),
+            "sandbox_cpu_per_job_ms": round(service.sandbox_cpu_per_job_s * 1000, 3),
+        },
+        "pgqueuer": baseline if baseline else "not installed (pip install '.[bench]')",
+    }
+    return ScenarioResult(figures, details)

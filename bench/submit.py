@@ -1,0 +1,163 @@
+"""submit: GenerateImage throughput and latency with durable commits, beside a bare echo server.
+
+Both servers run in processes of their own; one client (this process, one channel, the same number of
+concurrent callers) drives each in turn. The service runs with `IMAGEGEN_ROLE=api`, so what is measured
+is the submit path alone (validate, the idempotency lookup, the INSERT of the job and its event with
+NOTIFY, one commit); the worker's cost is the pipeline scenario's business. Each call carries a fresh
+`request_id`, as the imagegen client does.
+
+Figures: RPC/s at saturation (closed loop) and its p50/p99, then p99 in an open loop at half of that
+server's own maximum, latency counted from each call's scheduled start. Server CPU per call is read from
+/proc for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from bench._harness import (
+    Child,
+    Figure,
+    RunContext,
+    Sampler,
+    ScenarioResult,
+    Target,
+    children,
+    ms,
+    percentile,
+    start_child,
+    start_server,
+)
+from bench._load import LoadResult, closed_loop, open_loop
+from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+
+NAME = "submit"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How long and how hard the scenario pushes."""
+
+    concurrency: int = 64
+    warmup_s: float = 1.5
+    duration_s: float = 6.0
+    half_rate_s: float = 6.0
+
+
+FULL = Sizes()
+QUICK = Sizes(concurrency=8, warmup_s=0.2, duration_s=0.6, half_rate_s=0.5)
+
+
+@dataclass
+class _Measured:
+    saturated: LoadResult
+    half: LoadResult
+    cpu_per_call_s: float
+
+
+async def _measure(ctx: RunContext, child: Child, sizes: Sizes, *, profile: str = "") -> _Measured:
+    async with grpc.aio.insecure_channel(child.info["grpc_target"]) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+
+        async def call() -> object:
+            request = pb.GenerateImageRequest(
+                prompt="a lighthouse at dusk, bench", request_id=uuid.uuid4().hex
+            )
+            return await stub.GenerateImage(request, timeout=10)
+
+        await closed_loop(call, concurrency=sizes.concurrency, warmup_s=0, duration_s=sizes.warmup_s / 2)
+        sampler = Sampler(child)
+        async with ctx.profiling(child, profile) if profile else contextlib.nullcontext():
+            saturated = await closed_loop(
+                call, concurrency=sizes.concurrency, warmup_s=sizes.warmup_s / 2, duration_s=sizes.duration_s
+            )
+        cpu = sampler.cpu()
+        calls = saturated.rate * sampler.elapsed()
+        half = await open_loop(call, rate=max(1.0, saturated.rate / 2), duration_s=sizes.half_rate_s)
+    return _Measured(saturated, half, cpu / calls if calls else float("nan"))
+
+
+async def run(ctx: RunContext) -> ScenarioResult:
+    """Measure the bare echo server, then the service, with the same client."""
+    sizes = QUICK if ctx.quick else FULL
+    async with children() as started:
+        echo = await start_child("submit-echo", "bench._baselines", ["echo"], run_dir=ctx.run_dir)
+        started.append(echo)
+        server = await start_server("submit-server", ctx, role="api")
+        started.append(server)
+        bare = await _measure(ctx, echo, sizes)
+        real = await _measure(ctx, server, sizes, profile=NAME)
+    label = "bare grpc.aio echo"
+    figures = [
+        Figure(
+            NAME,
+            "GenerateImage RPC/s (saturated)",
+            round(real.saturated.rate, 1),
+            "RPC/s",
+            baseline=round(bare.saturated.rate, 1),
+            baseline_label=label,
+            target=Target("ratio_min", 0.6),
+        ),
+        Figure(
+            NAME,
+            "p50 latency (saturated)",
+            ms(percentile(real.saturated.latencies, 0.5)),
+            "ms",
+            baseline=ms(percentile(bare.saturated.latencies, 0.5)),
+            baseline_label=label,
+        ),
+        Figure(
+            NAME,
+            "p99 latency (saturated)",
+            ms(percentile(real.saturated.latencies, 0.99)),
+            "ms",
+            baseline=ms(percentile(bare.saturated.latencies, 0.99)),
+            baseline_label=label,
+        ),
+        Figure(
+            NAME,
+            "p99 latency at half the max rate",
+            ms(percentile(real.half.latencies, 0.99)),
+            "ms",
+            baseline=ms(percentile(bare.half.latencies, 0.99)),
+            baseline_label=label,
+            target=Target("max", 10.0),
+        ),
+        Figure(
+            NAME,
+            "server CPU per call",
+            round(real.cpu_per_call_s * 1e6, 1),
+            "µs",
+            baseline=round(bare.cpu_per_call_s * 1e6, 1),
+            baseline_label=label,
+        ),
+    ]
+    details = {
+        "concurrency": sizes.concurrency,
+        "window_s": sizes.duration_s,
+        "half_rate_window_s": sizes.half_rate_s,
+        "server": _describe(real),
+        "echo": _describe(bare),
+    }
+    return ScenarioResult(figures, details)
+
+
+def _describe(measured: _Measured) -> dict[str, object]:
+    saturated, half = measured.saturated, measured.half
+    return {
+        "rpc_per_s": round(saturated.rate, 1),
+        "p50_ms": ms(percentile(saturated.latencies, 0.5)),
+        "p99_ms": ms(percentile(saturated.latencies, 0.99)),
+        "errors": saturated.errors,
+        "half_rate_rpc_per_s": round(half.rate, 1),
+        "half_rate_p50_ms": ms(percentile(half.latencies, 0.5)),
+        "half_rate_p99_ms": ms(percentile(half.latencies, 0.99)),
+        "half_rate_max_ms": ms(max(half.latencies, default=float("nan"))),
+        "half_rate_errors": half.errors,
+        "cpu_per_call_us": round(measured.cpu_per_call_s * 1e6, 1),
+    }
