@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections import OrderedDict
 from datetime import datetime
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -53,7 +56,6 @@ def job_to_pb(job: Job, signer: UrlSigner) -> pb.Job:
         output_format=FORMAT_TO_PB[spec.output_format],
         reference_image_urls=spec.reference_image_urls,
         request_id=job.request_id,
-        labels=dict(spec.labels),
         estimated_cost_cents=usd_micros_to_cents(job.estimated_cost_usd_micros),
         estimated_cost_usd_micros=job.estimated_cost_usd_micros,
         cost_cents=usd_micros_to_cents(job.cost_usd_micros),
@@ -66,6 +68,8 @@ def job_to_pb(job: Job, signer: UrlSigner) -> pb.Job:
         update_time=timestamp(job.update_time),
         account_id=job.account_id,
     )
+    if spec.labels:  # building a protobuf map costs even when empty: most jobs have no labels
+        message.labels.update(spec.labels)
     if spec.provider_options:
         options = struct_pb2.Struct()
         json_format.ParseDict(dict(spec.provider_options), options)
@@ -91,6 +95,36 @@ def job_to_pb(job: Job, signer: UrlSigner) -> pb.Job:
             pb.JobError(code=job.error.code, message=job.error.message, retryable=job.error.retryable)
         )
     return message
+
+
+class EventEncoder:
+    """Converts each event to protobuf once, however many streams send it.
+
+    An event row never changes (it is one version of one job), so the message can be shared; entries
+    are kept for `max_age_s` so that the image URLs they carry are freshly signed enough.
+    """
+
+    def __init__(self, signer: UrlSigner, *, size: int = 4096, max_age_s: float = 30.0) -> None:
+        self._signer = signer
+        self._size = size
+        self._max_age_s = max_age_s
+        self._cache: OrderedDict[tuple[uuid.UUID, int, EventKind], tuple[float, pb.JobEvent]] = OrderedDict()
+
+    def encode(self, event: JobEvent) -> pb.JobEvent:
+        """The message of a transition event (shared), or of a snapshot/heartbeat (made afresh)."""
+        if event.kind is not EventKind.TRANSITION:
+            return event_to_pb(event, self._signer)
+        key = (event.job.id, event.version, event.kind)
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and now - cached[0] < self._max_age_s:
+            return cached[1]
+        message = event_to_pb(event, self._signer)
+        self._cache[key] = (now, message)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+        return message
 
 
 def event_to_pb(event: JobEvent, signer: UrlSigner) -> pb.JobEvent:

@@ -204,24 +204,24 @@ class EventHub:
             dispatched = self._dispatched.get(notice.job_id)
             if dispatched is not None and notice.version <= dispatched:
                 continue
-            if not (notice.job_id in self._by_job or notice.account_id in self._by_account):
-                continue
             if dispatched is not None:
                 bases[notice.job_id] = dispatched
-            else:
-                # First sight of this job: a notification names exactly the new version; a catch-up
-                # knows only that something changed, so it reads the job's (short) history and lets
-                # each subscription drop what it has already seen.
-                bases[notice.job_id] = 0 if from_catch_up else notice.version - 1
+            elif notice.job_id in self._by_job or not from_catch_up:
+                # First sight of a job: read just the version named. A WatchJob stream that is further
+                # behind reads its own gap, in order, from the store.
+                bases[notice.job_id] = notice.version - 1
+            elif notice.account_id in self._by_account:
+                # A catch-up for WatchJobs streams, which do not repair gaps: the job's whole (short)
+                # history, each stream keeping what happened after it started.
+                bases[notice.job_id] = 0
         if not bases:
             return
-        for job_id, base in bases.items():
-            events = await self._store.events(job_id, after_version=base)
+        # one read for every job that changed, however many streams watch them
+        for job_id, events in (await self._store.events_after(bases)).items():
             for event in events:
                 for subscription in self._interested(event):
                     subscription.offer(event)
-            if events:
-                self._remember(job_id, events[-1].version)
+            self._remember(job_id, events[-1].version)
 
     def _interested(self, event: JobEvent) -> list[Subscription]:
         found = [s for s in self._by_job.get(event.job.id, ()) if s.wants(event)]

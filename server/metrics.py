@@ -304,13 +304,15 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def _server_stream(
         self, behaviour: Callable[..., Any], labels: tuple[str, str, str]
     ) -> Callable[..., Any]:
+        sent = self.sent.labels(*labels)  # resolved once: a watch stream may send thousands of messages
+
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             self.started.labels(*labels).inc()
             self.received.labels(*labels).inc()
             code = grpc.StatusCode.UNKNOWN
             try:
                 async for message in behaviour(request, context):
-                    self.sent.labels(*labels).inc()
+                    sent.inc()
                     yield message
                 code = context.code() or grpc.StatusCode.OK
             except BaseException as exc:

@@ -7,18 +7,20 @@ engine has one connection, which makes the same statements single-writer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy import Row, and_, bindparam, func, insert, or_, select, text, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from storage.db import is_postgres
@@ -29,6 +31,7 @@ from storage.errors import (
     JobNotFound,
     LeaseLost,
     NoBudget,
+    StorageError,
     StoreUnavailable,
 )
 from storage.models import (
@@ -109,6 +112,59 @@ class JobFilter:
     folder_id: str | None = None
 
 
+@dataclass(kw_only=True)
+class _Submit:
+    """One GenerateImage waiting for its commit."""
+
+    job: Job
+    request_hash: str
+    future: asyncio.Future[tuple[Job, bool]]
+
+
+class _GroupCommit:
+    """Shares commits between concurrent creates: one writer takes whatever arrived while it last wrote.
+
+    There is no waiting window: a lone submit is written at once; under load, submits that arrive
+    during a commit form the next batch, so the cost of a transaction (and of NOTIFY) is shared.
+    Each caller is answered only when the transaction holding its row has committed.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[Sequence[_Submit]], Awaitable[list[tuple[Job, bool] | Exception]]],
+        *,
+        max_batch: int = 128,
+    ) -> None:
+        self._write = write
+        self._max_batch = max_batch
+        self._waiting: list[_Submit] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def submit(self, job: Job, request_hash: str) -> tuple[Job, bool]:
+        """Queue a job for the next commit and wait for its outcome."""
+        future: asyncio.Future[tuple[Job, bool]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Submit(job=job, request_hash=request_hash, future=future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="job-group-commit")
+        # shield: a caller that goes away must not cancel the commit it shares with others
+        return await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
+            try:
+                outcomes: list[tuple[Job, bool] | Exception] = await self._write(batch)
+            except Exception as exc:  # the whole transaction failed: every submit in it did
+                outcomes = [exc] * len(batch)
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)
+
+
 class SqlJobStore:
     """Jobs and their events in PostgreSQL or SQLite."""
 
@@ -118,6 +174,7 @@ class SqlJobStore:
         self._engine = engine
         self._postgres = is_postgres(engine)
         self._on_commit = on_commit
+        self._creates = _GroupCommit(self._create_batch)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -131,16 +188,12 @@ class SqlJobStore:
     # ---------------------------------------------------------------- API side
 
     async def create(self, new: NewJob) -> tuple[Job, bool]:
-        """Persist a job in PENDING with its first event; returns (job, created).
+        """Persist a job in PENDING with its first event; returns (job, created) once it is durable.
 
         With a request_id, a second call with the same body returns the first job (created=False);
-        a different body raises IdempotencyConflict.
+        a different body raises IdempotencyConflict. A budget that cannot cover the quote raises
+        InsufficientCredit. Concurrent calls share commits (see `_GroupCommit`).
         """
-        request_hash = spec_hash(new.spec)
-        if new.request_id:
-            existing = await self._by_request_id(new.account_id, new.request_id)
-            if existing is not None:
-                return self._idempotent(existing, new.request_id, request_hash), False
         now = utcnow()
         job = Job(
             id=uuid.uuid4(),
@@ -156,20 +209,117 @@ class SqlJobStore:
             next_attempt_at=now,
             message="accepted",
         )
-        try:
-            async with self._transaction() as conn:
-                reserved = await self._reserve(conn, job)
-                job = job.evolve(reserved_usd_micros=reserved)
-                await conn.execute(insert(jobs).values(_job_values(job, request_hash)))
-                await self._record_events(conn, [(job, None)])
-        except sqlalchemy.exc.IntegrityError:
-            # a concurrent call with the same request_id won the insert
-            existing = await self._by_request_id(new.account_id, new.request_id) if new.request_id else None
-            if existing is None:
-                raise
-            return self._idempotent(existing, new.request_id, request_hash), False
-        self._committed([job])
-        return job, True
+        return await self._creates.submit(job, spec_hash(new.spec))
+
+    async def _create_batch(self, batch: Sequence[_Submit]) -> list[tuple[Job, bool] | Exception]:
+        """Create many jobs in one transaction; each submit gets its own outcome."""
+        outcomes: list[tuple[Job, bool] | Exception | None] = [None] * len(batch)
+        created: list[Job] = []
+        conflicted: list[int] = []
+        async with self._transaction() as conn:
+            budgets = await self._lock_budgets(conn, [item.job for item in batch])
+            spent: dict[str, int] = {}
+            rows: list[dict[str, Any]] = []
+            planned: list[int] = []
+            for index, item in enumerate(batch):
+                job, quote = item.job, item.job.estimated_cost_usd_micros
+                balance = budgets.get(job.account_id)
+                if balance is not None and quote > 0:
+                    left = balance - spent.get(job.account_id, 0)
+                    if left < quote:
+                        outcomes[index] = InsufficientCredit(job.account_id, left, quote)
+                        continue
+                    spent[job.account_id] = spent.get(job.account_id, 0) + quote
+                    job = item.job = job.evolve(reserved_usd_micros=quote)
+                rows.append(_job_values(job, item.request_hash))
+                planned.append(index)
+            inserted = await self._insert_jobs(conn, rows) if rows else set()
+            ledger_rows: list[dict[str, Any]] = []
+            for index in planned:
+                job = batch[index].job
+                if job.id not in inserted:  # its request_id was taken: answered after the commit
+                    conflicted.append(index)
+                    if job.reserved_usd_micros:  # not created, so not reserved after all
+                        spent[job.account_id] -= job.reserved_usd_micros
+                    continue
+                created.append(job)
+                outcomes[index] = (job, True)
+                if job.reserved_usd_micros:
+                    ledger_rows.append(
+                        {
+                            "account_id": job.account_id,
+                            "job_id": job.id,
+                            "kind": "reserve",
+                            "amount_usd_micros": -job.reserved_usd_micros,
+                            "time": job.create_time,
+                            "note": "quoted at submit",
+                        }
+                    )
+            await self._spend(conn, budgets, spent, ledger_rows)
+            if created:
+                await self._record_events(conn, [(job, None) for job in created])
+        self._committed(created)
+        for index in conflicted:
+            item = batch[index]
+            try:
+                existing = await self._by_request_id(item.job.account_id, item.job.request_id)
+                if existing is None:  # it vanished between our insert and this read: a retry will do
+                    raise StoreUnavailable("a concurrent submit with this request_id did not settle; retry")
+                outcomes[index] = (self._idempotent(existing, item.job.request_id, item.request_hash), False)
+            except StorageError as exc:
+                outcomes[index] = exc
+        return [outcome if outcome is not None else StoreUnavailable("not processed") for outcome in outcomes]
+
+    async def _lock_budgets(self, conn: AsyncConnection, new_jobs: Sequence[Job]) -> dict[str, int]:
+        """The balances of the budgeted accounts among these jobs' accounts, locked (in a stable order)."""
+        accounts_ids = sorted({job.account_id for job in new_jobs if job.estimated_cost_usd_micros > 0})
+        if not accounts_ids:
+            return {}
+        rows = await conn.execute(
+            select(accounts.c.account_id, accounts.c.balance_usd_micros)
+            .where(accounts.c.account_id.in_(accounts_ids))
+            .order_by(accounts.c.account_id)
+            .with_for_update()
+        )
+        return {row.account_id: row.balance_usd_micros for row in rows}
+
+    async def _insert_jobs(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
+        """Insert jobs, skipping any whose (account, request_id) exists; returns the ids inserted."""
+        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
+        # executemany form: compiled once and cached (a multi-row VALUES statement differs per batch size)
+        statement = (
+            dialect_insert(jobs)
+            .on_conflict_do_nothing(index_elements=[jobs.c.account_id, jobs.c.request_id])
+            .returning(jobs.c.id)
+        )
+        return {row.id for row in await conn.execute(statement, rows)}
+
+    async def _spend(
+        self,
+        conn: AsyncConnection,
+        budgets: Mapping[str, int],
+        spent: Mapping[str, int],
+        ledger_rows: list[dict[str, Any]],
+    ) -> None:
+        """Write the reservations: new balances, and a ledger row per job with the balance after it."""
+        if not ledger_rows:
+            return
+        running = dict(budgets)
+        for row in ledger_rows:
+            running[row["account_id"]] += row["amount_usd_micros"]
+            row["balance_usd_micros"] = running[row["account_id"]]
+        now = ledger_rows[-1]["time"]
+        await conn.execute(
+            update(accounts)
+            .where(accounts.c.account_id == bindparam("b_account"))
+            .values(balance_usd_micros=bindparam("b_balance"), update_time=now),
+            [
+                {"b_account": account, "b_balance": budgets[account] - amount}
+                for account, amount in spent.items()
+                if amount
+            ],
+        )
+        await conn.execute(insert(ledger), ledger_rows)
 
     async def get(self, account_id: str, job_id: uuid.UUID) -> Job:
         """The job, if it belongs to the account; JobNotFound otherwise."""
@@ -589,6 +739,24 @@ class SqlJobStore:
             rows = (await conn.execute(query.order_by(job_events.c.version))).all()
         return [_event_from_row(row) for row in rows]
 
+    async def events_after(self, bases: Mapping[uuid.UUID, int]) -> dict[uuid.UUID, list[JobEvent]]:
+        """For many jobs at once: each job's events with version > its base, oldest first."""
+        found: dict[uuid.UUID, list[JobEvent]] = {}
+        job_ids = list(bases)
+        async with self._connection() as conn:
+            for start in range(0, len(job_ids), 500):
+                chunk = job_ids[start : start + 500]
+                floor = min(bases[job_id] for job_id in chunk)
+                rows = await conn.execute(
+                    select(job_events)
+                    .where(job_events.c.job_id.in_(chunk), job_events.c.version > floor)
+                    .order_by(job_events.c.job_id, job_events.c.version)
+                )
+                for row in rows:
+                    if row.version > bases[row.job_id]:
+                        found.setdefault(row.job_id, []).append(_event_from_row(row))
+        return found
+
     async def versions(self, job_ids: Sequence[uuid.UUID]) -> list[JobNotice]:
         """The current version of each of these jobs (for the event hub's periodic catch-up)."""
         notices: list[JobNotice] = []
@@ -723,42 +891,6 @@ class SqlJobStore:
                 )
             )
         return balance
-
-    async def _reserve(self, conn: AsyncConnection, job: Job) -> int:
-        """Take the job's quote from the account's budget, in the transaction that creates the job.
-
-        The account row is locked for the rest of the transaction, so concurrent submits queue on it
-        and can never spend the same credit twice.
-        """
-        quote = job.estimated_cost_usd_micros
-        balance = (
-            await conn.execute(
-                select(accounts.c.balance_usd_micros)
-                .where(accounts.c.account_id == job.account_id)
-                .with_for_update()
-            )
-        ).scalar_one_or_none()
-        if balance is None or quote <= 0:
-            return 0  # no budget: unlimited
-        if balance < quote:
-            raise InsufficientCredit(job.account_id, balance, quote)
-        await conn.execute(
-            update(accounts)
-            .where(accounts.c.account_id == job.account_id)
-            .values(balance_usd_micros=balance - quote, update_time=job.create_time)
-        )
-        await conn.execute(
-            insert(ledger).values(
-                account_id=job.account_id,
-                job_id=job.id,
-                kind="reserve",
-                amount_usd_micros=-quote,
-                balance_usd_micros=balance - quote,
-                time=job.create_time,
-                note="quoted at submit",
-            )
-        )
-        return quote
 
     async def _settle(self, conn: AsyncConnection, job: Job, now: datetime) -> None:
         """At a terminal status: return what the job did not cost (everything, unless it completed)."""
