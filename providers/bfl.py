@@ -89,7 +89,8 @@ class BflProvider:
         api_key: str,
         model_path: str = "/v1/flux-2-pro",
         poll_interval_s: float = 0.5,
-        max_poll_interval_s: float = 2.0,
+        max_poll_interval_s: float = 3.0,
+        max_polls_per_s: float = 250.0,
     ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
@@ -97,6 +98,9 @@ class BflProvider:
         self._auth = {"x-key": api_key, "Accept": "application/json"}
         self._poll_interval_s = poll_interval_s
         self._max_poll_interval_s = max(poll_interval_s, max_poll_interval_s)
+        # Thousands of tasks waiting at once would otherwise poll faster than one process can make
+        # requests; past this rate, polls queue (each task is then polled less often, not dropped).
+        self._poll_budget = _RateLimit(max_polls_per_s)
 
     async def generate(self, request: GenerationRequest, checkpoint: Checkpoint) -> GenerationResult:
         """Produce `request.num_variants` images, one BFL task each, resuming tasks saved earlier."""
@@ -188,6 +192,7 @@ class BflProvider:
         # The polling URL may name another cluster's host: use it exactly as BFL returned it.
         polling_url = URL(task.polling_url, encoded=True)
         while True:
+            await self._poll_budget.take()
             reply = await self._exchange("GET", polling_url, stage)
             parsed = reply.body
             status = parsed.get("status") if isinstance(parsed, dict) else None
@@ -289,6 +294,22 @@ class _TaskLost(ProviderUnavailable):
     def __init__(self, task_id: str, message: str) -> None:
         super().__init__(message)
         self.task_id = task_id
+
+
+class _RateLimit:
+    """At most `per_second` permits a second, spaced evenly; waiters are served in arrival order."""
+
+    def __init__(self, per_second: float) -> None:
+        self._spacing = 1.0 / per_second
+        self._next = 0.0
+
+    async def take(self) -> None:
+        """Wait for a permit."""
+        now = asyncio.get_running_loop().time()
+        slot = max(now, self._next)
+        self._next = slot + self._spacing
+        if slot > now:
+            await asyncio.sleep(slot - now)
 
 
 def _tasks_from_state(state: Mapping[str, Any] | None, num_variants: int) -> list[_Task | None]:

@@ -85,7 +85,9 @@ class Worker:
         self.owner = owner or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
-        self._attempts: dict[uuid.UUID, tuple[Fence, asyncio.Task[None]]] = {}
+        #: job id -> (fence, attempt task, when the attempt started on the loop's clock)
+        self._attempts: dict[uuid.UUID, tuple[Fence, asyncio.Task[None], float]] = {}
+        self._lease_task: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -94,6 +96,7 @@ class Worker:
     def start(self) -> None:
         """Begin claiming jobs."""
         self._loop_task = asyncio.create_task(self._claim_loop(), name="worker-claim")
+        self._lease_task = asyncio.create_task(self._keep_leases(), name="worker-leases")
 
     def wake(self) -> None:
         """Look for due jobs now (a job was submitted or handed back)."""
@@ -115,16 +118,17 @@ class Worker:
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; give running jobs `grace_s` to finish, then hand the rest back to the queue."""
         self._stopping = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for task in (self._loop_task, self._lease_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=grace_s)
         leftovers = list(self._attempts.values())
-        for _fence, attempt in leftovers:
+        for _fence, attempt, _started in leftovers:
             attempt.cancel()
-        for fence, attempt in leftovers:
+        for fence, attempt, _started in leftovers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await attempt
             with contextlib.suppress(StorageError):
@@ -198,38 +202,40 @@ class Worker:
     async def _execute(self, job: Job) -> None:
         fence = Fence(job_id=job.id, attempt=job.attempt, owner=self.owner)
         attempt = asyncio.create_task(self._attempt(job, fence), name=f"attempt-{job.id}")
-        self._attempts[job.id] = (fence, attempt)
-        heartbeat = asyncio.create_task(self._heartbeat(fence), name=f"heartbeat-{job.id}")
+        self._attempts[job.id] = (fence, attempt, asyncio.get_running_loop().time())
         try:
-            await asyncio.wait({attempt, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
-            if not attempt.done():
-                # the lease is gone: cancelled by the caller, or taken over after this worker stalled
-                attempt.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await attempt
-                await self._discard(job, "lease lost")
-            elif attempt.cancelled() and not self._stopping:
-                await self._discard(job, "cancelled by the caller")
+            await asyncio.wait({attempt})
+            if attempt.cancelled() and not self._stopping:
+                # the lease is gone: the caller cancelled the job, or it was taken over after this
+                # worker stalled (see `_keep_leases`)
+                await self._discard(job, "lease lost or job cancelled")
             elif not attempt.cancelled() and (exc := attempt.exception()) is not None:
                 log.error("job %s attempt %s crashed", job.id, job.attempt, exc_info=exc)
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
             self._attempts.pop(job.id, None)
 
-    async def _heartbeat(self, fence: Fence) -> None:
+    async def _keep_leases(self) -> None:
+        """Extend every lease this worker holds in one statement per interval (not one per job).
+
+        An attempt whose job the database no longer gives this worker (cancelled, or taken over
+        after a stall) is stopped; its result would be refused anyway.
+        """
         interval = self._policy.lease_s / 3
         while True:
             await asyncio.sleep(interval)
+            asked = asyncio.get_running_loop().time()
             try:
-                if not await self._store.heartbeat(fence, lease_s=self._policy.lease_s):
-                    return
+                held = await self._store.extend_leases(self.owner, lease_s=self._policy.lease_s)
             except StoreUnavailable as exc:
-                log.warning("heartbeat of job %s failed (%s); the lease runs on", fence.job_id, exc)
+                log.warning("could not extend this worker's leases (%s); they run on", exc)
+                continue
+            for job_id, (fence, attempt, started) in list(self._attempts.items()):
+                # an attempt claimed while the statement ran may be missing from its answer
+                if started < asked and (job_id, fence.attempt) not in held and not attempt.done():
+                    attempt.cancel()
 
     async def _attempt(self, job: Job, fence: Fence) -> None:
         try:

@@ -636,6 +636,17 @@ class SqlJobStore:
             )
             return int((await conn.execute(select(func.count()).select_from(inner))).scalar_one())
 
+    async def extend_leases(self, owner: str, *, lease_s: float) -> set[tuple[uuid.UUID, int]]:
+        """Extend every lease `owner` holds; returns the (job id, attempt) pairs it still holds."""
+        async with self._transaction() as conn:
+            rows = await conn.execute(
+                update(jobs)
+                .where(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_owner == owner)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+                .returning(jobs.c.id, jobs.c.attempt)
+            )
+            return {(row.id, row.attempt) for row in rows}
+
     async def heartbeat(self, fence: Fence, *, lease_s: float) -> bool:
         """Extend the lease; False when the job is no longer this attempt's (cancelled or taken over)."""
         async with self._transaction() as conn:

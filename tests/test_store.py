@@ -327,3 +327,18 @@ async def test_submitted_since_counts_the_window(store: SqlJobStore) -> None:
     count, oldest = await store.submitted_since("acct", before, up_to=3)
     assert count == 3 and oldest is not None and oldest >= before
     assert await store.submitted_since("acct", utcnow(), up_to=3) == (0, None)
+
+
+async def test_extend_leases_answers_what_the_worker_still_holds(store: SqlJobStore) -> None:
+    for index in range(3):
+        await store.create(_new(f"job {index}"))
+    claims = await store.claim(owner="w1", limit=3, lease_s=1)
+    cancelled = claims[0].job
+    await store.cancel("acct", cancelled.id)
+    held = await store.extend_leases("w1", lease_s=30)
+    assert held == {(c.job.id, c.job.attempt) for c in claims[1:]}
+    assert await store.extend_leases("w2", lease_s=30) == set()
+    assert all(
+        j.lease_expires_at and j.lease_expires_at > utcnow() + timedelta(seconds=20)
+        for j in [await store.get("acct", c.job.id) for c in claims[1:]]
+    )
