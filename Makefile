@@ -24,7 +24,8 @@ venv: $(STAMP)  ## create the virtualenv and install the project with its dev to
 
 run: $(STAMP)  ## migrate the embedded database and serve gRPC + HTTP with the sandbox vendors
 	IMAGEGEN_LOG_FORMAT=$${IMAGEGEN_LOG_FORMAT:-text} $(PY) -m server migrate
-	IMAGEGEN_LOG_FORMAT=$${IMAGEGEN_LOG_FORMAT:-text} $(PY) -m server serve
+	IMAGEGEN_LOG_FORMAT=$${IMAGEGEN_LOG_FORMAT:-text} IMAGEGEN_SANDBOX_PORT=$${IMAGEGEN_SANDBOX_PORT:-8090} \
+	  $(PY) -m server serve
 
 migrate: $(STAMP)  ## bring the database at IMAGEGEN_DATABASE_URL to the newest schema
 	$(PY) -m server migrate

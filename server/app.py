@@ -8,6 +8,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import grpc
@@ -100,7 +101,11 @@ def build_providers(
     for vendor, (adapter_class, production_url) in _VENDORS.items():
         configured = settings.vendor(vendor)
         # vendors that take reference images inline download them, through the guarded session
-        extra = {"references_session": references} if vendor in _INLINE_REFERENCES and references else {}
+        extra: dict[str, Any] = (
+            {"references_session": references} if vendor in _INLINE_REFERENCES and references else {}
+        )
+        if vendor == "bfl":
+            extra["poll_interval_s"] = settings.bfl_poll_interval_s
         if configured.api_key:
             adapter = adapter_class(
                 session_for(vendor),
@@ -185,7 +190,12 @@ async def running_app(
 
         sandbox: Sandbox | None = None
         if providers is None and needs_sandbox(settings):
-            sandbox = await stack.enter_async_context(Sandbox.running(latency_s=settings.sandbox_latency_s))
+            port = settings.sandbox_port
+            sandbox = await stack.enter_async_context(
+                Sandbox.running(
+                    port=port, cluster_port=port + 1 if port else 0, latency_s=settings.sandbox_latency_s
+                )
+            )
             missing = [vendor for vendor in _VENDORS if not settings.vendor(vendor).api_key]
             log.warning(
                 "no API key for %s: serving them from the local SANDBOX at %s; their images are "

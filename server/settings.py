@@ -88,10 +88,15 @@ class Settings:
     shutdown_grace_s: float = 10.0
     #: per HTTP request to a vendor
     provider_timeout_s: float = 120.0
+    #: BFL: the first poll of a task (FLUX.2 takes seconds; polls back off from here to 3 s)
+    bfl_poll_interval_s: float = 1.0
     #: auto: serve vendors without a key from the in-process sandbox; off: leave them unconfigured
     sandbox: str = "auto"
     #: how long sandbox tasks take (so that PROCESSING is visible in a demo)
     sandbox_latency_s: float = 1.0
+    #: the in-process sandbox's port (and the next one, its second "cluster" host); 0: any free ports.
+    #: Fixed ports let a restarted server reach the sandbox that its handed-back jobs were polling.
+    sandbox_port: int = 0
     log_level: str = "INFO"
     #: json (one object per line, for log pipelines) or text (for people; `make run` uses it)
     log_format: str = "json"

@@ -47,7 +47,7 @@ class WorkerPolicy:
     max_attempts: int = 4
     retry_base_s: float = 1.0
     retry_max_s: float = 30.0
-    claim_batch: int = 32
+    claim_batch: int = 64
     #: vendor task caps applied at claim time, across replicas
     caps: tuple[ConcurrencyCap, ...] = ()
     #: jobs one account may have processing at once, across replicas (0: no cap)

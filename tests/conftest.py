@@ -151,6 +151,7 @@ def test_settings(data_dir: Path, database_url: str, *, secured: bool = False, *
         "watch_heartbeat_s": 5.0,
         "shutdown_grace_s": 2.0,
         "sandbox_latency_s": 0.0,
+        "bfl_poll_interval_s": 0.05,
         "db_pool_size": 5,
     }
     if secured:

@@ -95,6 +95,7 @@ class Sandbox:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        cluster_port: int = 0,
         latency_s: float = 0.0,
         api_key: str | None = None,
         result_ttl_s: float = 600.0,
@@ -105,7 +106,7 @@ class Sandbox:
             # Binding before building the Sandbox lets it know its own URLs from the start.
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             api_socket = stack.enter_context(socket.create_server((host, port), family=family))
-            cluster_socket = stack.enter_context(socket.create_server((host, 0), family=family))
+            cluster_socket = stack.enter_context(socket.create_server((host, cluster_port), family=family))
             sandbox = cls(
                 base_url=_url_of(host, api_socket),
                 cluster_url=_url_of(host, cluster_socket),
