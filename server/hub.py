@@ -49,6 +49,8 @@ class Subscription:
     statuses: frozenset[JobStatus] = frozenset()
     max_queued: int = 0
     started: datetime = field(default_factory=utcnow)
+    #: the newest version this stream has sent (WatchJob keeps it), so a catch-up can skip what it has
+    seen_version: int = 0
     queue: asyncio.Queue[JobEvent | Closed] = field(default_factory=asyncio.Queue)
     _closed: bool = False
 
@@ -204,6 +206,9 @@ class EventHub:
             dispatched = self._dispatched.get(notice.job_id)
             if dispatched is not None and notice.version <= dispatched:
                 continue
+            if from_catch_up and self._all_current(notice):
+                self._remember(notice.job_id, notice.version)  # every watcher has it: nothing to read
+                continue
             if dispatched is not None:
                 bases[notice.job_id] = dispatched
             elif notice.job_id in self._by_job or not from_catch_up:
@@ -222,6 +227,14 @@ class EventHub:
                 for subscription in self._interested(event):
                     subscription.offer(event)
             self._remember(job_id, events[-1].version)
+
+    def _all_current(self, notice: JobNotice) -> bool:
+        watchers = self._by_job.get(notice.job_id, ())
+        return (
+            bool(watchers)
+            and notice.account_id not in self._by_account
+            and all(watcher.seen_version >= notice.version for watcher in watchers)
+        )
 
     def _interested(self, event: JobEvent) -> list[Subscription]:
         found = [s for s in self._by_job.get(event.job.id, ()) if s.wants(event)]

@@ -292,6 +292,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     last = job if job.version == request.after_version else None
                     if last is None:  # events were not written for this range: cannot resume
                         raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, "no events to resume from")
+            subscription.seen_version = last.version
             while not last.status.terminal:
                 item = await self._next(subscription)
                 if item is None:
@@ -309,6 +310,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     events = await self._store.events(job_id, after_version=last.version, up_to=item.version)
                 for event in events:
                     last = event.job
+                    subscription.seen_version = event.version
                     yield self._events.encode(event)
 
     @_streaming
