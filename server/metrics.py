@@ -7,8 +7,9 @@ names from a fixed list. Job ids, accounts and prompts never become labels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -281,70 +282,70 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler  # client streaming: this service has none
 
+    @contextlib.contextmanager
+    def _handled(
+        self, labels: tuple[str, str, str], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Iterator[None]:
+        """Count one RPC as started, and as handled with the status it ends with, however it ends."""
+        self.started.labels(*labels).inc()
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            yield
+            code = context.code() or grpc.StatusCode.OK
+        except BaseException as exc:
+            code = _code_of(exc, context)
+            raise
+        finally:
+            self.handled.labels(*labels, _code_name(code)).inc()
+
     def _unary(self, behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
+        received, sent, handling = (
+            metric.labels(*labels) for metric in (self.received, self.sent, self.handling)
+        )
+
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            self.started.labels(*labels).inc()
-            self.received.labels(*labels).inc()
+            received.inc()
             begun = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
             try:
-                response = await behaviour(request, context)
-                code = context.code() or grpc.StatusCode.OK
-                self.sent.labels(*labels).inc()
+                with self._handled(labels, context):
+                    response = await behaviour(request, context)
+                sent.inc()
                 return response
-            except BaseException as exc:
-                code = _code_of(exc, context)
-                raise
             finally:
-                self.handled.labels(*labels, _code_name(code)).inc()
-                self.handling.labels(*labels).observe(time.perf_counter() - begun)
+                handling.observe(time.perf_counter() - begun)
 
         return wrapped
 
     def _server_stream(
         self, behaviour: Callable[..., Any], labels: tuple[str, str, str]
     ) -> Callable[..., Any]:
-        sent = self.sent.labels(*labels)  # resolved once: a watch stream may send thousands of messages
+        # resolved once: a watch stream may send thousands of messages
+        received, sent = self.received.labels(*labels), self.sent.labels(*labels)
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            self.started.labels(*labels).inc()
-            self.received.labels(*labels).inc()
-            code = grpc.StatusCode.UNKNOWN
-            try:
+            received.inc()
+            with self._handled(labels, context):
                 async for message in behaviour(request, context):
                     sent.inc()
                     yield message
-                code = context.code() or grpc.StatusCode.OK
-            except BaseException as exc:
-                code = _code_of(exc, context)
-                raise
-            finally:
-                self.handled.labels(*labels, _code_name(code)).inc()
 
         return wrapped
 
     def _bidi(self, behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
+        received, sent = self.received.labels(*labels), self.sent.labels(*labels)
+
         async def wrapped(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            self.started.labels(*labels).inc()
-
             async def counted() -> AsyncIterator[Any]:
                 async for request in requests:
-                    self.received.labels(*labels).inc()
+                    received.inc()
                     yield request
 
-            code = grpc.StatusCode.UNKNOWN
-            try:
+            with self._handled(labels, context):
                 async for message in behaviour(counted(), context):
-                    self.sent.labels(*labels).inc()
+                    sent.inc()
                     yield message
-                code = context.code() or grpc.StatusCode.OK
-            except BaseException as exc:
-                code = _code_of(exc, context)
-                raise
-            finally:
-                self.handled.labels(*labels, _code_name(code)).inc()
 
         return wrapped
 
