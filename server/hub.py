@@ -181,6 +181,9 @@ class EventHub:
                 except StorageError as exc:
                     # the catch-up loop will find these again once the database answers
                     log.warning("event hub could not read events: %s", exc)
+                except Exception:
+                    # every watch stream depends on this loop: it must outlive any surprise
+                    log.exception("event hub delivery failed; the catch-up will repair it")
 
     async def _catch_up_loop(self) -> None:
         while True:
@@ -197,6 +200,9 @@ class EventHub:
             await self._deliver(notices, from_catch_up=True)
         except StorageError as exc:
             log.warning("event hub catch-up failed: %s", exc)
+            return
+        except Exception:
+            log.exception("event hub catch-up failed unexpectedly")
             return
         self._last_catch_up = now
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from types import SimpleNamespace
@@ -20,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from storage.errors import StorageError
 from storage.jobs import SqlJobStore
 from storage.models import Job, JobStatus, utcnow
+
+log = logging.getLogger(__name__)
 
 #: job latencies: seconds to many minutes
 _JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -386,6 +389,9 @@ class QueueSampler:
         try:
             stats = await self._store.queue_stats()
         except StorageError:
+            return
+        except Exception:
+            log.exception("reading the queue's size failed unexpectedly")
             return
         self.pending = stats.pending
         self._metrics.pending.set(stats.pending)

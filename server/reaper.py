@@ -26,6 +26,9 @@ class Reaper:
         except StorageError as exc:
             log.warning("reaper could not reach the database: %s", exc)
             return 0
+        except Exception:
+            log.exception("reaper failed unexpectedly; it tries again next interval")
+            return 0
         for job in changed:
             if job.status is JobStatus.FAILED:
                 self._metrics.observe_finished(job)

@@ -61,7 +61,8 @@ class _Checkpoint:
         self._store, self._fence = store, fence
 
     async def save(self, state: Mapping[str, Any]) -> None:
-        await self._store.save_provider_state(self._fence, state)
+        # shielded: cancelling the attempt must not abandon a connection in the middle of a statement
+        await asyncio.shield(self._store.save_provider_state(self._fence, state))
 
 
 class Worker:
@@ -162,6 +163,12 @@ class Worker:
                     await self._idle(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
+                except Exception:
+                    # this loop is the only thing that starts jobs: it must outlive any surprise
+                    log.exception("claiming failed unexpectedly; pausing %.1f s", backoff)
+                    await self._idle(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
                 for claim in claimed:
                     job = claim.job
                     self._metrics.observe_claim(job, taken_over=claim.taken_over)
@@ -227,10 +234,16 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             asked = asyncio.get_running_loop().time()
+            running = [job_id for job_id, (_f, attempt, _s) in self._attempts.items() if not attempt.done()]
+            if not running:
+                continue
             try:
-                held = await self._store.extend_leases(self.owner, lease_s=self._policy.lease_s)
+                held = await self._store.extend_leases(self.owner, running, lease_s=self._policy.lease_s)
             except StoreUnavailable as exc:
                 log.warning("could not extend this worker's leases (%s); they run on", exc)
+                continue
+            except Exception:
+                log.exception("extending this worker's leases failed unexpectedly; they run on")
                 continue
             for job_id, (fence, attempt, started) in list(self._attempts.items()):
                 # an attempt claimed while the statement ran may be missing from its answer
@@ -394,7 +407,8 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                return await write()
+                # shielded: a cancelled attempt must not abandon a connection mid-statement
+                return await asyncio.shield(write())
             except StoreUnavailable:
                 if asyncio.get_running_loop().time() + delay > give_up:
                     raise

@@ -38,7 +38,7 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout_s: float = 1
         "command_timeout": statement_timeout_s,  # each statement
         "server_settings": {"application_name": "imagegen"},
     }
-    return create_async_engine(
+    engine = create_async_engine(
         parsed,
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -47,6 +47,24 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout_s: float = 1
         pool_recycle=1800,
         connect_args=connect_args,
     )
+    _discard_confused_connections(engine)
+    return engine
+
+
+def _discard_confused_connections(engine: AsyncEngine) -> None:
+    """Count asyncpg's "another operation is in progress" as a disconnect: the pool replaces the connection.
+
+    asyncpg says it when a connection lost track of its protocol state (a statement interrupted, or its
+    server backend terminated mid-way); SQLAlchemy would otherwise return the connection to the pool and
+    hand it out again, failing every checkout, pre-ping included, until the process restarts.
+    """
+    dialect = engine.dialect
+    is_disconnect = dialect.is_disconnect
+
+    def is_disconnect_or_confused(error: Any, connection: Any, cursor: Any) -> bool:
+        return is_disconnect(error, connection, cursor) or "another operation is in progress" in str(error)
+
+    dialect.is_disconnect = is_disconnect_or_confused  # type: ignore[method-assign]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

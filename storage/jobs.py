@@ -642,16 +642,30 @@ class SqlJobStore:
             )
             return int((await conn.execute(select(func.count()).select_from(inner))).scalar_one())
 
-    async def extend_leases(self, owner: str, *, lease_s: float) -> set[tuple[uuid.UUID, int]]:
-        """Extend every lease `owner` holds; returns the (job id, attempt) pairs it still holds."""
+    async def extend_leases(
+        self, owner: str, job_ids: Sequence[uuid.UUID], *, lease_s: float
+    ) -> set[tuple[uuid.UUID, int]]:
+        """Extend `owner`'s leases on these jobs; returns the (job id, attempt) pairs it still holds.
+
+        Only the jobs a worker is actually running: a job whose attempt ended without a final write
+        (the database was unreachable) must see its lease run out, so that another attempt takes it.
+        """
+        held: set[tuple[uuid.UUID, int]] = set()
+        until = utcnow() + timedelta(seconds=lease_s)
         async with self._transaction() as conn:
-            rows = await conn.execute(
-                update(jobs)
-                .where(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_owner == owner)
-                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
-                .returning(jobs.c.id, jobs.c.attempt)
-            )
-            return {(row.id, row.attempt) for row in rows}
+            for start in range(0, len(job_ids), 1000):
+                rows = await conn.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.id.in_(job_ids[start : start + 1000]),
+                        jobs.c.status == JobStatus.PROCESSING.value,
+                        jobs.c.lease_owner == owner,
+                    )
+                    .values(lease_expires_at=until)
+                    .returning(jobs.c.id, jobs.c.attempt)
+                )
+                held.update((row.id, row.attempt) for row in rows)
+        return held
 
     async def heartbeat(self, fence: Fence, *, lease_s: float) -> bool:
         """Extend the lease; False when the job is no longer this attempt's (cancelled or taken over)."""
@@ -951,12 +965,21 @@ class SqlJobStore:
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection]:
         async with _unavailable_on_connection_errors(), self._engine.connect() as conn:
-            yield conn
+            try:
+                yield conn
+            except sqlalchemy.exc.DBAPIError as exc:
+                await _discard_if_broken(conn, exc)
+                raise
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        async with _unavailable_on_connection_errors(), self._engine.begin() as conn:
-            yield conn
+        async with _unavailable_on_connection_errors(), self._engine.connect() as conn:
+            try:
+                async with conn.begin():
+                    yield conn
+            except sqlalchemy.exc.DBAPIError as exc:
+                await _discard_if_broken(conn, exc)
+                raise
 
     async def _by_request_id(self, account_id: str, request_id: str) -> Row[Any] | None:
         async with self._connection() as conn:
@@ -1085,6 +1108,13 @@ async def _unavailable_on_connection_errors() -> AsyncIterator[None]:
         raise StoreUnavailable(f"database unreachable: {exc!s}") from exc
 
 
+async def _discard_if_broken(conn: AsyncConnection, exc: sqlalchemy.exc.DBAPIError) -> None:
+    """A connection whose driver lost track of its state must not go back to the pool."""
+    if _is_connection_error(exc) and not conn.invalidated:
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
+
+
 def _is_connection_error(exc: sqlalchemy.exc.DBAPIError) -> bool:
     # asyncpg's connection errors and PostgreSQL's SQLSTATE class 08 (connection exception) and 57P
     # (operator intervention: admin shutdown, terminated backend) mean "try again later".
@@ -1094,7 +1124,13 @@ def _is_connection_error(exc: sqlalchemy.exc.DBAPIError) -> bool:
     if isinstance(sqlstate, str) and (sqlstate.startswith("08") or sqlstate.startswith("57P")):
         return True
     cause = getattr(exc.orig, "__cause__", None)
-    return isinstance(cause, (OSError, TimeoutError, ConnectionError))
+    if isinstance(cause, (OSError, TimeoutError, ConnectionError)):
+        return True
+    # asyncpg's client-side state errors ("another operation is in progress", after a query was
+    # interrupted or its server connection cut): the connection is unusable, the database may be fine
+    return any(
+        type(error).__name__ in ("InternalClientError", "InterfaceError") for error in (exc.orig, cause)
+    )
 
 
 def _fenced(fence: Fence) -> list[Any]:

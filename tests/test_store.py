@@ -335,9 +335,12 @@ async def test_extend_leases_answers_what_the_worker_still_holds(store: SqlJobSt
     claims = await store.claim(owner="w1", limit=3, lease_s=1)
     cancelled = claims[0].job
     await store.cancel("acct", cancelled.id)
-    held = await store.extend_leases("w1", lease_s=30)
+    ids = [c.job.id for c in claims]
+    held = await store.extend_leases("w1", ids, lease_s=30)
     assert held == {(c.job.id, c.job.attempt) for c in claims[1:]}
-    assert await store.extend_leases("w2", lease_s=30) == set()
+    assert await store.extend_leases("w2", ids, lease_s=30) == set()
+    # a job the worker no longer runs is not extended, so its lease runs out for another attempt
+    assert await store.extend_leases("w1", ids[2:], lease_s=30) == {(ids[2], claims[2].job.attempt)}
     assert all(
         j.lease_expires_at and j.lease_expires_at > utcnow() + timedelta(seconds=20)
         for j in [await store.get("acct", c.job.id) for c in claims[1:]]
