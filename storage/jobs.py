@@ -667,16 +667,6 @@ class SqlJobStore:
                 held.update((row.id, row.attempt) for row in rows)
         return held
 
-    async def heartbeat(self, fence: Fence, *, lease_s: float) -> bool:
-        """Extend the lease; False when the job is no longer this attempt's (cancelled or taken over)."""
-        async with self._transaction() as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(*_fenced(fence))
-                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
-            )
-        return result.rowcount == 1
-
     async def save_provider_state(self, fence: Fence, state: Mapping[str, Any]) -> None:
         """Keep an adapter's checkpoint (vendor task ids) with the job; LeaseLost if no longer held."""
         async with self._transaction() as conn:

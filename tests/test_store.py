@@ -103,7 +103,7 @@ async def test_claim_fences_and_completes(store: SqlJobStore) -> None:
     assert await store.claim(owner="w2", limit=10, lease_s=30) == []  # held
 
     fence = Fence(job_id=job.id, attempt=1, owner="w1")
-    assert await store.heartbeat(fence, lease_s=30)
+    assert await store.extend_leases("w1", [job.id], lease_s=30) == {(job.id, 1)}
     await store.save_provider_state(fence, {"tasks": [{"id": "t1"}]})
     image = StoredImage(
         key="acct/root/x/0.png",
@@ -142,7 +142,7 @@ async def test_an_expired_lease_is_taken_over_and_the_old_worker_is_fenced_out(s
     assert takeover.previous_status is JobStatus.PROCESSING and "taken over" in takeover.message
 
     stale = Fence(job_id=job.id, attempt=first.attempt, owner="w1")
-    assert not await store.heartbeat(stale, lease_s=30)
+    assert (job.id, stale.attempt) not in await store.extend_leases("w1", [job.id], lease_s=30)
     with pytest.raises(LeaseLost):
         await store.complete(stale, images=[], cost_usd_micros=1)
     with pytest.raises(LeaseLost):
