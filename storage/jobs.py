@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
+import sqlalchemy
 import sqlalchemy.exc
-from sqlalchemy import Row, and_, bindparam, func, insert, or_, select, text, tuple_, update
+from sqlalchemy import Column, Row, and_, bindparam, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -47,7 +50,7 @@ from storage.models import (
     StoredImage,
     utcnow,
 )
-from storage.schema import accounts, job_events, jobs, ledger
+from storage.schema import UtcDateTime, accounts, job_events, jobs, ledger
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +225,17 @@ class SqlJobStore:
         outcomes: list[tuple[Job, bool] | Exception | None] = [None] * len(batch)
         created: list[Job] = []
         conflicted: list[int] = []
+        if self._postgres:
+            inserted = await self._create_batch_unbudgeted(batch)
+            if inserted is not None:
+                for index, item in enumerate(batch):
+                    if item.job.id in inserted:
+                        created.append(item.job)
+                        outcomes[index] = (item.job, True)
+                    else:
+                        conflicted.append(index)
+                self._committed(created)
+                return await self._answer_conflicts(batch, outcomes, conflicted)
         async with self._transaction() as conn:
             budgets = await self._lock_budgets(conn, [item.job for item in batch])
             spent: dict[str, int] = {}
@@ -265,6 +279,42 @@ class SqlJobStore:
             if created:
                 await self._record_events(conn, [(job, None) for job in created])
         self._committed(created)
+        return await self._answer_conflicts(batch, outcomes, conflicted)
+
+    async def _create_batch_unbudgeted(self, batch: Sequence[_Submit]) -> set[uuid.UUID] | None:
+        """PostgreSQL, in one round trip: insert the jobs, their events and NOTIFYs; the ids inserted.
+
+        One statement is its own transaction, so the batch costs one round trip instead of six (BEGIN,
+        insert jobs, insert events, NOTIFY, COMMIT and the budget lock), which measured as most of
+        a submit's latency under load. It applies only when no account in the batch has a budget: then
+        it writes nothing and returns None, and the caller reserves credit in a transaction of its own.
+        (A budget set while this runs is not seen by it; its jobs are then as if submitted just before.)
+        """
+        rows = [_job_values(item.job, item.request_hash) for item in batch]
+        columns = tuple(rows[0])
+        arrays: list[list[Any]] = [
+            [json.dumps(row[name]) for row in rows] if name in _JSON_COLUMNS else [row[name] for row in rows]
+            for name in columns
+        ]
+        snapshots = [json.dumps(job_to_json(item.job)) for item in batch]
+        notices = [_notice(item.job).encode() for item in batch]
+        budgeted = sorted({item.job.account_id for item in batch if item.job.estimated_cost_usd_micros > 0})
+        async with self._driver_connection() as pg:
+            row = await pg.fetchrow(
+                _create_statement(columns), budgeted, NOTIFY_CHANNEL, *arrays, snapshots, notices
+            )
+        assert row is not None
+        if row["budgeted"]:
+            return None
+        return set(row["created"])
+
+    async def _answer_conflicts(
+        self,
+        batch: Sequence[_Submit],
+        outcomes: list[tuple[Job, bool] | Exception | None],
+        conflicted: Sequence[int],
+    ) -> list[tuple[Job, bool] | Exception]:
+        """After the commit: the submits whose request_id was taken get the job that took it."""
         for index in conflicted:
             item = batch[index]
             try:
@@ -962,6 +1012,25 @@ class SqlJobStore:
                 raise
 
     @contextlib.asynccontextmanager
+    async def _driver_connection(self) -> AsyncIterator[Any]:
+        """A pooled connection's asyncpg connection, for statements SQLAlchemy would cost too much on.
+
+        asyncpg's errors are not SQLAlchemy's: a lost connection or a timeout becomes StoreUnavailable,
+        and the connection is invalidated rather than returned to the pool.
+        """
+        async with self._connection() as conn:
+            raw = await conn.get_raw_connection()
+            try:
+                yield raw.driver_connection
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                sqlstate = getattr(exc, "sqlstate", None) or ""
+                if isinstance(exc, asyncpg.PostgresError) and not sqlstate.startswith(("08", "57P")):
+                    raise
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+                raise StoreUnavailable(f"database unreachable: {exc!s}") from exc
+
+    @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
         async with _unavailable_on_connection_errors(), self._engine.connect() as conn:
             try:
@@ -1141,6 +1210,71 @@ def _filter_clauses(where: JobFilter) -> list[Any]:
     if where.folder_id is not None:
         clauses.append(jobs.c.folder_id == where.folder_id)
     return clauses
+
+
+#: the jobs columns kept as JSON (sent to PostgreSQL as text, cast to jsonb)
+_JSON_COLUMNS = frozenset(column.name for column in jobs.c if isinstance(column.type, sqlalchemy.JSON))
+
+
+def _array_type(column: Column[Any]) -> str:
+    """The PostgreSQL array type asyncpg sends a jobs column's values in."""
+    kind = column.type
+    if isinstance(kind, sqlalchemy.JSON):
+        return "text[]"
+    if isinstance(kind, sqlalchemy.Uuid):
+        return "uuid[]"
+    if isinstance(kind, UtcDateTime):
+        return "timestamptz[]"
+    if isinstance(kind, sqlalchemy.Boolean):
+        return "bool[]"
+    if isinstance(kind, sqlalchemy.Integer):
+        return "int8[]"
+    if isinstance(kind, sqlalchemy.String):
+        return "text[]"
+    raise TypeError(f"no array type for jobs.{column.name} ({kind!r})")
+
+
+@functools.cache
+def _create_statement(columns: tuple[str, ...]) -> str:
+    """The single statement of `SqlJobStore._create_batch_unbudgeted` for these jobs columns.
+
+    Parameters: $1 the budget-bearing account ids, $2 the NOTIFY channel, then one array per column, the
+    event snapshots and the NOTIFY payloads. Data-modifying CTEs all run, and the events and NOTIFYs follow
+    only the rows that the insert kept (a taken request_id inserts nothing).
+    """
+    arrays = ", ".join(
+        f"${index}::{_array_type(jobs.c[name])}" for index, name in enumerate(columns, start=3)
+    )
+    extra = len(columns) + 3
+    names = ", ".join(columns)
+    values = ", ".join(f"{name}::jsonb" if name in _JSON_COLUMNS else name for name in columns)
+    return f"""
+WITH budgeted AS (
+    SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = ANY($1::text[])) AS found
+),
+batch AS (
+    SELECT * FROM unnest({arrays}, ${extra}::text[], ${extra + 1}::text[])
+        AS t({names}, event_snapshot, notice)
+),
+created AS (
+    INSERT INTO jobs ({names})
+    SELECT {values} FROM batch WHERE NOT (SELECT found FROM budgeted)
+    ON CONFLICT (account_id, request_id) DO NOTHING
+    RETURNING id
+),
+events AS (
+    INSERT INTO job_events
+        (job_id, account_id, version, status, previous_status, message, event_time, snapshot)
+    SELECT id, account_id, version, status, NULL, message, update_time, event_snapshot::jsonb
+    FROM batch JOIN created USING (id)
+),
+notified AS (
+    SELECT pg_notify($2, notice) FROM batch JOIN created USING (id)
+)
+SELECT (SELECT found FROM budgeted) AS budgeted,
+       ARRAY(SELECT id FROM created) AS created,
+       (SELECT count(*) FROM notified) AS notified
+"""
 
 
 def _notice(job: Job) -> JobNotice:

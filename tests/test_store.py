@@ -307,6 +307,27 @@ async def test_budgets_reserve_atomically_and_settle_in_the_ending_transaction(s
         await store.add_credit("acct", 1)
 
 
+async def test_a_shared_commit_reserves_for_budgeted_accounts_only(store: SqlJobStore) -> None:
+    # Concurrent submits share commits; on PostgreSQL a batch with no budgeted account takes one statement,
+    # and a batch with one falls back to the locking transaction. Either way each account gets its due.
+    await store.set_budget("metered", 60_000)
+    outcomes = await asyncio.gather(
+        *(store.create(_new(f"m {i}", account="metered")) for i in range(4)),
+        *(store.create(_new(f"f {i % 3}", account="free", request_id=f"r{i % 3}")) for i in range(6)),
+        return_exceptions=True,
+    )
+    metered, free = outcomes[:4], outcomes[4:]
+    assert sum(isinstance(o, InsufficientCredit) for o in metered) == 2
+    assert all(job.reserved_usd_micros == 30_000 for job, _ in (o for o in metered if isinstance(o, tuple)))
+    assert not [o for o in free if isinstance(o, BaseException)]
+    assert sum(created for _, created in free) == 3  # three request ids, each created once
+    assert all(job.reserved_usd_micros == 0 for job, _ in free)
+    assert await store.budget("metered") == 0
+    for job, _ in free:
+        [event] = await store.events(job.id, after_version=0)
+        assert event.job == job.evolve(next_attempt_at=None)
+
+
 async def test_per_account_in_flight_cap_queues_the_rest(store: SqlJobStore) -> None:
     for index in range(6):
         await store.create(_new(f"busy {index}", account="busy"))
