@@ -14,7 +14,7 @@ import signal
 import sys
 
 from bench._harness import raise_open_files_limit
-from server.app import running_app
+from server.app import freeze_startup_heap, running_app
 from server.logs import configure_logging
 from server.settings import Settings
 
@@ -33,6 +33,7 @@ async def _serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with running_app(settings) as app:
+        freeze_startup_heap()  # as `python -m server serve` does
         sys.stdout.write(
             json.dumps({"grpc_target": app.grpc_target, "http_url": app.http_url, "pid": os.getpid()}) + "\n"
         )

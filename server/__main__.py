@@ -10,7 +10,7 @@ import signal
 import sys
 from decimal import Decimal, InvalidOperation
 
-from server.app import running_app
+from server.app import freeze_startup_heap, running_app
 from server.auth import AuthConfigError, caller_entry, new_token
 from server.logs import configure_logging
 from server.settings import Settings, SettingsError
@@ -130,6 +130,7 @@ async def _serve(settings: Settings, *, migrate_schema: bool) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with running_app(settings, migrate_schema=migrate_schema):
+        freeze_startup_heap()
         await stop.wait()
         log.info("shutting down (grace %.0f s)", settings.shutdown_grace_s)
     log.info("stopped")

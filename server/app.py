@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -357,6 +358,19 @@ async def running_app(
             await server.stop(settings.shutdown_grace_s)
             if worker is not None:
                 await worker.stop(settings.shutdown_grace_s)
+
+
+def freeze_startup_heap() -> None:
+    """Put what the process built at start-up out of the cyclic collector's sight, for good.
+
+    For a process that serves until it stops: modules, the gRPC server, pools and caches live as long as
+    it does, yet every full collection scanned them again, and under load those collections paused the
+    event loop 57 to 86 ms (measured in the submit benchmark, where they set the p99 at half the maximum
+    rate). Frozen, they are skipped; reference counting still frees them. Not for tests, which start
+    many apps in one process and need theirs collected.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _http_app(
