@@ -147,6 +147,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def database_cpu_seconds() -> float:
+    """User + system CPU time so far of every PostgreSQL process on this machine (NaN if there is none).
+
+    The database shares the machine's cores with client and server, so its cost per call counts too. A
+    backend that exits between two readings loses its share; the service's pooled connections live on.
+    """
+    total, found = 0.0, False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            total += cpu_seconds(int(entry.name))
+            found = True
+        except (OSError, ValueError):  # it exited meanwhile
+            continue
+    return total if found else math.nan
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -14,6 +14,8 @@ server's own maximum, latency counted from each call's scheduled start. Server C
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ from bench._harness import (
     ScenarioResult,
     Target,
     children,
+    database_cpu_seconds,
     ms,
     percentile,
     start_child,
@@ -59,6 +62,8 @@ class _Measured:
     saturated: LoadResult
     half: LoadResult
     cpu_per_call_s: float
+    client_cpu_per_call_s: float
+    database_cpu_per_call_s: float
 
 
 async def _measure(ctx: RunContext, child: Child, sizes: Sizes, *, profile: str = "") -> _Measured:
@@ -73,14 +78,17 @@ async def _measure(ctx: RunContext, child: Child, sizes: Sizes, *, profile: str 
 
         await closed_loop(call, concurrency=sizes.concurrency, warmup_s=0, duration_s=sizes.warmup_s / 2)
         sampler = Sampler(child)
+        client0, database0 = time.process_time(), database_cpu_seconds()
         async with ctx.profiling(child, profile) if profile else contextlib.nullcontext():
             saturated = await closed_loop(
                 call, concurrency=sizes.concurrency, warmup_s=sizes.warmup_s / 2, duration_s=sizes.duration_s
             )
         cpu = sampler.cpu()
+        client, database = time.process_time() - client0, database_cpu_seconds() - database0
         calls = saturated.rate * sampler.elapsed()
         half = await open_loop(call, rate=max(1.0, saturated.rate / 2), duration_s=sizes.half_rate_s)
-    return _Measured(saturated, half, cpu / calls if calls else float("nan"))
+    per_call = (lambda seconds: seconds / calls) if calls else (lambda seconds: math.nan)
+    return _Measured(saturated, half, per_call(cpu), per_call(client), per_call(database))
 
 
 async def run(ctx: RunContext) -> ScenarioResult:
@@ -137,6 +145,14 @@ async def run(ctx: RunContext) -> ScenarioResult:
             baseline=round(bare.cpu_per_call_s * 1e6, 1),
             baseline_label=label,
         ),
+        Figure(
+            NAME,
+            "client + PostgreSQL CPU per call",
+            round((real.client_cpu_per_call_s + real.database_cpu_per_call_s) * 1e6, 1),
+            "µs",
+            baseline=round((bare.client_cpu_per_call_s + bare.database_cpu_per_call_s) * 1e6, 1),
+            baseline_label=label,
+        ),
     ]
     details = {
         "concurrency": sizes.concurrency,
@@ -161,4 +177,7 @@ def _describe(measured: _Measured) -> dict[str, object]:
         "half_rate_max_ms": ms(max(half.latencies, default=float("nan"))),
         "half_rate_errors": half.errors,
         "cpu_per_call_us": round(measured.cpu_per_call_s * 1e6, 1),
+        # the whole machine's cost of a call: the load generator's and PostgreSQL's (the echo has none)
+        "client_cpu_per_call_us": round(measured.client_cpu_per_call_s * 1e6, 1),
+        "database_cpu_per_call_us": round(measured.database_cpu_per_call_s * 1e6, 1),
     }
