@@ -43,7 +43,7 @@ class Settings:
     data_dir: Path = Path("./var")
     #: postgresql://… (production, replicas) or sqlite:///… (embedded); default: SQLite in data_dir
     database_url: str = ""
-    db_pool_size: int = 10
+    db_pool_size: int = 20
     #: seconds any single database statement or connection attempt may take
     db_timeout_s: float = 10.0
     #: result images; default data_dir/blobs

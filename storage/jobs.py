@@ -719,11 +719,25 @@ class SqlJobStore:
 
     async def save_provider_state(self, fence: Fence, state: Mapping[str, Any]) -> None:
         """Keep an adapter's checkpoint (vendor task ids) with the job; LeaseLost if no longer held."""
-        async with self._transaction() as conn:
-            result = await conn.execute(
-                update(jobs).where(*_fenced(fence)).values(provider_state=dict(state))
-            )
-        if result.rowcount != 1:
+        if self._postgres:
+            # every job writes one: a single asyncpg statement, its own transaction, rather than
+            # BEGIN, UPDATE, COMMIT through SQLAlchemy
+            async with self._driver_connection() as pg:
+                status = await pg.execute(
+                    _SAVE_PROVIDER_STATE,
+                    json.dumps(dict(state)),
+                    fence.job_id,
+                    fence.attempt,
+                    fence.owner,
+                )
+            updated = status == "UPDATE 1"
+        else:
+            async with self._transaction() as conn:
+                result = await conn.execute(
+                    update(jobs).where(*_fenced(fence)).values(provider_state=dict(state))
+                )
+            updated = result.rowcount == 1
+        if not updated:
             raise LeaseLost(fence.job_id, fence.attempt)
 
     async def complete(
@@ -1211,6 +1225,12 @@ def _filter_clauses(where: JobFilter) -> list[Any]:
         clauses.append(jobs.c.folder_id == where.folder_id)
     return clauses
 
+
+#: `SqlJobStore.save_provider_state` on PostgreSQL, fenced as `_fenced` is
+_SAVE_PROVIDER_STATE = (
+    "UPDATE jobs SET provider_state = $1::jsonb "
+    "WHERE id = $2 AND status = 'processing' AND attempt = $3 AND lease_owner = $4"
+)
 
 #: the jobs columns kept as JSON (sent to PostgreSQL as text, cast to jsonb)
 _JSON_COLUMNS = frozenset(column.name for column in jobs.c if isinstance(column.type, sqlalchemy.JSON))
