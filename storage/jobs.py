@@ -1030,13 +1030,21 @@ class SqlJobStore:
         """A pooled connection's asyncpg connection, for statements SQLAlchemy would cost too much on.
 
         asyncpg's errors are not SQLAlchemy's: a lost connection or a timeout becomes StoreUnavailable,
-        and the connection is invalidated rather than returned to the pool.
+        and the connection is invalidated rather than returned to the pool. That includes asyncpg's
+        "another operation is in progress" (InternalClientError), said by a connection whose backend was
+        terminated mid-statement.
         """
         async with self._connection() as conn:
             raw = await conn.get_raw_connection()
             try:
                 yield raw.driver_connection
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            except (
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+                OSError,
+                TimeoutError,
+            ) as exc:
                 sqlstate = getattr(exc, "sqlstate", None) or ""
                 if isinstance(exc, asyncpg.PostgresError) and not sqlstate.startswith(("08", "57P")):
                     raise
