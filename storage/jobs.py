@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import asyncpg
 import sqlalchemy
 import sqlalchemy.exc
 from sqlalchemy import Column, Row, and_, bindparam, func, insert, or_, select, text, tuple_, update
@@ -288,7 +287,8 @@ class SqlJobStore:
         insert jobs, insert events, NOTIFY, COMMIT and the budget lock), which measured as most of
         a submit's latency under load. It applies only when no account in the batch has a budget: then
         it writes nothing and returns None, and the caller reserves credit in a transaction of its own.
-        (A budget set while this runs is not seen by it; its jobs are then as if submitted just before.)
+        (A budget set while this runs is not seen by it; its jobs are then as if submitted just before.
+        A batch with a budgeted account pays for this statement's read of `accounts` before the fallback.)
         """
         rows = [_job_values(item.job, item.request_hash) for item in batch]
         columns = tuple(rows[0])
@@ -1029,24 +1029,16 @@ class SqlJobStore:
     async def _driver_connection(self) -> AsyncIterator[Any]:
         """A pooled connection's asyncpg connection, for statements SQLAlchemy would cost too much on.
 
-        asyncpg's errors are not SQLAlchemy's: a lost connection or a timeout becomes StoreUnavailable,
-        and the connection is invalidated rather than returned to the pool. That includes asyncpg's
-        "another operation is in progress" (InternalClientError), said by a connection whose backend was
-        terminated mid-statement.
+        asyncpg's errors are not SQLAlchemy's: a lost connection or a timeout (`_is_lost_connection`, the
+        test the SQLAlchemy path applies too) becomes StoreUnavailable, and the connection is invalidated
+        rather than returned to the pool.
         """
         async with self._connection() as conn:
             raw = await conn.get_raw_connection()
             try:
                 yield raw.driver_connection
-            except (
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,
-                OSError,
-                TimeoutError,
-            ) as exc:
-                sqlstate = getattr(exc, "sqlstate", None) or ""
-                if isinstance(exc, asyncpg.PostgresError) and not sqlstate.startswith(("08", "57P")):
+            except Exception as exc:
+                if not _is_lost_connection(exc):
                     raise
                 with contextlib.suppress(Exception):
                     await conn.invalidate()
@@ -1197,21 +1189,24 @@ async def _discard_if_broken(conn: AsyncConnection, exc: sqlalchemy.exc.DBAPIErr
 
 
 def _is_connection_error(exc: sqlalchemy.exc.DBAPIError) -> bool:
-    # asyncpg's connection errors and PostgreSQL's SQLSTATE class 08 (connection exception) and 57P
-    # (operator intervention: admin shutdown, terminated backend) mean "try again later".
-    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
-        getattr(exc.orig, "__cause__", None), "sqlstate", None
-    )
-    if isinstance(sqlstate, str) and (sqlstate.startswith("08") or sqlstate.startswith("57P")):
-        return True
     cause = getattr(exc.orig, "__cause__", None)
-    if isinstance(cause, (OSError, TimeoutError, ConnectionError)):
+    return _is_lost_connection(exc.orig) or (cause is not None and _is_lost_connection(cause))
+
+
+def _is_lost_connection(error: BaseException) -> bool:
+    """Whether a driver error means "this connection is gone; try again later" rather than a bad statement.
+
+    PostgreSQL's SQLSTATE class 08 (connection exception) and 57P (operator intervention: admin shutdown,
+    terminated backend), socket errors and timeouts, and asyncpg's client-side state errors ("another
+    operation is in progress", after a query was interrupted or its server connection cut): the
+    connection is unusable, the database may be fine.
+    """
+    sqlstate = getattr(error, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith(("08", "57P")):
         return True
-    # asyncpg's client-side state errors ("another operation is in progress", after a query was
-    # interrupted or its server connection cut): the connection is unusable, the database may be fine
-    return any(
-        type(error).__name__ in ("InternalClientError", "InterfaceError") for error in (exc.orig, cause)
-    )
+    if isinstance(error, (OSError, TimeoutError, ConnectionError)):
+        return True
+    return type(error).__name__ in ("InternalClientError", "InterfaceError")
 
 
 def _fenced(fence: Fence) -> list[Any]:
