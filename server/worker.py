@@ -207,7 +207,7 @@ class Worker:
     # ------------------------------------------------------------ one attempt
 
     async def _execute(self, job: Job) -> None:
-        fence = Fence(job_id=job.id, attempt=job.attempt, owner=self.owner)
+        fence = Fence(job_id=job.id, attempt=job.attempt, owner=self.owner, claimed=job)
         attempt = asyncio.create_task(self._attempt(job, fence), name=f"attempt-{job.id}")
         self._attempts[job.id] = (fence, attempt, asyncio.get_running_loop().time())
         try:

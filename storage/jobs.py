@@ -15,7 +15,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -66,6 +66,10 @@ class Fence:
     job_id: uuid.UUID
     attempt: int
     owner: str
+    #: the job as this attempt claimed it, if the writer has it: a transition then writes the new state
+    #: and its event without reading the row first (on PostgreSQL in one statement), on condition that
+    #: the row's version is still the claimed one; otherwise it takes the general path
+    claimed: Job | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1073,6 +1077,12 @@ class SqlJobStore:
         self, fence: Fence, status: JobStatus, message: str, values: dict[str, Any], now: datetime
     ) -> Job:
         assert status in ALLOWED_TRANSITIONS[JobStatus.PROCESSING]
+        if self._postgres and fence.claimed is not None and fence.claimed.reserved_usd_micros == 0:
+            job = await self._claimed_transition(fence, fence.claimed, status, message, values, now)
+            if job is not None:
+                self._committed([job])
+                return job
+            # the row changed since the claim, or is no longer this attempt's: the general path decides
         async with self._transaction() as conn:
             row = (
                 await conn.execute(
@@ -1095,6 +1105,48 @@ class SqlJobStore:
             await self._settle(conn, job, now)
         self._committed([job])
         return job
+
+    async def _claimed_transition(
+        self,
+        fence: Fence,
+        claimed: Job,
+        status: JobStatus,
+        message: str,
+        values: dict[str, Any],
+        now: datetime,
+    ) -> Job | None:
+        """PostgreSQL, in one round trip: the fenced update, its event and its NOTIFY; None if not written.
+
+        Every job ends with one of these, so it is one statement (its own transaction) rather than the
+        six round trips of the general path. The new state is the claimed job with `values` applied,
+        which is what the row holds as long as its version is the claimed one; the statement checks
+        that, and writes nothing otherwise. Jobs holding a credit reservation take the general path,
+        which settles it in the same transaction.
+        """
+        changes = _job_fields(values)
+        job = claimed.evolve(
+            status=status, version=claimed.version + 1, update_time=now, message=message, **changes
+        )
+        columns = tuple(values)
+        async with self._driver_connection() as pg:
+            row = await pg.fetchrow(
+                _transition_statement(columns),
+                status.value,
+                message,
+                now,
+                fence.job_id,
+                fence.attempt,
+                fence.owner,
+                claimed.version,
+                NOTIFY_CHANNEL,
+                json.dumps(job_to_json(job)),
+                _notice(job).encode(),
+                *(json.dumps(values[name]) if name in _JSON_COLUMNS else values[name] for name in columns),
+            )
+        if row is None:
+            return None
+        # the one column a processing job changes without a new version (the adapter's checkpoint)
+        return job.evolve(provider_state=row["provider_state"])
 
     async def _update(
         self,
@@ -1235,6 +1287,30 @@ _SAVE_PROVIDER_STATE = (
     "WHERE id = $2 AND status = 'processing' AND attempt = $3 AND lease_owner = $4"
 )
 
+#: the jobs columns a fenced transition may set that are Job fields of the same name and value
+_PLAIN_TRANSITION_COLUMNS = frozenset(
+    ("cost_usd_micros", "end_time", "lease_owner", "lease_expires_at", "next_attempt_at")
+)
+
+
+def _job_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A fenced transition's column `values` as Job fields (see `SqlJobStore._claimed_transition`)."""
+    fields: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in _PLAIN_TRANSITION_COLUMNS:
+            fields[name] = value
+        elif name == "images":
+            fields["images"] = tuple(StoredImage.from_json(image) for image in value)
+        elif name == "error_code":
+            error = JobError(
+                code=value, message=values["error_message"] or "", retryable=bool(values["error_retryable"])
+            )
+            fields["error"] = error if value else None
+        elif name not in ("error_message", "error_retryable"):
+            raise TypeError(f"jobs.{name} has no Job field mapping for a fenced transition")
+    return fields
+
+
 #: the jobs columns kept as JSON (sent to PostgreSQL as text, cast to jsonb)
 _JSON_COLUMNS = frozenset(column.name for column in jobs.c if isinstance(column.type, sqlalchemy.JSON))
 
@@ -1297,6 +1373,37 @@ notified AS (
 SELECT (SELECT found FROM budgeted) AS budgeted,
        ARRAY(SELECT id FROM created) AS created,
        (SELECT count(*) FROM notified) AS notified
+"""
+
+
+@functools.cache
+def _transition_statement(columns: tuple[str, ...]) -> str:
+    """The single statement of `SqlJobStore._claimed_transition` setting these columns besides the usual.
+
+    Parameters: $1 status, $2 message, $3 update time, $4-$6 the fence (id, attempt, owner), $7 the
+    claimed version, $8 the NOTIFY channel, $9 the event snapshot, $10 the NOTIFY payload, then one per
+    column. The event and the NOTIFY follow only a row the update changed.
+    """
+    sets = ", ".join(
+        f"{name} = ${index}{'::jsonb' if name in _JSON_COLUMNS else ''}"
+        for index, name in enumerate(columns, start=11)
+    )
+    return f"""
+WITH changed AS (
+    UPDATE jobs SET status = $1, version = version + 1, update_time = $3, message = $2, {sets}
+    WHERE id = $4 AND status = 'processing' AND attempt = $5 AND lease_owner = $6
+      AND version = $7 AND reserved_usd_micros = 0
+    RETURNING id, account_id, version, provider_state
+),
+event AS (
+    INSERT INTO job_events
+        (job_id, account_id, version, status, previous_status, message, event_time, snapshot)
+    SELECT id, account_id, version, $1, 'processing', $2, $3, $9::jsonb FROM changed
+),
+notified AS (
+    SELECT pg_notify($8, $10) FROM changed
+)
+SELECT provider_state, (SELECT count(*) FROM notified) AS notified FROM changed
 """
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from storage.errors import (
     NoBudget,
 )
 from storage.jobs import ConcurrencyCap, Fence, JobFilter, SqlJobStore
-from storage.models import JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
+from storage.models import Job, JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
 from storage.schema import jobs, metadata
 
 
@@ -366,3 +366,82 @@ async def test_extend_leases_answers_what_the_worker_still_holds(store: SqlJobSt
         j.lease_expires_at and j.lease_expires_at > utcnow() + timedelta(seconds=20)
         for j in [await store.get("acct", c.job.id) for c in claims[1:]]
     )
+
+
+_IMAGE = StoredImage(
+    key="acct/root/x/0.png",
+    width=512,
+    height=512,
+    content_type="image/png",
+    size_bytes=10,
+    sha256="00",
+    seed=3,
+    native_width=512,
+    native_height=512,
+)
+_TRANSITIONS = {
+    "complete": lambda store, fence: store.complete(fence, images=[_IMAGE], cost_usd_micros=45_000),
+    "fail": lambda store, fence: store.fail(fence, JobError(code="CONTENT_MODERATED", message="no")),
+    "retry_later": lambda store, fence: store.retry_later(
+        fence,
+        error=JobError(code="PROVIDER_UNAVAILABLE", message="HTTP 503", retryable=True),
+        at=utcnow() + timedelta(hours=1),
+        message="retrying",
+    ),
+    "release": lambda store, fence: store.release(fence, message="handed back"),
+}
+
+
+def _shape(job: Job) -> Job:
+    """What two jobs given the same request and transition share: all but their id and clock readings."""
+    stamp = datetime(2000, 1, 1, tzinfo=UTC)
+    clocks = ("create_time", "update_time", "deadline_at", "start_time", "end_time", "next_attempt_at")
+    readings = {name: stamp for name in clocks if getattr(job, name) is not None}
+    return job.evolve(id=uuid.UUID(int=0), **readings)
+
+
+@pytest.mark.parametrize("transition", sorted(_TRANSITIONS))
+async def test_a_transition_from_the_claimed_job_writes_what_the_general_path_would(
+    store: SqlJobStore, transition: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fence that carries the claimed job lets the transition skip reading the row (on PostgreSQL: one
+    # statement). The row, the event, the returned job and the notice must be as the general path makes them.
+    await store.create(_new())
+    await store.create(_new())
+    outcomes = []
+    for claim in await store.claim(owner="w1", limit=2, lease_s=30):
+        trusted = not outcomes  # the first carries the claimed job, the second takes the general path
+        fence = Fence(
+            job_id=claim.job.id, attempt=claim.job.attempt, owner="w1", claimed=claim.job if trusted else None
+        )
+        await store.save_provider_state(fence, {"tasks": [{"id": "t1"}]})  # a change without a new version
+        seen: list[JobNotice] = []
+        store.set_on_commit(seen.extend)
+        with monkeypatch.context() as patch:
+            if trusted and store.engine.dialect.name == "postgresql":
+                patch.setattr(store, "_transaction", None)  # the general path is not taken
+            job = await _TRANSITIONS[transition](store, fence)
+        assert job == await store.get("acct", claim.job.id)
+        assert job.provider_state == {"tasks": [{"id": "t1"}]} and job.version == claim.job.version + 1
+        assert seen == [JobNotice(job_id=job.id, version=job.version, status=job.status, account_id="acct")]
+        [event] = await store.events(job.id, after_version=claim.job.version)
+        assert event.previous_status is JobStatus.PROCESSING and event.version == job.version
+        # an event keeps what watchers see: not the lease, nor the checkpoint
+        hidden = ("lease_owner", "lease_expires_at", "next_attempt_at", "provider_state")
+        assert event.job == job.evolve(**dict.fromkeys(hidden))
+        outcomes.append(job)
+    fast, general = outcomes
+    assert _shape(fast) == _shape(general)
+
+
+async def test_a_stale_claimed_job_is_not_trusted(store: SqlJobStore) -> None:
+    await store.create(_new())
+    [claim] = await store.claim(owner="w1", limit=1, lease_s=30)
+    stale = claim.job.evolve(version=claim.job.version - 1, message="what the worker wrongly believes")
+    fence = Fence(job_id=claim.job.id, attempt=claim.job.attempt, owner="w1", claimed=stale)
+    done = await store.complete(fence, images=[_IMAGE], cost_usd_micros=45_000)
+    assert done == await store.get("acct", claim.job.id)
+    assert done.version == claim.job.version + 1 and done.status is JobStatus.COMPLETED
+    assert [e.version for e in await store.events(done.id, after_version=0)] == [1, 2, 3]
+    with pytest.raises(LeaseLost):  # and a claimed job does not let a finished attempt write again
+        await store.fail(fence, JobError(code="X", message="late"))
