@@ -1,8 +1,11 @@
 """Turn an image as a vendor delivered it into exactly the size and format the caller asked for.
 
 The caller's `width x height` is the contract; vendors deliver their closest native size. `fit_image`
-centre-crops to the requested aspect ratio, resizes to the exact size and re-encodes. It is synchronous
-CPU work: the worker runs it in a thread (`asyncio.to_thread`).
+centre-crops to the requested aspect ratio, resizes to the exact size and re-encodes. When the vendor
+delivered exactly what was asked (size, format, an upright single frame in a plain mode), its bytes are
+kept as they are once they decode: a re-encode would cost three times the decode and, for JPEG and
+WebP, lose quality for nothing. It is synchronous CPU work: the worker runs it in a thread
+(`asyncio.to_thread`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from providers.base import InvalidProviderResponse
 
@@ -63,14 +66,17 @@ def fit_image(data: bytes, *, width: int, height: int, output_format: str) -> Fi
         )
     if width <= 0 or height <= 0:
         raise ValueError(f"target size must be positive, got {width}x{height}")
-    image = _decode(data)
+    image, upright = _decode(data)
     native_width, native_height = image.size
-    fitted = _crop_and_resize(_normalise_mode(image), width, height)
-    if output_format == "jpeg":
-        fitted = _flatten_alpha(fitted)
-    buffer = io.BytesIO()
-    fitted.save(buffer, **_SAVE_OPTIONS[output_format])
-    encoded = buffer.getvalue()
+    if upright and _as_asked(image, width, height, output_format):
+        encoded = data
+    else:
+        fitted = _crop_and_resize(_normalise_mode(image), width, height)
+        if output_format == "jpeg":
+            fitted = _flatten_alpha(fitted)
+        buffer = io.BytesIO()
+        fitted.save(buffer, **_SAVE_OPTIONS[output_format])
+        encoded = buffer.getvalue()
     return FittedImage(
         data=encoded,
         content_type=CONTENT_TYPES[output_format],
@@ -82,7 +88,9 @@ def fit_image(data: bytes, *, width: int, height: int, output_format: str) -> Fi
     )
 
 
-def _decode(data: bytes) -> Image.Image:
+def _decode(data: bytes) -> tuple[Image.Image, bool]:
+    """The image, decoded in full (so that a corrupt one is refused here) and upright; and whether it
+    already was (no EXIF orientation to apply)."""
     if not data:
         raise InvalidProviderResponse("the provider's image is empty (0 bytes)")
     try:
@@ -97,6 +105,8 @@ def _decode(data: bytes) -> Image.Image:
             )
         image.load()
         # A vendor JPEG may carry an EXIF orientation; re-encoding drops EXIF, so apply it first.
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+            return image, True
         transposed = ImageOps.exif_transpose(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidProviderResponse(f"the provider's image is too large to decode: {exc}") from exc
@@ -108,7 +118,22 @@ def _decode(data: bytes) -> Image.Image:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated"),
         # SyntaxError ("broken PNG file") or EOFError, depending on the codec.
         raise InvalidProviderResponse(f"the provider's image is truncated or corrupt: {exc}") from exc
-    return transposed
+    return transposed, False
+
+
+#: the modes an image of each format is kept in as delivered; others are converted by a re-encode
+_KEPT_MODES = {"PNG": ("L", "LA", "RGB", "RGBA"), "JPEG": ("L", "RGB"), "WEBP": ("RGB", "RGBA")}
+
+
+def _as_asked(image: Image.Image, width: int, height: int, output_format: str) -> bool:
+    """Whether an upright decoded image is already exactly what `fit_image` would make of it."""
+    image_format = _SAVE_OPTIONS[output_format]["format"]
+    return (
+        image.size == (width, height)
+        and image.format == image_format
+        and image.mode in _KEPT_MODES[image_format]
+        and getattr(image, "n_frames", 1) == 1  # an animation would keep only its first frame
+    )
 
 
 def _normalise_mode(image: Image.Image) -> Image.Image:

@@ -76,6 +76,48 @@ def test_exact_size_png_is_not_resampled() -> None:
 
 
 @pytest.mark.parametrize(
+    ("output_format", "pillow_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")]
+)
+def test_an_image_delivered_as_asked_is_kept_byte_for_byte(output_format: str, pillow_format: str) -> None:
+    # no re-encode: no generation loss for JPEG and WebP, and a quarter of the CPU
+    data = encode(gradient(64, 48), pillow_format)
+
+    fitted = fit_image(data, width=64, height=48, output_format=output_format)
+
+    assert fitted.data == data and fitted.sha256 == hashlib.sha256(data).hexdigest()
+    assert (fitted.width, fitted.height, fitted.native_width, fitted.native_height) == (64, 48, 64, 48)
+
+
+@pytest.mark.parametrize(
+    ("source", "image_format", "output_format"),
+    [
+        pytest.param(gradient(64, 48), "PNG", "jpeg", id="another-format"),
+        pytest.param(gradient(64, 48).convert("P"), "PNG", "png", id="palette"),
+        pytest.param(gradient(64, 48).convert("CMYK"), "JPEG", "jpeg", id="cmyk"),
+        pytest.param(gradient(64, 64), "PNG", "png", id="another-size"),
+    ],
+)
+def test_an_image_not_quite_as_asked_is_re_encoded(
+    source: Image.Image, image_format: str, output_format: str
+) -> None:
+    data = encode(source, image_format)
+
+    fitted = fit_image(data, width=64, height=48, output_format=output_format)
+
+    assert fitted.data != data
+    image = decode(fitted.data)
+    assert image.size == (64, 48) and image.mode in ("L", "RGB", "RGBA")
+
+
+def test_an_image_delivered_as_asked_must_still_decode() -> None:
+    data = bytearray(encode(gradient(64, 48), "PNG"))
+    data[len(data) // 2] ^= 0xFF  # inside the pixel data: the header still reads as a 64x48 PNG
+
+    with pytest.raises(InvalidProviderResponse, match="truncated or corrupt"):
+        fit_image(bytes(data), width=64, height=48, output_format="png")
+
+
+@pytest.mark.parametrize(
     ("output_format", "content_type", "pillow_format"),
     [("png", "image/png", "PNG"), ("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp", "WEBP")],
 )
@@ -145,6 +187,9 @@ def test_exif_orientation_is_applied() -> None:
     fitted = fit_image(data, width=50, height=100, output_format="jpeg")
 
     assert (fitted.native_width, fitted.native_height) == (50, 100)
+    # the upright image is exactly as asked, but the bytes are not: they are re-encoded, without the tag
+    image = decode(fitted.data)
+    assert image.size == (50, 100) and image.getexif().get(0x0112) is None
 
 
 @pytest.mark.parametrize(
