@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 
@@ -17,10 +18,15 @@ _MARGIN_FRACTION = 0.05
 _Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
+@functools.lru_cache(maxsize=16)
 def draw_placeholder(
     *, prompt: str, seed: int, width: int, height: int, variant: int = 0, image_format: str = "jpeg"
 ) -> bytes:
-    """Encode a `width x height` image that depends only on the arguments (same inputs, same bytes)."""
+    """Encode a `width x height` image that depends only on the arguments (same inputs, same bytes).
+
+    The last few drawings are kept: a vendor's GPU time is not ours, so a sandbox asked for the same image
+    again (a retried download, a benchmark's repeated request) does not spend this machine's CPU on it.
+    """
     if image_format not in CONTENT_TYPES:
         raise ValueError(f"cannot draw {image_format!r}; expected one of {list(CONTENT_TYPES)}")
     digest = hashlib.sha256(f"{prompt}\x00{seed}\x00{variant}".encode()).digest()
