@@ -54,10 +54,33 @@ class LocalBlobStore:
 
     @staticmethod
     def _put(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_directories(path.parent)
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         with open(temporary, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        # The job is marked completed once this returns: after a power cut the file must still be there,
+        # and a rename or a new directory is durable only once the directory holding it is synced.
+        for directory in dict.fromkeys([path.parent, *(made.parent for made in created)]):
+            _sync_directory(directory)
+
+
+def _make_directories(directory: Path) -> list[Path]:
+    """Create `directory` and any missing parents; the ones this call created, outermost first."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)  # a concurrent put may make it first
+    return missing[::-1]
+
+
+def _sync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
