@@ -27,12 +27,15 @@ import json
 import statistics
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import grpc
 
 from bench._harness import (
+    Child,
     Figure,
     RunContext,
     Sampler,
@@ -48,10 +51,13 @@ from providers.imaging import fit_image
 from providers.sandbox.drawing import draw_placeholder
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from storage.blobs import LocalBlobStore
+from storage.db import make_engine
 
 NAME = "pipeline"
 IMAGE_SIDE = 256
 IMAGE_SEED = 7
+IMAGE_PROMPT = "a small red fox, bench"
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,12 @@ class Sizes:
     duration_s: float = 10.0
     backlog: int = 200
     producers: int = 64
+    #: calls per step when measuring the floor
+    floor_calls: int = 2000
 
 
 FULL = Sizes()
-QUICK = Sizes(warmup_s=0.3, duration_s=0.8, backlog=20, producers=2)
+QUICK = Sizes(warmup_s=0.3, duration_s=0.8, backlog=20, producers=2, floor_calls=40)
 
 
 @dataclass
@@ -135,7 +143,7 @@ async def run_imagegen(ctx: RunContext, sizes: Sizes, *, label: str = NAME) -> _
                     submitted += 1
                     await stub.GenerateImage(
                         pb.GenerateImageRequest(
-                            prompt="a small red fox, bench",
+                            prompt=IMAGE_PROMPT,
                             width=IMAGE_SIDE,
                             height=IMAGE_SIDE,
                             seed=IMAGE_SEED,
@@ -205,11 +213,75 @@ async def run_pgqueuer(ctx: RunContext, sizes: Sizes) -> dict[str, Any] | None:
     return result
 
 
+@dataclass
+class _Floor:
+    """CPU in this process per step every job takes, each alone, at the pipeline's concurrency."""
+
+    http_request_s: float
+    statement_s: float
+    file_write_s: float
+    thread_hop_s: float
+
+
+async def _cpu_per_call(call: Callable[[], Awaitable[object]], *, calls: int, concurrency: int) -> float:
+    """Process CPU seconds (every thread, user and system) per `call`, `concurrency` of them at a time."""
+    await asyncio.gather(*(call() for _ in range(concurrency)))  # warm: connections opened, caches filled
+    left = calls
+
+    async def loop() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await call()
+
+    began = time.process_time()
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return (time.process_time() - began) / calls
+
+
+async def measure_floor(ctx: RunContext, sandbox: Child, *, calls: int) -> _Floor:
+    """What the steps of a job cost with nothing else around them, through the libraries the service uses:
+    an HTTP request to the sandbox (a job makes three), a statement on a pooled connection with its
+    pre-ping (a job's own writes are three: checkpoint, completion, and its share of the submit and claim),
+    an image file written and synced (the blob store's `put`), and a hop to a thread and back."""
+    url = f"{sandbox.info['base_url']}/v1/get_result"
+    engine = make_engine(ctx.database_url, pool_size=8)
+    blobs = LocalBlobStore(ctx.run_dir / "floor")
+    image = fit_image_source()
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def request() -> None:
+                async with session.get(url, params={"id": "floor"}, headers={"x-key": "bench"}) as response:
+                    await response.read()
+
+            http_s = await _cpu_per_call(request, calls=calls, concurrency=8)
+
+        async def statement() -> None:
+            async with engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                await raw.driver_connection.execute("SELECT pg_notify('imagegen_bench_floor', 'x')")
+
+        statement_s = await _cpu_per_call(statement, calls=calls, concurrency=8)
+
+        async def write() -> None:
+            await blobs.put(f"acct/root/{uuid.uuid4()}/0.png", image)
+
+        write_s = await _cpu_per_call(write, calls=max(1, calls // 4), concurrency=8)
+        hop_s = await _cpu_per_call(lambda: asyncio.to_thread(int), calls=calls, concurrency=8)
+    finally:
+        await engine.dispose()
+    return _Floor(http_request_s=http_s, statement_s=statement_s, file_write_s=write_s, thread_hop_s=hop_s)
+
+
+def fit_image_source(side: int = IMAGE_SIDE) -> bytes:
+    """The image the sandbox delivers to every pipeline job."""
+    return draw_placeholder(prompt=IMAGE_PROMPT, seed=IMAGE_SEED, width=side, height=side, image_format="png")
+
+
 def fit_cpu_per_image(side: int = IMAGE_SIDE, runs: int = 30) -> float:
     """CPU seconds `fit_image` spends on one `side`² PNG as the sandbox delivers it (median of `runs`)."""
-    source = draw_placeholder(
-        prompt="a small red fox, bench", seed=IMAGE_SEED, width=side, height=side, image_format="png"
-    )
+    source = fit_image_source(side)
     times = []
     for _ in range(runs):
         began = time.thread_time()
@@ -225,6 +297,12 @@ async def run(ctx: RunContext) -> ScenarioResult:
     await ctx.reset()
     service = await run_imagegen(ctx, sizes)
     fit_s = fit_cpu_per_image()
+    async with children() as started:
+        sandbox = await start_sandbox(f"{NAME}-floor-sandbox", ctx, latency_s=0.0)
+        started.append(sandbox)
+        floor = await measure_floor(ctx, sandbox, calls=sizes.floor_calls)
+    # a job's fixed steps outside image work, as `measure_floor` describes them (its gRPC submit aside)
+    floor_s = 3 * floor.http_request_s + 3 * floor.statement_s + floor.file_write_s + floor.thread_hop_s
     label = "pgqueuer no-op jobs"
     outside = service.cpu_per_job_s - fit_s
     base_rate = round(baseline["jobs_per_s"], 1) if baseline else None
@@ -254,6 +332,12 @@ async def run(ctx: RunContext) -> ScenarioResult:
             "ms",
             target=Target("max", 1.0),
         ),
+        Figure(
+            NAME,
+            "CPU of a job's fixed steps, each alone, no gRPC",
+            round(floor_s * 1000, 3),
+            "ms",
+        ),
     ]
     details = {
         "image": f"{IMAGE_SIDE}x{IMAGE_SIDE} png",
@@ -268,6 +352,12 @@ async def run(ctx: RunContext) -> ScenarioResult:
             "fit_image_cpu_per_job_ms": round(fit_s * 1000, 3),
             "sandbox_cpu_per_job_ms": round(service.sandbox_cpu_per_job_s * 1000, 3),
             "database_cpu_per_job_ms": round(service.database_cpu_per_job_s * 1000, 3),
+        },
+        "floor_cpu_per_step_ms": {
+            "http_request": round(floor.http_request_s * 1000, 3),
+            "statement_with_pre_ping": round(floor.statement_s * 1000, 3),
+            "image_file_write_and_sync": round(floor.file_write_s * 1000, 3),
+            "thread_hop": round(floor.thread_hop_s * 1000, 3),
         },
         "pgqueuer": baseline if baseline else "not installed (pip install '.[bench]')",
     }
