@@ -445,3 +445,21 @@ async def test_a_stale_claimed_job_is_not_trusted(store: SqlJobStore) -> None:
     assert [e.version for e in await store.events(done.id, after_version=0)] == [1, 2, 3]
     with pytest.raises(LeaseLost):  # and a claimed job does not let a finished attempt write again
         await store.fail(fence, JobError(code="X", message="late"))
+
+
+async def test_concurrent_checkpoints_share_commits_and_each_is_fenced(store: SqlJobStore) -> None:
+    for index in range(6):
+        await store.create(_new(f"job {index}"))
+    claims = await store.claim(owner="w1", limit=6, lease_s=30)
+    fences = [Fence(job_id=c.job.id, attempt=c.job.attempt, owner="w1") for c in claims[:5]]
+    stale = Fence(job_id=claims[5].job.id, attempt=claims[5].job.attempt - 1, owner="w1")
+    outcomes = await asyncio.gather(  # one batch
+        *(store.save_provider_state(fence, {"tasks": [{"id": f"t{i}"}]}) for i, fence in enumerate(fences)),
+        store.save_provider_state(stale, {"tasks": [{"id": "stale"}]}),
+        return_exceptions=True,
+    )
+    assert outcomes[:5] == [None] * 5 and isinstance(outcomes[5], LeaseLost)
+    # the same job twice in one batch: written in order, so the later one is kept
+    await asyncio.gather(*(store.save_provider_state(fences[1], {"tasks": [{"id": t}]}) for t in ("a", "b")))
+    saved = [(await store.get("acct", c.job.id)).provider_state for c in claims]
+    assert saved == [{"tasks": [{"id": t}]} for t in ("t0", "b", "t2", "t3", "t4")] + [None]
