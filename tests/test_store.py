@@ -57,6 +57,19 @@ def _new(
     )
 
 
+_IMAGE = StoredImage(
+    key="acct/root/x/0.png",
+    width=512,
+    height=512,
+    content_type="image/png",
+    size_bytes=10,
+    sha256="00",
+    seed=3,
+    native_width=512,
+    native_height=512,
+)
+
+
 async def test_migrations_match_the_table_definitions(store: SqlJobStore) -> None:
     async with store.engine.connect() as connection:
         differences = await connection.run_sync(
@@ -105,19 +118,8 @@ async def test_claim_fences_and_completes(store: SqlJobStore) -> None:
     fence = Fence(job_id=job.id, attempt=1, owner="w1")
     assert await store.extend_leases("w1", [job.id], lease_s=30) == {(job.id, 1)}
     await store.save_provider_state(fence, {"tasks": [{"id": "t1"}]})
-    image = StoredImage(
-        key="acct/root/x/0.png",
-        width=512,
-        height=512,
-        content_type="image/png",
-        size_bytes=10,
-        sha256="00",
-        seed=3,
-        native_width=512,
-        native_height=512,
-    )
-    done = await store.complete(fence, images=[image], cost_usd_micros=45_000)
-    assert done.status is JobStatus.COMPLETED and done.images == (image,) and done.cost_usd_micros == 45_000
+    done = await store.complete(fence, images=[_IMAGE], cost_usd_micros=45_000)
+    assert done.status is JobStatus.COMPLETED and done.images == (_IMAGE,) and done.cost_usd_micros == 45_000
     assert done.end_time is not None and done.lease_owner is None
 
     # a finished job cannot be written again by the same fence, nor cancelled
@@ -368,17 +370,6 @@ async def test_extend_leases_answers_what_the_worker_still_holds(store: SqlJobSt
     )
 
 
-_IMAGE = StoredImage(
-    key="acct/root/x/0.png",
-    width=512,
-    height=512,
-    content_type="image/png",
-    size_bytes=10,
-    sha256="00",
-    seed=3,
-    native_width=512,
-    native_height=512,
-)
 _TRANSITIONS = {
     "complete": lambda store, fence: store.complete(fence, images=[_IMAGE], cost_usd_micros=45_000),
     "fail": lambda store, fence: store.fail(fence, JobError(code="CONTENT_MODERATED", message="no")),
