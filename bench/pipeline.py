@@ -242,12 +242,13 @@ async def _cpu_per_call(call: Callable[[], Awaitable[object]], *, calls: int, co
 async def measure_floor(ctx: RunContext, sandbox: Child, *, calls: int) -> _Floor:
     """What the steps of a job cost with nothing else around them, through the libraries the service uses:
     an HTTP request to the sandbox (a job makes three), a statement on a pooled connection with its
-    pre-ping (a job's own writes are three: checkpoint, completion, and its share of the submit and claim),
-    an image file written and synced (the blob store's `put`), and a hop to a thread and back."""
+    pre-ping (a job's completion is one of its own; its submit, claim and checkpoint share theirs with
+    other jobs under load), an image file written and synced (the blob store's `put`), and a hop to a
+    thread and back."""
     url = f"{sandbox.info['base_url']}/v1/get_result"
     engine = make_engine(ctx.database_url, pool_size=8)
     blobs = LocalBlobStore(ctx.run_dir / "floor")
-    image = fit_image_source()
+    image = pipeline_image()
     try:
         async with aiohttp.ClientSession() as session:
 
@@ -274,14 +275,14 @@ async def measure_floor(ctx: RunContext, sandbox: Child, *, calls: int) -> _Floo
     return _Floor(http_request_s=http_s, statement_s=statement_s, file_write_s=write_s, thread_hop_s=hop_s)
 
 
-def fit_image_source(side: int = IMAGE_SIDE) -> bytes:
+def pipeline_image(side: int = IMAGE_SIDE) -> bytes:
     """The image the sandbox delivers to every pipeline job."""
     return draw_placeholder(prompt=IMAGE_PROMPT, seed=IMAGE_SEED, width=side, height=side, image_format="png")
 
 
 def fit_cpu_per_image(side: int = IMAGE_SIDE, runs: int = 30) -> float:
     """CPU seconds `fit_image` spends on one `side`² PNG as the sandbox delivers it (median of `runs`)."""
-    source = fit_image_source(side)
+    source = pipeline_image(side)
     times = []
     for _ in range(runs):
         began = time.thread_time()
@@ -301,8 +302,8 @@ async def run(ctx: RunContext) -> ScenarioResult:
         sandbox = await start_sandbox(f"{NAME}-floor-sandbox", ctx, latency_s=0.0)
         started.append(sandbox)
         floor = await measure_floor(ctx, sandbox, calls=sizes.floor_calls)
-    # a job's fixed steps outside image work, as `measure_floor` describes them (its gRPC submit aside)
-    floor_s = 3 * floor.http_request_s + 3 * floor.statement_s + floor.file_write_s + floor.thread_hop_s
+    # a job's unshared steps outside image work, as `measure_floor` describes them (its gRPC submit aside)
+    floor_s = 3 * floor.http_request_s + floor.statement_s + floor.file_write_s + floor.thread_hop_s
     label = "pgqueuer no-op jobs"
     outside = service.cpu_per_job_s - fit_s
     base_rate = round(baseline["jobs_per_s"], 1) if baseline else None
@@ -334,7 +335,7 @@ async def run(ctx: RunContext) -> ScenarioResult:
         ),
         Figure(
             NAME,
-            "CPU of a job's fixed steps, each alone, no gRPC",
+            "CPU of a job's unshared steps, each alone, no gRPC",
             round(floor_s * 1000, 3),
             "ms",
         ),

@@ -720,13 +720,13 @@ class SqlJobStore:
         Only the jobs a worker is actually running: a job whose attempt ended without a final write
         (the database was unreachable) must see its lease run out, so that another attempt takes it.
         """
-        held: set[tuple[uuid.UUID, int]] = set()
         until = utcnow() + timedelta(seconds=lease_s)
         if self._postgres:
             # one array parameter: an IN list of thousands of ids is compiled and bound one by one
             async with self._driver_connection() as pg:
                 rows = await pg.fetch(_EXTEND_LEASES, until, list(job_ids), owner)
             return {(row["id"], row["attempt"]) for row in rows}
+        held: set[tuple[uuid.UUID, int]] = set()
         async with self._transaction() as conn:
             for start in range(0, len(job_ids), 1000):
                 rows = await conn.execute(
