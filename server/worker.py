@@ -29,7 +29,7 @@ from providers.base import (
 from providers.catalog import CATALOG
 from providers.imaging import FittedImage, fit_image
 from server.metrics import ServiceMetrics
-from storage.blobs import LocalBlobStore, image_key, job_prefix
+from storage.blobs import LocalBlobStore, attempt_prefix, image_key
 from storage.errors import LeaseLost, StorageError, StoreUnavailable
 from storage.jobs import Claim, ConcurrencyCap, Fence, SqlJobStore
 from storage.models import Job, JobError, JobNotice, JobStatus, StoredImage, utcnow
@@ -88,6 +88,8 @@ class Worker:
         self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
         #: job id -> (fence, attempt task, when the attempt started on the loop's clock)
         self._attempts: dict[uuid.UUID, tuple[Fence, asyncio.Task[None], float]] = {}
+        #: jobs whose attempt is making its final write: that write's fence decides, not a cancel
+        self._finishing: set[uuid.UUID] = set()
         self._lease_task: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -108,7 +110,11 @@ class Worker:
         for notice in notices:
             if notice.status is JobStatus.PENDING:
                 self._wake.set()
-            elif notice.status is JobStatus.CANCELLED and (held := self._attempts.get(notice.job_id)):
+            elif (
+                notice.status is JobStatus.CANCELLED
+                and (held := self._attempts.get(notice.job_id))
+                and notice.job_id not in self._finishing
+            ):
                 held[1].cancel()  # `_execute` sees the attempt end without a result and discards it
 
     @property
@@ -247,7 +253,14 @@ class Worker:
                 continue
             for job_id, (fence, attempt, started) in list(self._attempts.items()):
                 # an attempt claimed while the statement ran may be missing from its answer
-                if started < asked and (job_id, fence.attempt) not in held and not attempt.done():
+                if (
+                    started < asked
+                    and (job_id, fence.attempt) not in held
+                    and not attempt.done()
+                    # a final write that committed while the leases were read leaves the job unheld;
+                    # cancelling its attempt then would discard the images the job completed with
+                    and job_id not in self._finishing
+                ):
                     attempt.cancel()
 
     async def _attempt(self, job: Job, fence: Fence) -> None:
@@ -313,10 +326,12 @@ class Worker:
         cost = result.cost_usd_micros if result.cost_usd_micros is not None else job.estimated_cost_usd_micros
         try:
             done = await self._durably(
-                lambda: self._store.complete(fence, images=images, cost_usd_micros=cost)
+                fence, lambda: self._store.complete(fence, images=images, cost_usd_micros=cost)
             )
         except LeaseLost:
-            await self._blobs.delete_prefix(job_prefix(job.account_id, spec.folder_id, job.id))
+            await self._blobs.delete_prefix(
+                attempt_prefix(job.account_id, spec.folder_id, job.id, job.attempt)
+            )
             raise
         self._metrics.observe_finished(done)
         log.info("job completed", extra=_fields(done, "completed", images=len(images), cost_usd_micros=cost))
@@ -331,7 +346,7 @@ class Worker:
             fitted: FittedImage = await asyncio.to_thread(
                 fit_image, image.data, width=spec.width, height=spec.height, output_format=spec.output_format
             )
-            key = image_key(job.account_id, spec.folder_id, job.id, index, fitted.content_type)
+            key = image_key(job.account_id, spec.folder_id, job.id, job.attempt, index, fitted.content_type)
             await self._blobs.put(key, fitted.data)
             stored.append(
                 StoredImage(
@@ -381,7 +396,9 @@ class Worker:
             f"retrying in {delay:.1f} s after: {exc.message} "
             f"(attempt {job.attempt + 1} of {self._policy.max_attempts})"
         )
-        await self._durably(lambda: self._store.retry_later(fence, error=error, at=at, message=message))
+        await self._durably(
+            fence, lambda: self._store.retry_later(fence, error=error, at=at, message=message)
+        )
         self._metrics.observe_retry(job, retry_reason(exc))
         log.info(
             "job retrying",
@@ -397,23 +414,29 @@ class Worker:
         # wake this worker when the job is due, rather than at the next poll
         asyncio.get_running_loop().call_later(delay, self._wake.set)
 
-    async def _durably(self, write: Callable[[], Awaitable[Job]]) -> Job:
+    async def _durably(self, fence: Fence, write: Callable[[], Awaitable[Job]]) -> Job:
         """Retry an attempt's final write through a database blip, for as long as the lease would last.
 
         Giving up sooner would throw away a result the vendor was paid for; past the lease, another
-        worker may own the job and the write would be refused anyway.
+        worker may own the job and the write would be refused anyway (LeaseLost). While it runs the
+        attempt is not cancelled from outside: the write's fence settles whether the attempt still
+        owns the job.
         """
         give_up = asyncio.get_running_loop().time() + self._policy.lease_s
         delay = 0.1
-        while True:
-            try:
-                # shielded: a cancelled attempt must not abandon a connection mid-statement
-                return await asyncio.shield(write())
-            except StoreUnavailable:
-                if asyncio.get_running_loop().time() + delay > give_up:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        self._finishing.add(fence.job_id)
+        try:
+            while True:
+                try:
+                    # shielded: a cancelled attempt must not abandon a connection mid-statement
+                    return await asyncio.shield(write())
+                except StoreUnavailable:
+                    if asyncio.get_running_loop().time() + delay > give_up:
+                        raise
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        finally:
+            self._finishing.discard(fence.job_id)
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         """Exponential backoff with full jitter; a vendor's own Retry-After is honoured as a floor."""
@@ -424,14 +447,16 @@ class Worker:
         return delay
 
     async def _fail(self, job: Job, fence: Fence, error: JobError) -> None:
-        failed = await self._durably(lambda: self._store.fail(fence, error))
+        failed = await self._durably(fence, lambda: self._store.fail(fence, error))
         self._metrics.observe_finished(failed)
         log.info("job failed", extra=_fields(failed, "failed", code=error.code, error=error.message))
 
     async def _discard(self, job: Job, why: str) -> None:
         log.info("job result discarded", extra=_fields(job, "discarded", why=why))
         with contextlib.suppress(OSError):
-            await self._blobs.delete_prefix(job_prefix(job.account_id, job.spec.folder_id, job.id))
+            await self._blobs.delete_prefix(
+                attempt_prefix(job.account_id, job.spec.folder_id, job.id, job.attempt)
+            )
 
 
 def _fields(job: Job, outcome: str, **extra: Any) -> dict[str, Any]:

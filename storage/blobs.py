@@ -1,4 +1,4 @@
-"""Result images on the local file system, under `{account}/{folder or root}/{job_id}/{n}.{ext}`."""
+"""Result images on the local file system: `{account}/{folder or root}/{job_id}/{attempt}/{n}.{ext}`."""
 
 from __future__ import annotations
 
@@ -19,16 +19,21 @@ class BlobKeyError(ValueError):
     """A blob key that could name a file outside the store."""
 
 
-def image_key(account_id: str, folder_id: str, job_id: uuid.UUID, index: int, content_type: str) -> str:
-    """The key of variant `index` of a job."""
-    return "/".join(
-        (account_id, folder_id or ROOT_FOLDER, str(job_id), f"{index}.{_EXTENSIONS.get(content_type, 'bin')}")
-    )
+def image_key(
+    account_id: str, folder_id: str, job_id: uuid.UUID, attempt: int, index: int, content_type: str
+) -> str:
+    """The key of variant `index` of a job's attempt `attempt`."""
+    extension = _EXTENSIONS.get(content_type, "bin")
+    return f"{attempt_prefix(account_id, folder_id, job_id, attempt)}/{index}.{extension}"
 
 
-def job_prefix(account_id: str, folder_id: str, job_id: uuid.UUID) -> str:
-    """The key prefix under which all of a job's images live."""
-    return "/".join((account_id, folder_id or ROOT_FOLDER, str(job_id)))
+def attempt_prefix(account_id: str, folder_id: str, job_id: uuid.UUID, attempt: int) -> str:
+    """The key prefix under which one attempt of a job keeps its images.
+
+    Each attempt has its own: an attempt fenced out after another took the job over must neither
+    overwrite the images the job completed with nor, when it discards its own, delete them.
+    """
+    return "/".join((account_id, folder_id or ROOT_FOLDER, str(job_id), str(attempt)))
 
 
 class LocalBlobStore:

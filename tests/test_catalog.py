@@ -64,6 +64,7 @@ async def test_every_model_delivers_exactly_the_requested_sizes(stub, model: str
                 assert image.native_width > 0 and image.native_height > 0
                 async with http.get(image.url) as response:
                     body = await response.read()
+                assert response.status == 200, (response.status, body[:200])
                 decoded = Image.open(io.BytesIO(body))
                 assert decoded.format == "JPEG" and decoded.size == (job.width, job.height)
 

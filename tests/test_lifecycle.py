@@ -60,7 +60,7 @@ async def test_job_completes_with_images_of_exactly_the_requested_size(stub, app
             assert (image.width, image.height) == (1080, 1920)
             assert (image.native_width, image.native_height) == (1088, 1920)
             assert image.seed == 40 + index
-            assert f"/default/reels/{done.id}/{index}.jpg" in image.url
+            assert f"/default/reels/{done.id}/1/{index}.jpg" in image.url  # attempt 1
             async with http.get(image.url) as response:
                 assert response.status == 200
                 assert response.headers["Content-Type"] == "image/jpeg"
@@ -68,9 +68,9 @@ async def test_job_completes_with_images_of_exactly_the_requested_size(stub, app
             assert len(body) == image.size_bytes
             decoded = Image.open(io.BytesIO(body))
             assert decoded.format == "JPEG" and decoded.size == (1080, 1920)
-            # the stored file sits where DESIGN.md says, under the account and folder
+            # the stored file sits where DESIGN.md says, under the account and folder (and the attempt)
             assert (
-                app.settings.data_dir / "blobs" / "default" / "reels" / done.id / f"{index}.jpg"
+                app.settings.data_dir / "blobs" / "default" / "reels" / done.id / "1" / f"{index}.jpg"
             ).is_file()
 
     fetched = await stub.GetJob(pb.GetJobRequest(job_id=job.id))
@@ -168,7 +168,8 @@ async def test_cancel_processing_discards_the_result(stub, app: App) -> None:
     await eventually(lambda: app.worker.in_flight == 0)  # the worker noticed and let go
     final = await stub.GetJob(pb.GetJobRequest(job_id=job.id))
     assert final.status == CANCELLED and list(final.images) == [] and final.cost_usd_micros == 0
-    assert not (app.settings.data_dir / "blobs" / "default" / "root" / job.id).exists()
+    stored = app.settings.data_dir / "blobs" / "default" / "root" / job.id
+    assert not [path for path in stored.rglob("*") if path.is_file()]
 
 
 async def test_cancel_finished_job_is_a_failed_precondition(stub) -> None:
