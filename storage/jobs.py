@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -137,13 +138,55 @@ class _Checkpoint:
     state: Mapping[str, Any]
 
 
+#: how long a group commit waits for more writes before it writes, while its event loop is saturated
+GROUP_COMMIT_LINGER_S = 0.003
+#: the share of a core the event loop's thread must have used lately to count as saturated
+SATURATED_SHARE = 0.8
+
+
+class ThreadLoad:
+    """The share of a core the calling thread has used lately: its CPU time over wall time, sampled again
+    at most every `period_s`. Asked from the event loop's thread, it tells a saturated loop from an idle one.
+    """
+
+    def __init__(
+        self,
+        *,
+        period_s: float = 0.05,
+        wall_clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.thread_time,
+    ) -> None:
+        self._period_s = period_s
+        self._wall_clock, self._cpu_clock = wall_clock, cpu_clock
+        self._since: tuple[float, float] | None = None  # (wall, cpu), taken by the thread that asks
+        self._share = 0.0
+
+    def share(self) -> float:
+        """CPU seconds per second over the last full period (0.0 until one has passed)."""
+        wall = self._wall_clock()
+        if self._since is None:
+            self._since = (wall, self._cpu_clock())
+        elif wall - self._since[0] >= self._period_s:
+            cpu = self._cpu_clock()
+            self._share = (cpu - self._since[1]) / (wall - self._since[0])
+            self._since = (wall, cpu)
+        return self._share
+
+
 class _GroupCommit(Generic[_T, _R]):
     """Shares commits between concurrent writes of one kind: one writer takes whatever arrived while it
     last wrote.
 
-    There is no waiting window: a lone write is made at once; under load, writes that arrive during a
-    commit form the next batch, so the cost of a round trip, a transaction and a pooled connection is
-    shared. Each caller is answered only when the transaction holding its write has committed.
+    A lone write is made at once; under load, writes that arrive during a commit form the next batch, so
+    the cost of a round trip, a transaction and a pooled connection is shared. Each caller is answered
+    only when the transaction holding its write has committed.
+
+    While the event loop is saturated the writer first lingers `linger_s` for more writes. Without that,
+    batches stay small however busy the process is: grpc.aio admits one RPC per few loop iterations, so
+    submits reach the store one at a time, and a batch held 1.2 to 1.5 submits at 1,700 RPC/s. Measured
+    alone, a batch of one cost 0.9 ms of CPU per job (client and PostgreSQL together), a batch of 16
+    0.15 ms, and CPU is what a saturated process lacks. The linger is small beside the queueing such a
+    process has anyway; a process with CPU to spare does not linger.
     """
 
     def __init__(
@@ -153,11 +196,18 @@ class _GroupCommit(Generic[_T, _R]):
         name: str,
         max_batch: int = 128,
         writers: int = 1,
+        linger_s: float = GROUP_COMMIT_LINGER_S,
+        saturated: Callable[[], bool] | None = None,
     ) -> None:
         self._write = write
         self._name = name
         self._max_batch = max_batch
         self._writers_allowed = writers
+        self._linger_s = linger_s
+        if saturated is None:
+            load = ThreadLoad()
+            saturated = lambda: load.share() >= SATURATED_SHARE  # noqa: E731
+        self._saturated = saturated
         self._waiting: list[tuple[_T, asyncio.Future[_R]]] = []
         self._writers: set[asyncio.Task[None]] = set()
 
@@ -168,26 +218,31 @@ class _GroupCommit(Generic[_T, _R]):
         if len(self._writers) < self._writers_allowed:
             # One writer: a second (one batch built while the other waits on the database) measured
             # worse for submits on 2 cores, 1,120 against 1,527 RPC/s, since smaller batches cost more.
-            writer = asyncio.create_task(self._drain(), name=self._name)
-            self._writers.add(writer)
-            writer.add_done_callback(self._writers.discard)
+            self._writers.add(asyncio.create_task(self._drain(), name=self._name))
         # shield: a caller that goes away must not cancel the commit it shares with others
         return await asyncio.shield(future)
 
     async def _drain(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
-            try:
-                outcomes: Sequence[_R | Exception] = await self._write([item for item, _ in batch])
-            except Exception as exc:  # the whole transaction failed: every write in it did
-                outcomes = [exc] * len(batch)
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+        try:
+            while self._waiting:
+                if self._linger_s and len(self._waiting) < self._max_batch and self._saturated():
+                    await asyncio.sleep(self._linger_s)
+                batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
+                try:
+                    outcomes: Sequence[_R | Exception] = await self._write([item for item, _ in batch])
+                except Exception as exc:  # the whole transaction failed: every write in it did
+                    outcomes = [exc] * len(batch)
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(outcome, Exception):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            # Leave in the step that found nothing waiting. A done callback would run steps later, and a
+            # submit in between would count this writer as running and wait for the next submit's.
+            self._writers.discard(asyncio.current_task())  # type: ignore[arg-type]
 
 
 class SqlJobStore:

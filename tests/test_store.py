@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from storage.errors import (
     LeaseLost,
     NoBudget,
 )
-from storage.jobs import ConcurrencyCap, Fence, JobFilter, SqlJobStore
+from storage.jobs import ConcurrencyCap, Fence, JobFilter, SqlJobStore, ThreadLoad, _GroupCommit
 from storage.models import Job, JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
 from storage.schema import jobs, metadata
 
@@ -454,3 +454,43 @@ async def test_concurrent_checkpoints_share_commits_and_each_is_fenced(store: Sq
     await asyncio.gather(*(store.save_provider_state(fences[1], {"tasks": [{"id": t}]}) for t in ("a", "b")))
     saved = [(await store.get("acct", c.job.id)).provider_state for c in claims]
     assert saved == [{"tasks": [{"id": t}]} for t in ("t0", "b", "t2", "t3", "t4")] + [None]
+
+
+class _RecordedWrites:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    async def __call__(self, items: Sequence[int]) -> list[int]:
+        self.batches.append(list(items))
+        await asyncio.sleep(0)  # a round trip's worth of yielding
+        return [item * 10 for item in items]
+
+
+@pytest.mark.parametrize("saturated, batches", [(False, [[1], [2, 3]]), (True, [[1, 2, 3]])])
+async def test_a_group_commit_lingers_for_more_writes_only_while_its_loop_is_saturated(
+    saturated: bool, batches: list[list[int]]
+) -> None:
+    writes = _RecordedWrites()
+    group = _GroupCommit[int, int](writes, name="test", linger_s=0.5, saturated=lambda: saturated)
+    first = asyncio.create_task(group.submit(1))
+    for _ in range(2):  # the writer starts: it writes [1] at once, or lingers
+        await asyncio.sleep(0)
+    later = [asyncio.create_task(group.submit(item)) for item in (2, 3)]
+    async with asyncio.timeout(10):  # a writer that left without seeing 2 and 3 would leave them waiting
+        assert await asyncio.gather(first, *later) == [10, 20, 30]
+    assert writes.batches == batches
+
+
+def test_thread_load_is_cpu_time_over_wall_time_per_period() -> None:
+    wall, cpu = [100.0], [7.0]
+    load = ThreadLoad(period_s=0.05, wall_clock=lambda: wall[0], cpu_clock=lambda: cpu[0])
+    assert load.share() == 0.0  # the first question starts the first period
+    wall[0] += 0.04
+    cpu[0] += 0.04
+    assert load.share() == 0.0  # not a full period yet
+    wall[0] += 0.06
+    cpu[0] += 0.05
+    assert load.share() == pytest.approx(0.9)
+    wall[0] += 1.0
+    cpu[0] += 0.1
+    assert load.share() == pytest.approx(0.1)
