@@ -2,6 +2,8 @@
 
 - `echo`: `GenerateImage` answers at once with a pending `Job` built from the request (no database), so
   the submit scenario can compare the service's durable submit with the cost of the RPC alone.
+  With `--busy-us N` a callback spins N µs in every loop iteration: grpc.aio admits one RPC per few
+  iterations, so the RPC rate falls with the length of an iteration however few RPCs there are.
 - `broadcast`: `WatchJob` is a plain server stream (a SNAPSHOT, then whatever is broadcast, until a
   terminal status), and two unary calls stand in for commits: `GetJob(job_id)` broadcasts one
   non-terminal TRANSITION to every stream of that job, `CancelJob(job_id)` a terminal one (the streams
@@ -138,18 +140,35 @@ def main() -> None:
     """Serve one of the baselines until told to stop."""
     parser = argparse.ArgumentParser(prog="python -m bench._baselines")
     parser.add_argument("kind", choices=("echo", "broadcast"))
+    parser.add_argument(
+        "--busy-us",
+        type=float,
+        default=0.0,
+        help="keep the event loop busy: a callback always ready that spins this long in every iteration",
+    )
     args = parser.parse_args()
     raise_open_files_limit()
     # Each baseline implements only the calls it stands in for; gRPC answers UNIMPLEMENTED to the rest.
     servicer = EchoServicer() if args.kind == "echo" else BroadcastServicer()  # type: ignore[abstract]
-    asyncio.run(_serve(servicer))
+    asyncio.run(_serve(servicer, busy_s=args.busy_us / 1e6))
 
 
-async def _serve(servicer: pb_grpc.ImageGenerationServicer) -> None:
+def _keep_busy(loop: asyncio.AbstractEventLoop, busy_s: float) -> None:
+    """Spin `busy_s`, then run again in the loop's next iteration: other work in a busy process, such as
+    a worker's jobs, stands in the same iterations as the server's RPCs."""
+    until = time.perf_counter() + busy_s
+    while time.perf_counter() < until:
+        pass
+    loop.call_soon(_keep_busy, loop, busy_s)
+
+
+async def _serve(servicer: pb_grpc.ImageGenerationServicer, *, busy_s: float = 0.0) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if busy_s:
+        loop.call_soon(_keep_busy, loop, busy_s)
     server = grpc.aio.server(options=_OPTIONS, maximum_concurrent_rpcs=None)
     pb_grpc.add_ImageGenerationServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

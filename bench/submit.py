@@ -9,6 +9,12 @@ NOTIFY, one commit); the worker's cost is the pipeline scenario's business. Each
 Figures: RPC/s at saturation (closed loop) and its p50/p99, then p99 in an open loop at half of that
 server's own maximum, latency counted from each call's scheduled start. Server CPU per call is read from
 /proc for both.
+
+Then the echo again, twice, with its event loop kept busy 300 µs and 1 ms per iteration by a callback
+(`bench._baselines --busy-us`): grpc.aio admits one RPC per few loop iterations, so its RPC rate falls
+with the length of an iteration, whatever fills it. That is why the service's submits slow down when
+its own worker shares the loop (the pipeline scenario), and why group commits linger while the loop is
+saturated (`storage.jobs._GroupCommit`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import contextlib
 import math
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -50,11 +57,15 @@ class Sizes:
     warmup_s: float = 1.5
     duration_s: float = 6.0
     half_rate_s: float = 6.0
+    #: the window of each echo whose loop is kept busy
+    busy_s: float = 3.0
 
 
 FULL = Sizes()
 # long enough that a loaded machine still completes calls in each window (a NaN would fail the smoke test)
-QUICK = Sizes(concurrency=8, warmup_s=0.2, duration_s=1.0, half_rate_s=1.0)
+QUICK = Sizes(concurrency=8, warmup_s=0.2, duration_s=1.0, half_rate_s=1.0, busy_s=0.5)
+#: how long a callback spins in every loop iteration of the busy echoes (`bench._baselines --busy-us`)
+BUSY_LOOP_US = (300, 1000)
 
 
 @dataclass
@@ -66,16 +77,19 @@ class _Measured:
     database_cpu_per_call_s: float
 
 
+def _generate(stub: pb_grpc.ImageGenerationStub) -> Callable[[], Awaitable[object]]:
+    """One GenerateImage call as the imagegen client makes it: a fresh request_id each time."""
+
+    async def call() -> object:
+        request = pb.GenerateImageRequest(prompt="a lighthouse at dusk, bench", request_id=uuid.uuid4().hex)
+        return await stub.GenerateImage(request, timeout=10)
+
+    return call
+
+
 async def _measure(ctx: RunContext, child: Child, sizes: Sizes, *, profile: str = "") -> _Measured:
     async with grpc.aio.insecure_channel(child.info["grpc_target"]) as channel:
-        stub = pb_grpc.ImageGenerationStub(channel)
-
-        async def call() -> object:
-            request = pb.GenerateImageRequest(
-                prompt="a lighthouse at dusk, bench", request_id=uuid.uuid4().hex
-            )
-            return await stub.GenerateImage(request, timeout=10)
-
+        call = _generate(pb_grpc.ImageGenerationStub(channel))
         await closed_loop(call, concurrency=sizes.concurrency, warmup_s=0, duration_s=sizes.warmup_s / 2)
         sampler = Sampler(child)
         client0, database0 = time.process_time(), database_cpu_seconds()
@@ -91,6 +105,18 @@ async def _measure(ctx: RunContext, child: Child, sizes: Sizes, *, profile: str 
     return _Measured(saturated, half, per_call(cpu), per_call(client), per_call(database))
 
 
+async def _saturated_rate(child: Child, sizes: Sizes) -> float:
+    """The closed-loop RPC/s of `child`'s GenerateImage, as `_measure` loads it (no half-rate part)."""
+    async with grpc.aio.insecure_channel(child.info["grpc_target"]) as channel:
+        result = await closed_loop(
+            _generate(pb_grpc.ImageGenerationStub(channel)),
+            concurrency=sizes.concurrency,
+            warmup_s=sizes.warmup_s / 2,
+            duration_s=sizes.busy_s,
+        )
+    return result.rate
+
+
 async def run(ctx: RunContext) -> ScenarioResult:
     """Measure the bare echo server, then the service, with the same client."""
     sizes = QUICK if ctx.quick else FULL
@@ -101,6 +127,17 @@ async def run(ctx: RunContext) -> ScenarioResult:
         started.append(server)
         bare = await _measure(ctx, echo, sizes)
         real = await _measure(ctx, server, sizes, profile=NAME)
+        busy_echo = {}
+        for busy_us in BUSY_LOOP_US:
+            async with children() as busy_started:
+                busy = await start_child(
+                    f"submit-echo-busy-{busy_us}",
+                    "bench._baselines",
+                    ["echo", "--busy-us", str(busy_us)],
+                    run_dir=ctx.run_dir,
+                )
+                busy_started.append(busy)
+                busy_echo[busy_us] = await _saturated_rate(busy, sizes)
     label = "bare grpc.aio echo"
     figures = [
         Figure(
@@ -153,6 +190,17 @@ async def run(ctx: RunContext) -> ScenarioResult:
             baseline=round((bare.client_cpu_per_call_s + bare.database_cpu_per_call_s) * 1e6, 1),
             baseline_label=label,
         ),
+    ]
+    figures += [
+        Figure(
+            NAME,
+            f"echo RPC/s, loop kept busy {busy_us} µs per iteration",
+            round(rate, 1),
+            "RPC/s",
+            baseline=round(bare.saturated.rate, 1),
+            baseline_label=label,
+        )
+        for busy_us, rate in busy_echo.items()
     ]
     details = {
         "concurrency": sizes.concurrency,
