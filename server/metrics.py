@@ -255,42 +255,61 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             buckets=_RPC_BUCKETS,
             registry=registry,
         )
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        # A method's handler is the same for every call, so it is wrapped once: wrapping per call (a new
+        # handler, five label lookups under their locks) measured 8% of a submit's CPU.
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return handler  # not cached: unknown method names must not grow the cache
+            wrapped = self._wrapped[method] = self._wrap(handler, method)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method_path: str) -> grpc.RpcMethodHandler:
+        service, _, method = method_path.lstrip("/").partition("/")
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, ("unary", service, method)),
+                self._unary(handler.unary_unary, self._counts(("unary", service, method), unary=True)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._server_stream(handler.unary_stream, ("server_stream", service, method)),
+                self._server_stream(handler.unary_stream, self._counts(("server_stream", service, method))),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._bidi(handler.stream_stream, ("bidi_stream", service, method)),
+                self._bidi(handler.stream_stream, self._counts(("bidi_stream", service, method))),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # client streaming: this service has none
 
+    def _counts(self, labels: tuple[str, str, str], *, unary: bool = False) -> _MethodMetrics:
+        return _MethodMetrics(
+            started=self.started.labels(*labels),
+            received=self.received.labels(*labels),
+            sent=self.sent.labels(*labels),
+            # streams have no latency series (see the class docstring)
+            handling=self.handling.labels(*labels) if unary else None,
+            handled=lambda code: self.handled.labels(*labels, code),
+        )
+
+    @staticmethod
     @contextlib.contextmanager
-    def _handled(
-        self, labels: tuple[str, str, str], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Iterator[None]:
-        """Count one RPC as started, and as handled with the status it ends with, however it ends."""
-        self.started.labels(*labels).inc()
+    def _handled(counts: _MethodMetrics, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
+        """Count one stream as started, and as handled with the status it ends with, however it ends."""
+        counts.started.inc()
         code = grpc.StatusCode.UNKNOWN
         try:
             yield
@@ -299,58 +318,81 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             code = _code_of(exc, context)
             raise
         finally:
-            self.handled.labels(*labels, _code_name(code)).inc()
+            counts.handled_with(code).inc()
 
-    def _unary(self, behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
-        received, sent, handling = (
-            metric.labels(*labels) for metric in (self.received, self.sent, self.handling)
-        )
+    def _unary(self, behaviour: Callable[..., Any], counts: _MethodMetrics) -> Callable[..., Any]:
+        handling = counts.handling
+        assert handling is not None
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            received.inc()
+            # `_handled` inline: a generator-based context manager per call costs more than its bookkeeping
+            counts.received.inc()
+            counts.started.inc()
             begun = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
             try:
-                with self._handled(labels, context):
-                    response = await behaviour(request, context)
-                sent.inc()
-                return response
+                response = await behaviour(request, context)
+                code = context.code() or grpc.StatusCode.OK
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                raise
             finally:
+                counts.handled_with(code).inc()
                 handling.observe(time.perf_counter() - begun)
+            counts.sent.inc()
+            return response
 
         return wrapped
 
-    def _server_stream(
-        self, behaviour: Callable[..., Any], labels: tuple[str, str, str]
-    ) -> Callable[..., Any]:
-        # resolved once: a watch stream may send thousands of messages
-        received, sent = self.received.labels(*labels), self.sent.labels(*labels)
-
+    def _server_stream(self, behaviour: Callable[..., Any], counts: _MethodMetrics) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            received.inc()
-            with self._handled(labels, context):
+            counts.received.inc()
+            with self._handled(counts, context):
                 async for message in behaviour(request, context):
-                    sent.inc()
+                    counts.sent.inc()
                     yield message
 
         return wrapped
 
-    def _bidi(self, behaviour: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
-        received, sent = self.received.labels(*labels), self.sent.labels(*labels)
-
+    def _bidi(self, behaviour: Callable[..., Any], counts: _MethodMetrics) -> Callable[..., Any]:
         async def wrapped(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             async def counted() -> AsyncIterator[Any]:
                 async for request in requests:
-                    received.inc()
+                    counts.received.inc()
                     yield request
 
-            with self._handled(labels, context):
+            with self._handled(counts, context):
                 async for message in behaviour(counted(), context):
-                    sent.inc()
+                    counts.sent.inc()
                     yield message
 
         return wrapped
+
+
+class _MethodMetrics:
+    """One method's children of the grpc_server_* metrics, resolved once rather than per call."""
+
+    def __init__(
+        self,
+        *,
+        started: Counter,
+        received: Counter,
+        sent: Counter,
+        handling: Histogram | None,
+        handled: Callable[[str], Counter],
+    ) -> None:
+        self.started, self.received, self.sent, self.handling = started, received, sent, handling
+        self._handled = handled
+        self._handled_by_code: dict[Any, Counter] = {}
+
+    def handled_with(self, code: Any) -> Counter:
+        """grpc_server_handled's child for the status `code` (a StatusCode or its integer value)."""
+        child = self._handled_by_code.get(code)
+        if child is None:
+            child = self._handled_by_code[code] = self._handled(_code_name(code))
+        return child
 
 
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
