@@ -178,6 +178,8 @@ class ServiceMetrics:
     def trace_config(self, vendor: str) -> aiohttp.TraceConfig:
         """Hooks for a vendor's aiohttp session: every request counted, timed and its bytes summed."""
         config = aiohttp.TraceConfig()
+        # metric children by (endpoint, outcome), resolved once: a job makes three requests or more
+        answered: dict[tuple[str, str], tuple[Counter, Histogram, Counter]] = {}
 
         async def on_start(_s: aiohttp.ClientSession, ctx: SimpleNamespace, params: Any) -> None:
             ctx.started = time.perf_counter()
@@ -185,14 +187,22 @@ class ServiceMetrics:
 
         async def on_headers(_s: aiohttp.ClientSession, ctx: SimpleNamespace, params: Any) -> None:
             status = params.response.status
-            outcome = "429" if status == 429 else f"{status // 100}xx"
-            self.provider_requests.labels(vendor, ctx.endpoint, outcome).inc()
-            self.provider_latency.labels(vendor, ctx.endpoint).observe(time.perf_counter() - ctx.started)
+            key = (ctx.endpoint, "429" if status == 429 else f"{status // 100}xx")
+            children = answered.get(key)
+            if children is None:
+                children = answered[key] = (
+                    self.provider_requests.labels(vendor, *key),
+                    self.provider_latency.labels(vendor, ctx.endpoint),
+                    self.provider_bytes.labels(vendor, ctx.endpoint),
+                )
+            requests, latency, received = children
+            requests.inc()
+            latency.observe(time.perf_counter() - ctx.started)
             # Adapters stream bodies with a size cap (aiohttp signals chunks only from read()), so the
             # announced length is what is counted; vendors send it for images and JSON alike.
             length = params.response.content_length
             if length:
-                self.provider_bytes.labels(vendor, ctx.endpoint).inc(length)
+                received.inc(length)
 
         async def on_exception(_s: aiohttp.ClientSession, ctx: SimpleNamespace, params: Any) -> None:
             error = params.exception
