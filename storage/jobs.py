@@ -173,6 +173,11 @@ class ThreadLoad:
         return self._share
 
 
+def _loop_saturated(load: ThreadLoad) -> Callable[[], bool]:
+    """Whether the thread asking (the event loop's) has lately used `SATURATED_SHARE` of a core or more."""
+    return lambda: load.share() >= SATURATED_SHARE
+
+
 class _GroupCommit(Generic[_T, _R]):
     """Shares commits between concurrent writes of one kind: one writer takes whatever arrived while it
     last wrote.
@@ -204,10 +209,7 @@ class _GroupCommit(Generic[_T, _R]):
         self._max_batch = max_batch
         self._writers_allowed = writers
         self._linger_s = linger_s
-        if saturated is None:
-            load = ThreadLoad()
-            saturated = lambda: load.share() >= SATURATED_SHARE  # noqa: E731
-        self._saturated = saturated
+        self._saturated = saturated or _loop_saturated(ThreadLoad())
         self._waiting: list[tuple[_T, asyncio.Future[_R]]] = []
         self._writers: set[asyncio.Task[None]] = set()
 
