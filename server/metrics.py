@@ -318,7 +318,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     @staticmethod
     @contextlib.contextmanager
     def _handled(counts: _MethodMetrics, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
-        """Count one stream as started, and as handled with the status it ends with, however it ends."""
+        """Count one RPC as started, and as handled with the status it ends with, however it ends."""
         counts.started.inc()
         code = grpc.StatusCode.UNKNOWN
         try:
@@ -335,22 +335,15 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         assert handling is not None
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            # `_handled` inline: a generator-based context manager per call costs more than its bookkeeping
             counts.received.inc()
-            counts.started.inc()
             begun = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
             try:
-                response = await behaviour(request, context)
-                code = context.code() or grpc.StatusCode.OK
-            except BaseException as exc:
-                code = _code_of(exc, context)
-                raise
+                with self._handled(counts, context):
+                    response = await behaviour(request, context)
+                counts.sent.inc()
+                return response
             finally:
-                counts.handled_with(code).inc()
                 handling.observe(time.perf_counter() - begun)
-            counts.sent.inc()
-            return response
 
         return wrapped
 
