@@ -172,10 +172,9 @@ class ThreadLoad:
             self._since = (wall, cpu)
         return self._share
 
-
-def _loop_saturated(load: ThreadLoad) -> Callable[[], bool]:
-    """Whether the thread asking (the event loop's) has lately used `SATURATED_SHARE` of a core or more."""
-    return lambda: load.share() >= SATURATED_SHARE
+    def saturated(self) -> bool:
+        """Whether the thread has lately used `SATURATED_SHARE` of a core or more."""
+        return self.share() >= SATURATED_SHARE
 
 
 class _GroupCommit(Generic[_T, _R]):
@@ -209,7 +208,7 @@ class _GroupCommit(Generic[_T, _R]):
         self._max_batch = max_batch
         self._writers_allowed = writers
         self._linger_s = linger_s
-        self._saturated = saturated or _loop_saturated(ThreadLoad())
+        self._saturated = saturated or ThreadLoad().saturated
         self._waiting: list[tuple[_T, asyncio.Future[_R]]] = []
         self._writers: set[asyncio.Task[None]] = set()
 
