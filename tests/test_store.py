@@ -481,6 +481,18 @@ async def test_a_group_commit_lingers_for_more_writes_only_while_its_loop_is_sat
     assert writes.batches == batches
 
 
+async def test_a_caller_that_goes_away_leaves_the_shared_commit_to_the_others() -> None:
+    writes = _RecordedWrites()
+    group = _GroupCommit[int, int](writes, name="test", linger_s=0.5, saturated=lambda: True)
+    gone, staying = (asyncio.create_task(group.submit(item)) for item in (1, 2))
+    await asyncio.sleep(0)  # both queued; the writer lingers
+    gone.cancel()
+    async with asyncio.timeout(10):
+        assert await staying == 20
+    assert gone.cancelled()
+    assert writes.batches == [[1, 2]]  # already queued, so written: a retry with its request_id finds it
+
+
 def test_thread_load_is_cpu_time_over_wall_time_per_period() -> None:
     wall, cpu = [100.0], [7.0]
     load = ThreadLoad(period_s=0.05, wall_clock=lambda: wall[0], cpu_clock=lambda: cpu[0])
