@@ -10,6 +10,10 @@ Figures: RPC/s at saturation (closed loop) and its p50/p99, then p99 in an open 
 server's own maximum, latency counted from each call's scheduled start. Server CPU per call is read from
 /proc for both.
 
+At half rate the service's own `grpc_server_handling_seconds` histogram (read from its /metrics before and
+after) tells how many of the calls spent 10 ms or less inside the handler, against how many the client saw
+answered in 10 ms: the difference is time spent before the handler ran or after it returned.
+
 Then the echo again, twice, with its event loop kept busy 300 µs and 1 ms per iteration by a callback
 (`bench._baselines --busy-us`): grpc.aio admits one RPC per few loop iterations, so its RPC rate falls
 with the length of an iteration, whatever fills it. That is why the service's submits slow down when
@@ -26,7 +30,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench._harness import (
     Child,
@@ -66,6 +72,8 @@ FULL = Sizes()
 QUICK = Sizes(concurrency=8, warmup_s=0.2, duration_s=1.0, half_rate_s=1.0, busy_s=0.5)
 #: how long a callback spins in every loop iteration of the busy echoes (`bench._baselines --busy-us`)
 BUSY_LOOP_US = (300, 1000)
+#: the half-rate latency target, and a bucket of the service's RPC latency histogram
+WITHIN_S = 0.01
 
 
 @dataclass
@@ -75,6 +83,8 @@ class _Measured:
     cpu_per_call_s: float
     client_cpu_per_call_s: float
     database_cpu_per_call_s: float
+    #: at half rate, the share of calls whose handler took WITHIN_S or less (the service's histogram)
+    half_handled_within: float = math.nan
 
 
 def _generate(stub: pb_grpc.ImageGenerationStub) -> Callable[[], Awaitable[object]]:
@@ -100,9 +110,34 @@ async def _measure(ctx: RunContext, child: Child, sizes: Sizes, *, profile: str 
         cpu = sampler.cpu()
         client, database = time.process_time() - client0, database_cpu_seconds() - database0
         calls = saturated.rate * sampler.elapsed()
+        metrics_url = f"{child.info['http_url']}/metrics" if "http_url" in child.info else ""
+        before = await _handled_within(metrics_url)
         half = await open_loop(call, rate=max(1.0, saturated.rate / 2), duration_s=sizes.half_rate_s)
+        after = await _handled_within(metrics_url)
     per_call = (lambda seconds: seconds / calls) if calls else (lambda seconds: math.nan)
-    return _Measured(saturated, half, per_call(cpu), per_call(client), per_call(database))
+    handled = after[1] - before[1]
+    within = (after[0] - before[0]) / handled if handled else math.nan
+    return _Measured(saturated, half, per_call(cpu), per_call(client), per_call(database), within)
+
+
+async def _handled_within(metrics_url: str) -> tuple[float, float]:
+    """(GenerateImage calls handled within WITHIN_S, all handled) so far, from the service's /metrics."""
+    if not metrics_url:
+        return math.nan, math.nan
+    async with aiohttp.ClientSession() as session, session.get(metrics_url) as response:
+        text = await response.text()
+    within = count = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "grpc_server_handling_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("grpc_method") != "GenerateImage":
+                continue
+            if sample.name.endswith("_bucket") and float(sample.labels["le"]) == WITHIN_S:
+                within = sample.value
+            elif sample.name.endswith("_count"):
+                count = sample.value
+    return within, count
 
 
 async def _saturated_rate(child: Child, sizes: Sizes) -> float:
@@ -194,6 +229,22 @@ async def run(ctx: RunContext) -> ScenarioResult:
     figures += [
         Figure(
             NAME,
+            "half rate: calls answered within 10 ms, as the client saw them",
+            round(100 * _share_within(real.half.latencies), 2),
+            "%",
+            baseline=round(100 * _share_within(bare.half.latencies), 2),
+            baseline_label=label,
+        ),
+        Figure(
+            NAME,
+            "half rate: calls whose handler took 10 ms or less",
+            round(100 * real.half_handled_within, 2),
+            "%",
+        ),
+    ]
+    figures += [
+        Figure(
+            NAME,
             f"echo RPC/s, loop kept busy {busy_us} µs per iteration",
             round(rate, 1),
             "RPC/s",
@@ -210,6 +261,10 @@ async def run(ctx: RunContext) -> ScenarioResult:
         "echo": _describe(bare),
     }
     return ScenarioResult(figures, details)
+
+
+def _share_within(latencies: list[float]) -> float:
+    return sum(latency <= WITHIN_S for latency in latencies) / len(latencies) if latencies else math.nan
 
 
 def _describe(measured: _Measured) -> dict[str, object]:
