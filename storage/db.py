@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
@@ -106,9 +105,8 @@ class _PrePing:
     it would had the backend died just after a ping.
     """
 
-    def __init__(self, idle_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, idle_s: float) -> None:
         self._idle_s = idle_s
-        self._clock = clock
         self._returned_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._invalidated_at = -math.inf
 
@@ -124,7 +122,7 @@ class _PrePing:
         driver = dbapi_connection.driver_connection
         returned_at = self._returned_at.get(driver, -math.inf)
         if (
-            self._clock() - returned_at < self._idle_s
+            time.monotonic() - returned_at < self._idle_s
             and returned_at > self._invalidated_at
             and not driver.is_closed()
         ):
@@ -137,10 +135,10 @@ class _PrePing:
 
     def _checked_in(self, dbapi_connection: Any, _record: Any) -> None:
         if dbapi_connection is not None:  # None: the connection was invalidated on the way back
-            self._returned_at[dbapi_connection.driver_connection] = self._clock()
+            self._returned_at[dbapi_connection.driver_connection] = time.monotonic()
 
     def _invalidated(self, _dbapi_connection: Any, _record: Any, _exception: BaseException | None) -> None:
-        self._invalidated_at = self._clock()
+        self._invalidated_at = time.monotonic()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
