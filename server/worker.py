@@ -61,8 +61,9 @@ class _Checkpoint:
         self._store, self._fence = store, fence
 
     async def save(self, state: Mapping[str, Any]) -> None:
-        # shielded: cancelling the attempt must not abandon a connection in the middle of a statement
-        await asyncio.shield(self._store.save_provider_state(self._fence, state))
+        # No shield: the statement runs in the store's group-commit writer, so cancelling the attempt
+        # leaves it to finish there rather than abandoning a connection in the middle of it.
+        await self._store.save_provider_state(self._fence, state)
 
 
 class Worker:
