@@ -77,8 +77,9 @@ async def mixed_run(app: App) -> AsyncIterator[tuple[App, str]]:
         )
         stream = stub.WatchJob(pb.WatchJobRequest(job_id=slow.id))
         await first_event_with_status(stream, pb.JOB_STATUS_PROCESSING)
-        await stub.CancelJob(pb.CancelJobRequest(job_id=slow.id))
+        # the watcher goes first: after CancelJob the stream could end by itself, with OK, before it
         stream.cancel()
+        await stub.CancelJob(pb.CancelJobRequest(job_id=slow.id))
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.GenerateImage(pb.GenerateImageRequest(prompt=""))
         for job in (plain, retried, moderated):
