@@ -62,6 +62,14 @@ _CLAIM_LOCK_KEY = 0x696D61676567656E
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
+#: JSON text for the driver's statements, from one shared encoder: `json.dumps` with arguments builds an
+#: encoder per call, and a submit encodes six values. No circular check: these are plain data.
+_json_text = json.JSONEncoder(check_circular=False).encode
+#: the canonical text of a spec, whose digest is stored with each job: it must never change
+_canonical_json = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, check_circular=False
+).encode
+
 
 @dataclass(frozen=True, kw_only=True)
 class Fence:
@@ -370,10 +378,10 @@ class SqlJobStore:
         rows = [_job_values(item.job, item.request_hash) for item in batch]
         columns = tuple(rows[0])
         arrays: list[list[Any]] = [
-            [json.dumps(row[name]) for row in rows] if name in _JSON_COLUMNS else [row[name] for row in rows]
+            [_json_text(row[name]) for row in rows] if name in _JSON_COLUMNS else [row[name] for row in rows]
             for name in columns
         ]
-        snapshots = [json.dumps(job_to_json(item.job)) for item in batch]
+        snapshots = [_json_text(job_to_json(item.job)) for item in batch]
         notices = [_notice(item.job).encode() for item in batch]
         budgeted = sorted({item.job.account_id for item in batch if item.job.estimated_cost_usd_micros > 0})
         async with self._driver_connection() as pg:
@@ -817,7 +825,7 @@ class SqlJobStore:
                     [item.fence.job_id for item in batch],
                     [item.fence.attempt for item in batch],
                     [item.fence.owner for item in batch],
-                    [json.dumps(dict(item.state)) for item in batch],
+                    [_json_text(dict(item.state)) for item in batch],
                 )
             saved = {row["id"] for row in rows}
             return [item.fence.job_id in saved for item in batch]
@@ -1225,9 +1233,9 @@ class SqlJobStore:
                 fence.owner,
                 claimed.version,
                 NOTIFY_CHANNEL,
-                json.dumps(job_to_json(job)),
+                _json_text(job_to_json(job)),
                 _notice(job).encode(),
-                *(json.dumps(values[name]) if name in _JSON_COLUMNS else values[name] for name in columns),
+                *(_json_text(values[name]) if name in _JSON_COLUMNS else values[name] for name in columns),
             )
         if row is None:
             return None
@@ -1299,8 +1307,7 @@ class SqlJobStore:
 
 def spec_hash(spec: JobSpec) -> str:
     """A digest of the canonical request, to tell a retried submit from a different one."""
-    canonical = json.dumps(spec.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_canonical_json(spec.to_json()).encode()).hexdigest()
 
 
 @contextlib.asynccontextmanager
