@@ -102,19 +102,21 @@ def validate_generate(
     options = (
         json_format.MessageToDict(request.provider_options) if request.HasField("provider_options") else {}
     )
-    options, option_violations = _check_options(model, options)
+    options, option_violations = _check_options(model, options) if options else ({}, [])
     labels = dict(request.labels)
 
     bad += _text_violations(request.prompt, prompt, negative)
     bad += _shape_violations(model, width, height, variants)
     bad += _feature_violations(model, seed, request.output_format, output_format)
-    bad += _reference_violations(model, references, reference_allow)
+    if references:  # most requests have none, nor options or labels: their checks are skipped
+        bad += _reference_violations(model, references, reference_allow)
     bad += option_violations
     if (violation := folder_violation(request.folder_id)) is not None:
         bad.append(violation)
     if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
         bad.append(FieldViolation("request_id", f"must be 1-{MAX_REQUEST_ID} printable ASCII characters"))
-    bad += _label_violations(labels)
+    if labels:
+        bad += _label_violations(labels)
     if bad:
         raise InvalidRequest(bad)
 
