@@ -381,13 +381,9 @@ class SqlJobStore:
             [_json_text(row[name]) for row in rows] if name in _JSON_COLUMNS else [row[name] for row in rows]
             for name in columns
         ]
-        snapshots = [_json_text(job_to_json(item.job)) for item in batch]
-        notices = [_notice(item.job).encode() for item in batch]
         budgeted = sorted({item.job.account_id for item in batch if item.job.estimated_cost_usd_micros > 0})
         async with self._driver_connection() as pg:
-            row = await pg.fetchrow(
-                _create_statement(columns), budgeted, NOTIFY_CHANNEL, *arrays, snapshots, notices
-            )
+            row = await pg.fetchrow(_create_statement(columns), budgeted, NOTIFY_CHANNEL, *arrays)
         assert row is not None
         if row["budgeted"]:
             return None
@@ -1436,18 +1432,44 @@ def _array_type(column: Column[Any]) -> str:
     raise TypeError(f"no array type for jobs.{column.name} ({kind!r})")
 
 
+def _iso_utc(column: str) -> str:
+    """SQL for a timestamptz as ISO 8601 text in UTC, which `datetime.fromisoformat` reads."""
+    return f"""to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')"""
+
+
+#: `job_to_json` of a job just created, in SQL over the values `_job_values` inserts. Encoding it in Python
+#: was a fifth of a submit's own CPU (two thirds of it the JSON encoder), and PostgreSQL builds it from
+#: values it already has. tests/test_store.py holds the two to the same keys and the same decoded job.
+_CREATED_SNAPSHOT = f"""jsonb_build_object(
+        'id', id, 'account_id', account_id, 'status', status,
+        'spec', jsonb_build_object(
+            'prompt', prompt, 'provider', provider, 'width', width, 'height', height,
+            'num_variants', num_variants, 'folder_id', folder_id, 'negative_prompt', negative_prompt,
+            'seed', seed, 'output_format', output_format,
+            'reference_image_urls', reference_image_urls::jsonb,
+            'provider_options', provider_options::jsonb, 'labels', labels::jsonb),
+        'request_id', coalesce(request_id, ''), 'images', images::jsonb, 'error', NULL,
+        'estimated_cost_usd_micros', estimated_cost_usd_micros, 'cost_usd_micros', cost_usd_micros,
+        'attempt', attempt, 'version', version,
+        'create_time', {_iso_utc("create_time")}, 'update_time', {_iso_utc("update_time")},
+        'start_time', NULL, 'end_time', NULL, 'deadline_at', {_iso_utc("deadline_at")},
+        'message', message)"""
+#: `JobNotice.encode` in SQL, over the same values
+_NOTICE_PAYLOAD = "id::text || ' ' || version::text || ' ' || status || ' ' || account_id"
+
+
 @functools.cache
 def _create_statement(columns: tuple[str, ...]) -> str:
     """The single statement of `SqlJobStore._create_batch_unbudgeted` for these jobs columns.
 
-    Parameters: $1 the budget-bearing account ids, $2 the NOTIFY channel, then one array per column, the
-    event snapshots and the NOTIFY payloads. Data-modifying CTEs all run, and the events and NOTIFYs follow
-    only the rows that the insert kept (a taken request_id inserts nothing).
+    Parameters: $1 the budget-bearing account ids, $2 the NOTIFY channel, then one array per column.
+    Data-modifying CTEs all run, and the events and NOTIFYs follow only the rows that the insert kept (a
+    taken request_id inserts nothing). Each event's snapshot and NOTIFY payload are built from the row's
+    own values (`_CREATED_SNAPSHOT`, `_NOTICE_PAYLOAD`).
     """
     arrays = ", ".join(
         f"${index}::{_array_type(jobs.c[name])}" for index, name in enumerate(columns, start=3)
     )
-    extra = len(columns) + 3
     names = ", ".join(columns)
     values = ", ".join(f"{name}::jsonb" if name in _JSON_COLUMNS else name for name in columns)
     return f"""
@@ -1455,8 +1477,7 @@ WITH budgeted AS (
     SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = ANY($1::text[])) AS found
 ),
 batch AS (
-    SELECT * FROM unnest({arrays}, ${extra}::text[], ${extra + 1}::text[])
-        AS t({names}, event_snapshot, notice)
+    SELECT * FROM unnest({arrays}) AS t({names})
 ),
 created AS (
     INSERT INTO jobs ({names})
@@ -1467,11 +1488,11 @@ created AS (
 events AS (
     INSERT INTO job_events
         (job_id, account_id, version, status, previous_status, message, event_time, snapshot)
-    SELECT id, account_id, version, status, NULL, message, update_time, event_snapshot::jsonb
+    SELECT id, account_id, version, status, NULL, message, update_time, {_CREATED_SNAPSHOT}
     FROM batch JOIN created USING (id)
 ),
 notified AS (
-    SELECT pg_notify($2, notice) FROM batch JOIN created USING (id)
+    SELECT pg_notify($2, {_NOTICE_PAYLOAD}) FROM batch JOIN created USING (id)
 )
 SELECT (SELECT found FROM budgeted) AS budgeted,
        ARRAY(SELECT id FROM created) AS created,

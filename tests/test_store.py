@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text, update
+from sqlalchemy import select, text, update
 
 from storage import migrate
 from storage.db import make_engine
@@ -23,9 +23,19 @@ from storage.errors import (
     LeaseLost,
     NoBudget,
 )
-from storage.jobs import ConcurrencyCap, Fence, JobFilter, SqlJobStore, ThreadLoad, _GroupCommit
+from storage.jobs import (
+    ConcurrencyCap,
+    Fence,
+    JobFilter,
+    SqlJobStore,
+    ThreadLoad,
+    _GroupCommit,
+    job_from_json,
+    job_to_json,
+)
+from storage.listener import PgListener
 from storage.models import Job, JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
-from storage.schema import jobs, metadata
+from storage.schema import job_events, jobs, metadata
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -94,6 +104,67 @@ async def test_create_get_and_events(store: SqlJobStore) -> None:
     assert event.version == 1 and event.previous_status is None
     assert event.job == job.evolve(next_attempt_at=None)  # snapshots keep history, not queue internals
     assert seen == [JobNotice(job_id=job.id, version=1, status=JobStatus.PENDING, account_id="acct")]
+
+
+async def test_a_created_jobs_event_snapshot_is_job_to_json(store: SqlJobStore) -> None:
+    # On PostgreSQL the creation event's snapshot is built in SQL, elsewhere by job_to_json: the two must
+    # agree on every key, value and time, with every spec field set.
+    spec = JobSpec(
+        prompt='a café at dusk, 夕暮れ "quoted" \\ back',
+        provider="seedream_4",
+        width=2048,
+        height=1024,
+        num_variants=2,
+        folder_id="trips",
+        negative_prompt="blur",
+        seed=2**32 - 1,
+        output_format="jpeg",
+        reference_image_urls=("https://example.com/a.png", "https://example.com/b.png"),
+        provider_options={"watermark": False, "size": 2, "ratio": 1.5},
+        labels={"team": "ads", "app": "é"},
+    )
+    new = NewJob(account_id="acct", spec=spec, estimated_cost_usd_micros=60_000, request_id="r-full")
+    job, _ = await store.create(new)
+    bare, _ = await store.create(_new())  # no request_id, empty references, options and labels
+    async with store.engine.connect() as connection:
+        rows = (await connection.execute(select(job_events.c.job_id, job_events.c.snapshot))).all()
+    snapshots = {row.job_id: row.snapshot for row in rows}
+    for made in (job, bare):
+        snapshot, expected = snapshots[made.id], job_to_json(made)
+        assert set(snapshot) == set(expected) and set(snapshot["spec"]) == set(expected["spec"])
+        assert job_from_json(snapshot) == job_from_json(expected) == made.evolve(next_attempt_at=None)
+        times = ("create_time", "update_time", "start_time", "end_time", "deadline_at")
+        assert {k: v for k, v in snapshot.items() if k not in times} == {
+            k: v for k, v in expected.items() if k not in times
+        }
+
+
+async def test_created_jobs_are_notified_to_listeners_in_other_processes(database_url: str) -> None:
+    # the creation's NOTIFY payload is built in SQL: a PgListener must decode it to the job's notice
+    heard: list[JobNotice] = []
+    both = asyncio.Event()
+
+    def on_notices(notices: Sequence[JobNotice]) -> None:
+        heard.extend(notices)
+        if len(heard) >= 2:
+            both.set()
+
+    engine = make_engine(database_url)
+    listener = PgListener(database_url, on_notices=on_notices, on_reconnect=lambda: None)
+    await listener.start()
+    try:
+        assert listener.connected.is_set()
+        store = SqlJobStore(engine)
+        made = await asyncio.gather(store.create(_new("one")), store.create(_new("two", account="other")))
+        async with asyncio.timeout(10):
+            await both.wait()
+    finally:
+        await listener.close()
+        await engine.dispose()
+    assert sorted(heard, key=lambda n: n.account_id) == [
+        JobNotice(job_id=job.id, version=1, status=JobStatus.PENDING, account_id=job.account_id)
+        for job, _ in made
+    ]
 
 
 async def test_idempotent_create(store: SqlJobStore) -> None:
