@@ -10,6 +10,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from storage.models import JobSpec
 
 TERMINAL = {pb.JOB_STATUS_COMPLETED, pb.JOB_STATUS_FAILED, pb.JOB_STATUS_CANCELLED}
 
@@ -91,3 +92,21 @@ async def eventually(
             if outcome:
                 return
             await asyncio.sleep(interval)
+
+
+def full_spec() -> JobSpec:
+    """A spec with every field set, and text that JSON must escape."""
+    return JobSpec(
+        prompt='a café at dusk, 夕暮れ "quoted" \\ back',
+        provider="seedream_4",
+        width=2048,
+        height=1024,
+        num_variants=2,
+        folder_id="trips",
+        negative_prompt="blur",
+        seed=2**32 - 1,
+        output_format="jpeg",
+        reference_image_urls=("https://example.com/a.png", "https://example.com/b.png"),
+        provider_options={"watermark": False, "size": 2, "ratio": 1.5},
+        labels={"team": "ads", "app": "é"},
+    )

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 from server.convert import timestamp
 from storage.jobs import spec_hash
 from storage.models import JobSpec
+from tests.helpers import full_spec
 
 
 @pytest.mark.parametrize(
@@ -32,20 +33,7 @@ def test_timestamp_is_what_from_datetime_gives(value: datetime) -> None:
 def test_spec_hash_is_the_digest_already_stored_with_jobs() -> None:
     # A retried submit is compared with its job by this digest, so its canonical text may never change:
     # these values were computed by the earlier implementation (json.dumps per call).
-    full = JobSpec(
-        prompt='a café at dusk, 夕暮れ "quoted"',
-        provider="seedream_4",
-        width=2048,
-        height=1024,
-        num_variants=2,
-        folder_id="trips",
-        negative_prompt="blur",
-        seed=7,
-        output_format="jpeg",
-        reference_image_urls=("https://example.com/a.png",),
-        provider_options={"watermark": False, "size": 2},
-        labels={"team": "ads", "app": "é"},
-    )
-    assert spec_hash(full) == "af90185c35de86e298f505fa90ab2013039c34e379bb19118ac85876c3843d4e"
+    full = full_spec()
+    assert spec_hash(full) == "8d0c0839532566c2bd3b0429f3bda3002cef60d7749adf2c8cf0d84d10b4e66f"
     bare = JobSpec(prompt="p", provider="flux_2_pro", width=1024, height=1024, num_variants=1)
     assert spec_hash(bare) == "d7ce413829ccec21c3b89b108ed10cbfdf9834b72c213798c16882b695439e13"

@@ -36,6 +36,7 @@ from storage.jobs import (
 from storage.listener import PgListener
 from storage.models import Job, JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
 from storage.schema import job_events, jobs, metadata
+from tests.helpers import full_spec
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -109,20 +110,7 @@ async def test_create_get_and_events(store: SqlJobStore) -> None:
 async def test_a_created_jobs_event_snapshot_is_job_to_json(store: SqlJobStore) -> None:
     # On PostgreSQL the creation event's snapshot is built in SQL, elsewhere by job_to_json: the two must
     # agree on every key, value and time, with every spec field set.
-    spec = JobSpec(
-        prompt='a café at dusk, 夕暮れ "quoted" \\ back',
-        provider="seedream_4",
-        width=2048,
-        height=1024,
-        num_variants=2,
-        folder_id="trips",
-        negative_prompt="blur",
-        seed=2**32 - 1,
-        output_format="jpeg",
-        reference_image_urls=("https://example.com/a.png", "https://example.com/b.png"),
-        provider_options={"watermark": False, "size": 2, "ratio": 1.5},
-        labels={"team": "ads", "app": "é"},
-    )
+    spec = full_spec()
     new = NewJob(account_id="acct", spec=spec, estimated_cost_usd_micros=60_000, request_id="r-full")
     job, _ = await store.create(new)
     bare, _ = await store.create(_new())  # no request_id, empty references, options and labels
