@@ -116,8 +116,14 @@ async def test_watch_jobs_streams_the_accounts_events(secured_stub, secured_app:
     await finished(secured_stub, second.id)
 
     async def read(stream, count: int) -> list[pb.JobEvent]:
+        """The next `count` events, past any heartbeat (sent after 5 s of silence, as on a slow run)."""
+        events: list[pb.JobEvent] = []
         async with asyncio.timeout(10):
-            return [await stream.read() for _ in range(count)]
+            while len(events) < count:
+                event = await stream.read()
+                if event.kind != pb.JOB_EVENT_KIND_HEARTBEAT:
+                    events.append(event)
+        return events
 
     events = await read(everything, 6)  # pending, processing, completed for each
     by_job: dict[str, list[int]] = {}
