@@ -15,7 +15,7 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -95,7 +95,8 @@ class EventHub:
         self._by_job: dict[uuid.UUID, set[Subscription]] = defaultdict(set)
         self._by_account: dict[str, set[Subscription]] = defaultdict(set)
         self._dispatched: OrderedDict[uuid.UUID, int] = OrderedDict()
-        self._inbox: dict[uuid.UUID, JobNotice] = {}
+        #: per job notified since the dispatcher last ran: the first version notified, and the newest notice
+        self._inbox: dict[uuid.UUID, tuple[int, JobNotice]] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_catch_up = utcnow()
@@ -149,8 +150,14 @@ class EventHub:
         for notice in notices:
             if notice.job_id in self._by_job or notice.account_id in self._by_account:
                 known = self._inbox.get(notice.job_id)
-                if known is None or known.version < notice.version:
-                    self._inbox[notice.job_id] = notice
+                if known is None:
+                    self._inbox[notice.job_id] = (notice.version, notice)
+                else:
+                    first, newest = known
+                    self._inbox[notice.job_id] = (
+                        min(first, notice.version),
+                        notice if notice.version > newest.version else newest,
+                    )
         if self._inbox:
             self._wake.set()
         if self._on_notices is not None:
@@ -177,7 +184,11 @@ class EventHub:
             inbox, self._inbox = self._inbox, {}
             if inbox:
                 try:
-                    await self._deliver(list(inbox.values()), from_catch_up=False)
+                    await self._deliver(
+                        [newest for _, newest in inbox.values()],
+                        from_catch_up=False,
+                        first_versions={job_id: first for job_id, (first, _) in inbox.items()},
+                    )
                 except StorageError as exc:
                     # the catch-up loop will find these again once the database answers
                     log.warning("event hub could not read events: %s", exc)
@@ -206,7 +217,13 @@ class EventHub:
             return
         self._last_catch_up = now
 
-    async def _deliver(self, notices: Sequence[JobNotice], *, from_catch_up: bool) -> None:
+    async def _deliver(
+        self,
+        notices: Sequence[JobNotice],
+        *,
+        from_catch_up: bool,
+        first_versions: Mapping[uuid.UUID, int] | None = None,
+    ) -> None:
         bases: dict[uuid.UUID, int] = {}
         for notice in notices:
             dispatched = self._dispatched.get(notice.job_id)
@@ -218,9 +235,12 @@ class EventHub:
             if dispatched is not None:
                 bases[notice.job_id] = dispatched
             elif notice.job_id in self._by_job or not from_catch_up:
-                # First sight of a job: read just the version named. A WatchJob stream that is further
-                # behind reads its own gap, in order, from the store.
-                bases[notice.job_id] = notice.version - 1
+                # First sight of a job: read from the first version notified since the dispatcher last
+                # ran (a job created and claimed between two runs has both events to deliver, and a
+                # WatchJobs stream does not repair gaps). A WatchJob stream that is further behind reads
+                # its own gap, in order, from the store.
+                first = (first_versions or {}).get(notice.job_id, notice.version)
+                bases[notice.job_id] = min(first, notice.version) - 1
             elif notice.account_id in self._by_account:
                 # A catch-up for WatchJobs streams, which do not repair gaps: the job's whole (short)
                 # history, each stream keeping what happened after it started.

@@ -16,7 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server.app import App
 from server.files import UrlSigner
+from server.hub import EventHub, Subscription
 from server.settings import Settings, SettingsError
+from storage.db import make_engine
+from storage.jobs import SqlJobStore
+from storage.models import JobNotice, JobSpec, JobStatus, NewJob
 from tests.helpers import events_until_end, finished
 
 
@@ -186,3 +190,34 @@ def test_settings_from_environment(tmp_path: Path) -> None:
     assert Settings.from_env({"IMAGEGEN_GRPC_ADDRESS": "[::1]:7000"}).grpc_address == "[::1]:7000"
     with pytest.raises(SettingsError, match="TLS_KEY_FILE"):
         Settings.from_env({"IMAGEGEN_TLS_CERT_FILE": "/x.pem"})
+
+
+async def test_watch_jobs_gets_every_version_notified_between_two_dispatches(database_url: str) -> None:
+    # A job created and moved on before the hub's dispatcher runs leaves both notices in its inbox; an
+    # account's stream must still get both events (it does not repair gaps as a WatchJob stream does).
+    engine = make_engine(database_url)
+    store = SqlJobStore(engine)
+    hub = EventHub(store, poll_interval_s=3600)  # no catch-up: delivery rests on the notices alone
+    hub.start()
+    try:
+        with hub.subscribe(Subscription(account_id="acct")) as subscription:
+            spec = JobSpec(prompt="a", provider="flux_2_pro", width=256, height=256, num_variants=1)
+            job, _ = await store.create(NewJob(account_id="acct", spec=spec, estimated_cost_usd_micros=0))
+            cancelled, _ = await store.cancel("acct", job.id)
+            for moved in (job, cancelled):  # told one at a time, with no chance for the dispatcher between
+                hub.notify(
+                    [
+                        JobNotice(
+                            job_id=moved.id, version=moved.version, status=moved.status, account_id="acct"
+                        )
+                    ]
+                )
+            async with asyncio.timeout(10):
+                events = [await subscription.queue.get() for _ in range(2)]
+    finally:
+        await hub.close()
+        await engine.dispose()
+    assert [(event.version, event.job.status) for event in events] == [  # type: ignore[union-attr]
+        (1, JobStatus.PENDING),
+        (2, JobStatus.CANCELLED),
+    ]
