@@ -15,7 +15,7 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -95,8 +95,7 @@ class EventHub:
         self._by_job: dict[uuid.UUID, set[Subscription]] = defaultdict(set)
         self._by_account: dict[str, set[Subscription]] = defaultdict(set)
         self._dispatched: OrderedDict[uuid.UUID, int] = OrderedDict()
-        #: per job notified since the dispatcher last ran: the first version notified, and the newest notice
-        self._inbox: dict[uuid.UUID, tuple[int, JobNotice]] = {}
+        self._inbox: dict[uuid.UUID, JobNotice] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_catch_up = utcnow()
@@ -150,14 +149,8 @@ class EventHub:
         for notice in notices:
             if notice.job_id in self._by_job or notice.account_id in self._by_account:
                 known = self._inbox.get(notice.job_id)
-                if known is None:
-                    self._inbox[notice.job_id] = (notice.version, notice)
-                else:
-                    first, newest = known
-                    self._inbox[notice.job_id] = (
-                        min(first, notice.version),
-                        notice if notice.version > newest.version else newest,
-                    )
+                if known is None or known.version < notice.version:
+                    self._inbox[notice.job_id] = notice
         if self._inbox:
             self._wake.set()
         if self._on_notices is not None:
@@ -184,11 +177,7 @@ class EventHub:
             inbox, self._inbox = self._inbox, {}
             if inbox:
                 try:
-                    await self._deliver(
-                        [newest for _, newest in inbox.values()],
-                        from_catch_up=False,
-                        first_versions={job_id: first for job_id, (first, _) in inbox.items()},
-                    )
+                    await self._deliver(list(inbox.values()), from_catch_up=False)
                 except StorageError as exc:
                     # the catch-up loop will find these again once the database answers
                     log.warning("event hub could not read events: %s", exc)
@@ -217,13 +206,7 @@ class EventHub:
             return
         self._last_catch_up = now
 
-    async def _deliver(
-        self,
-        notices: Sequence[JobNotice],
-        *,
-        from_catch_up: bool,
-        first_versions: Mapping[uuid.UUID, int] | None = None,
-    ) -> None:
+    async def _deliver(self, notices: Sequence[JobNotice], *, from_catch_up: bool) -> None:
         bases: dict[uuid.UUID, int] = {}
         for notice in notices:
             dispatched = self._dispatched.get(notice.job_id)
@@ -234,17 +217,17 @@ class EventHub:
                 continue
             if dispatched is not None:
                 bases[notice.job_id] = dispatched
-            elif notice.job_id in self._by_job or not from_catch_up:
-                # First sight of a job: read from the first version notified since the dispatcher last
-                # ran (a job created and claimed between two runs has both events to deliver, and a
-                # WatchJobs stream does not repair gaps). A WatchJob stream that is further behind reads
-                # its own gap, in order, from the store.
-                first = (first_versions or {}).get(notice.job_id, notice.version)
-                bases[notice.job_id] = min(first, notice.version) - 1
             elif notice.account_id in self._by_account:
-                # A catch-up for WatchJobs streams, which do not repair gaps: the job's whole (short)
-                # history, each stream keeping what happened after it started.
+                # First sight of a job that WatchJobs streams may want: its whole (short) history, each
+                # stream keeping what happened after it started. These streams do not repair gaps, and
+                # the notice may not be the job's first: notices coalesce in the inbox (a job created and
+                # claimed between two dispatches), and a NOTIFY can be lost. WatchJob streams skip
+                # versions they have sent.
                 bases[notice.job_id] = 0
+            elif notice.job_id in self._by_job or not from_catch_up:
+                # First sight of a job only WatchJob streams watch: read just the version named. A stream
+                # that is further behind reads its own gap, in order, from the store.
+                bases[notice.job_id] = notice.version - 1
         if not bases:
             return
         # one read for every job that changed, however many streams watch them
