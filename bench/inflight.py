@@ -157,6 +157,7 @@ async def _held(ctx: RunContext, sizes: Sizes) -> dict[str, Any]:
         try:
             await asyncio.gather(*(enqueue(n) for n in range(sizes.burst)))
         finally:
+            await store.close()
             await engine.dispose()
             server.process.send_signal(signal.SIGCONT)
         began = time.monotonic()

@@ -210,6 +210,7 @@ class _Driver:
         return str(job.id), job.version, time.time()
 
     async def close(self) -> None:
+        await self.store.close()
         await self._engine.dispose()
 
 

@@ -120,6 +120,7 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> int:
                     f"  balance {entry.balance_usd_micros / 1e6:>12.6f}  job {job}  {entry.note}"
                 )
     finally:
+        await store.close()
         await engine.dispose()
     return 0
 

@@ -173,6 +173,7 @@ async def running_app(
         if migrate_schema:
             await migrate.upgrade(engine)
         store = SqlJobStore(engine)
+        stack.push_async_callback(store.close)  # before the engine is disposed of: its writers' connections
         blobs = LocalBlobStore(settings.blob_dir)
         # Bind the HTTP port first: with port 0 the image URLs must name the port actually bound.
         http_host, http_port = split_address(settings.http_address)

@@ -218,6 +218,7 @@ async def test_watch_jobs_gets_a_jobs_versions_from_the_first(database_url: str,
                 events = [await subscription.queue.get() for _ in range(2)]
     finally:
         await hub.close()
+        await store.close()
         await engine.dispose()
     assert [(event.version, event.job.status) for event in events] == [  # type: ignore[union-attr]
         (1, JobStatus.PENDING),

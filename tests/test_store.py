@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 
 from storage import migrate
 from storage.db import make_engine
@@ -36,7 +37,7 @@ from storage.jobs import (
 from storage.listener import PgListener
 from storage.models import Job, JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
 from storage.schema import job_events, jobs, metadata
-from tests.helpers import full_spec
+from tests.helpers import eventually, full_spec
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -49,10 +50,16 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> 
     else:
         engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
         await migrate.upgrade(engine)
+    store = SqlJobStore(engine)
     try:
-        yield SqlJobStore(engine)
+        yield store
     finally:
+        await store.close()
         await engine.dispose()
+
+
+#: longer than any test: a writer given this hold keeps its connection until the store closes
+LONG_S = 3600.0
 
 
 def _new(
@@ -139,15 +146,16 @@ async def test_created_jobs_are_notified_to_listeners_in_other_processes(databas
 
     engine = make_engine(database_url)
     listener = PgListener(database_url, on_notices=on_notices, on_reconnect=lambda: None)
+    store = SqlJobStore(engine)
     await listener.start()
     try:
         assert listener.connected.is_set()
-        store = SqlJobStore(engine)
         made = await asyncio.gather(store.create(_new("one")), store.create(_new("two", account="other")))
         async with asyncio.timeout(10):
             await both.wait()
     finally:
         await listener.close()
+        await store.close()
         await engine.dispose()
     assert sorted(heard, key=lambda n: n.account_id) == [
         JobNotice(job_id=job.id, version=1, status=JobStatus.PENDING, account_id=job.account_id)
@@ -515,6 +523,89 @@ async def test_concurrent_checkpoints_share_commits_and_each_is_fenced(store: Sq
     assert saved == [{"tasks": [{"id": t}]} for t in ("t0", "b", "t2", "t3", "t4")] + [None]
 
 
+async def test_a_writer_keeps_its_connection_between_batches_until_the_store_closes(
+    database_url: str,
+) -> None:
+    engine = make_engine(database_url)
+    checked_out: list[asyncpg.Connection] = []
+    event.listen(
+        engine.sync_engine,
+        "checkout",
+        lambda dbapi, _record, _proxy: checked_out.append(dbapi.driver_connection),
+    )
+    store = SqlJobStore(engine, hold_s=LONG_S)
+    try:
+        for index in range(3):  # one after another, each its own batch, as at moderate load
+            await store.create(_new(f"job {index}"))
+        await asyncio.gather(*(store.create(_new(f"burst {index}")) for index in range(5)))
+        assert len(checked_out) == 1 and engine.sync_engine.pool.checkedout() == 1  # kept by the writer
+        await store.close()
+        assert engine.sync_engine.pool.checkedout() == 0  # given back at once, however long the hold
+        page, _ = await store.list("acct", page_size=100)
+        assert len(page) == 8
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+async def test_a_writer_gives_its_connection_back_once_nothing_comes(database_url: str) -> None:
+    engine = make_engine(database_url)
+    store = SqlJobStore(engine, hold_s=0.05)
+    try:
+        await store.create(_new())
+        await eventually(lambda: engine.sync_engine.pool.checkedout() == 0)
+        await store.create(_new("later"))  # and checks one out again for the next
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+async def test_a_writers_kept_connection_that_died_is_replaced(database_url: str) -> None:
+    engine = make_engine(database_url)
+    checked_out: list[asyncpg.Connection] = []
+    event.listen(
+        engine.sync_engine,
+        "checkout",
+        lambda dbapi, _record, _proxy: checked_out.append(dbapi.driver_connection),
+    )
+    store = SqlJobStore(engine, hold_s=LONG_S)
+    try:
+        await store.create(_new("before"))
+        [kept] = checked_out
+        admin = await asyncpg.connect(database_url, timeout=10)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", kept.get_server_pid())
+        finally:
+            await admin.close()
+        await eventually(kept.is_closed)  # asyncpg reads the server's goodbye
+
+        job, created = await store.create(_new("after"))  # not on the dead connection
+        assert len(checked_out) == 2 and checked_out[1].get_server_pid() != kept.get_server_pid()
+        assert created and await store.get("acct", job.id) == job
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql, a pool of 2"])
+async def test_a_writer_keeps_no_connection_from_a_small_pool(
+    database: str, tmp_path: Path, database_url: str
+) -> None:
+    # SQLite's engine has one connection, which every other statement needs too
+    if database == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+        await migrate.upgrade(engine)
+    else:
+        engine = make_engine(database_url, pool_size=2)
+    store = SqlJobStore(engine, hold_s=LONG_S)
+    try:
+        await store.create(_new())
+        assert engine.sync_engine.pool.checkedout() == 0
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
 class _RecordedWrites:
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
@@ -550,6 +641,45 @@ async def test_a_caller_that_goes_away_leaves_the_shared_commit_to_the_others() 
         assert await staying == 20
     assert gone.cancelled()
     assert writes.batches == [[1, 2]]  # already queued, so written: a retry with its request_id finds it
+
+
+class _SlowRelease:
+    """Stands in for a held connection: its release waits until the test lets it finish."""
+
+    def __init__(self) -> None:
+        self.releasing, self.may_finish = asyncio.Event(), asyncio.Event()
+        self.released = 0
+
+    async def release(self) -> None:
+        self.releasing.set()
+        await self.may_finish.wait()
+        self.released += 1
+
+
+async def test_a_group_commit_writer_waits_for_more_with_its_connection_until_closed() -> None:
+    writes, held = _RecordedWrites(), _SlowRelease()
+    held.may_finish.set()
+    group = _GroupCommit[int, int](writes, name="test", linger_s=0, held=held, hold_s=LONG_S)  # type: ignore[arg-type]
+    assert await group.submit(1) == 10
+    assert await group.submit(2) == 20  # written by the same writer, which was waiting for more
+    assert held.released == 0
+    async with asyncio.timeout(10):  # not after LONG_S
+        await group.close()
+    assert held.released == 1 and writes.batches == [[1], [2]]
+
+
+async def test_a_write_submitted_while_the_connection_goes_back_is_written() -> None:
+    writes, held = _RecordedWrites(), _SlowRelease()
+    group = _GroupCommit[int, int](writes, name="test", linger_s=0, held=held, hold_s=0.01)  # type: ignore[arg-type]
+    assert await group.submit(1) == 10
+    async with asyncio.timeout(10):
+        await held.releasing.wait()  # nothing came for hold_s: the writer is giving its connection back
+        later = asyncio.create_task(group.submit(2))
+        await asyncio.sleep(0)  # queued while the writer is still in release
+        held.may_finish.set()
+        assert await later == 20
+        await group.close()
+    assert writes.batches == [[1], [2]] and held.released == 2
 
 
 def test_thread_load_is_cpu_time_over_wall_time_per_period() -> None:
