@@ -125,6 +125,7 @@ async def test_a_created_jobs_event_snapshot_is_job_to_json(store: SqlJobStore) 
         rows = (await connection.execute(select(job_events.c.job_id, job_events.c.snapshot))).all()
     snapshots = {row.job_id: row.snapshot for row in rows}
     for made in (job, bare):
+        assert await store.get("acct", made.id) == made  # the row too, sent to PostgreSQL as JSON
         snapshot, expected = snapshots[made.id], job_to_json(made)
         assert set(snapshot) == set(expected) and set(snapshot["spec"]) == set(expected["spec"])
         assert job_from_json(snapshot) == job_from_json(expected) == made.evolve(next_attempt_at=None)
