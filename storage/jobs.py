@@ -39,6 +39,7 @@ from storage.errors import (
 )
 from storage.models import (
     ALLOWED_TRANSITIONS,
+    NOTICES_PER_NOTIFY,
     Job,
     JobError,
     JobEvent,
@@ -1420,7 +1421,11 @@ class SqlJobStore:
         )
         if self._postgres:
             # Delivered to every LISTENing process when (and only if) this transaction commits.
-            payloads = [_notice(job).encode() for job, _ in transitions]
+            lines = [_notice(job).encode() for job, _ in transitions]
+            payloads = [
+                "\n".join(lines[start : start + NOTICES_PER_NOTIFY])
+                for start in range(0, len(lines), NOTICES_PER_NOTIFY)
+            ]
             await conn.execute(
                 text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"),
                 {"channel": NOTIFY_CHANNEL, "payloads": payloads},
@@ -1597,9 +1602,10 @@ def _create_statement(columns: tuple[str, ...]) -> str:
     of objects keyed by column, which PostgreSQL reads as rows of the jobs table's own type. (Sent as an
     array per column instead, asyncpg's encoding of them was a third of a create's client-side CPU: it
     asks several `collections.abc` isinstance questions of every element.)
-    Data-modifying CTEs all run, and the events and NOTIFYs follow only the rows that the insert kept (a
-    taken request_id inserts nothing). Each event's snapshot and NOTIFY payload are built from the row's
-    own values (`_CREATED_SNAPSHOT`, `_NOTICE_PAYLOAD`).
+    Data-modifying CTEs all run, and the events and notices follow only the rows that the insert kept (a
+    taken request_id inserts nothing). Each event's snapshot and notice are built from the row's own
+    values (`_CREATED_SNAPSHOT`, `_NOTICE_PAYLOAD`). The notices go NOTICES_PER_NOTIFY to a NOTIFY, one
+    per line: each NOTIFY is a message to every listening process and a callback in each.
     """
     names = ", ".join(columns)
     return f"""
@@ -1622,7 +1628,12 @@ events AS (
     FROM batch JOIN created USING (id)
 ),
 notified AS (
-    SELECT pg_notify($2, {_NOTICE_PAYLOAD}) FROM batch JOIN created USING (id)
+    SELECT pg_notify($2, string_agg(line, E'\n'))
+    FROM (
+        SELECT {_NOTICE_PAYLOAD} AS line, (row_number() OVER () - 1) / {NOTICES_PER_NOTIFY} AS part
+        FROM batch JOIN created USING (id)
+    ) AS notices
+    GROUP BY part
 )
 SELECT (SELECT found FROM budgeted) AS budgeted,
        ARRAY(SELECT id FROM created) AS created,

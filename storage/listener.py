@@ -88,9 +88,11 @@ class PgListener:
                         await asyncio.wait_for(connection.close(), timeout=1.0)
 
     def _received(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
-        try:
-            notice = JobNotice.decode(payload)
-        except ValueError:
-            log.warning("ignoring a foreign notification on %s: %r", NOTIFY_CHANNEL, payload[:200])
-            return
-        self._on_notices([notice])
+        notices = []
+        for line in payload.split("\n"):  # a transaction's notices, up to NOTICES_PER_NOTIFY per payload
+            try:
+                notices.append(JobNotice.decode(line))
+            except ValueError:
+                log.warning("ignoring a foreign notification on %s: %r", NOTIFY_CHANNEL, line[:200])
+        if notices:
+            self._on_notices(notices)

@@ -218,16 +218,20 @@ class JobNotice:
     account_id: str
 
     def encode(self) -> str:
-        """The NOTIFY payload (well under PostgreSQL's 8000-byte limit)."""
+        """One line of a NOTIFY payload: at most 187 characters (a 128-character account id)."""
         return f"{self.job_id} {self.version} {self.status.value} {self.account_id}"
 
     @classmethod
-    def decode(cls, payload: str) -> JobNotice:
-        """Inverse of `encode`; raises ValueError on a foreign payload."""
-        job_id, version, status, account_id = payload.split(" ", 3)
+    def decode(cls, line: str) -> JobNotice:
+        """Inverse of `encode`; raises ValueError on a foreign line."""
+        job_id, version, status, account_id = line.split(" ", 3)
         return cls(
             job_id=uuid.UUID(job_id), version=int(version), status=JobStatus(status), account_id=account_id
         )
+
+
+#: notices per NOTIFY payload, one per line: 40 of the longest stay under PostgreSQL's 8000-byte limit
+NOTICES_PER_NOTIFY = 40
 
 
 def utcnow() -> datetime:

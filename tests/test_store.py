@@ -25,6 +25,7 @@ from storage.errors import (
     NoBudget,
 )
 from storage.jobs import (
+    NOTIFY_CHANNEL,
     ConcurrencyCap,
     Fence,
     JobFilter,
@@ -35,7 +36,17 @@ from storage.jobs import (
     job_to_json,
 )
 from storage.listener import PgListener
-from storage.models import Job, JobError, JobNotice, JobSpec, JobStatus, NewJob, StoredImage, utcnow
+from storage.models import (
+    NOTICES_PER_NOTIFY,
+    Job,
+    JobError,
+    JobNotice,
+    JobSpec,
+    JobStatus,
+    NewJob,
+    StoredImage,
+    utcnow,
+)
 from storage.schema import job_events, jobs, metadata
 from tests.helpers import eventually, full_spec
 
@@ -162,6 +173,37 @@ async def test_created_jobs_are_notified_to_listeners_in_other_processes(databas
         JobNotice(job_id=job.id, version=1, status=JobStatus.PENDING, account_id=job.account_id)
         for job, _ in made
     ]
+
+
+async def test_a_transactions_notices_share_notifies_under_postgresqls_size_limit(database_url: str) -> None:
+    # One NOTIFY per job was a message to every listening process and a callback in each; now a
+    # transaction's notices go NOTICES_PER_NOTIFY to a payload, one per line, the longest under 8000 bytes.
+    payloads: list[str] = []
+    listener = await asyncpg.connect(database_url, timeout=10)
+    await listener.add_listener(NOTIFY_CHANNEL, lambda *args: payloads.append(args[3]))
+    engine = make_engine(database_url)
+    store = SqlJobStore(engine)
+    account = "a" * 128  # the longest account id
+    try:
+        made = await asyncio.gather(*(store.create(_new(f"job {n}", account=account)) for n in range(100)))
+        claims = await store.claim(owner="w1", limit=100, lease_s=30)  # one transaction, 100 transitions
+        expected = {(job.id, 1) for job, _ in made} | {(claim.job.id, 2) for claim in claims}
+        assert len(claims) == 100 and len(expected) == 200
+
+        def heard() -> list[JobNotice]:
+            return [JobNotice.decode(line) for payload in payloads for line in payload.split("\n")]
+
+        await eventually(lambda: len(heard()) >= 200)
+        assert {(notice.job_id, notice.version) for notice in heard()} == expected
+        assert all(notice.account_id == account for notice in heard())
+        claimed = [payload for payload in payloads if JobNotice.decode(payload.split("\n")[0]).version == 2]
+        assert len(claimed) == 3 and len(payloads) < 100  # 100 claims, 40 to a NOTIFY; creates shared too
+        assert max(len(payload.encode()) for payload in payloads) < 8000
+        assert max(payload.count("\n") + 1 for payload in payloads) == NOTICES_PER_NOTIFY
+    finally:
+        await listener.close()
+        await store.close()
+        await engine.dispose()
 
 
 async def test_idempotent_create(store: SqlJobStore) -> None:
