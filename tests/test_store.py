@@ -13,6 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import event, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from storage import migrate
 from storage.db import make_engine
@@ -566,9 +567,8 @@ async def test_concurrent_checkpoints_share_commits_and_each_is_fenced(store: Sq
     assert saved == [{"tasks": [{"id": t}]} for t in ("t0", "b", "t2", "t3", "t4")] + [None]
 
 
-async def test_a_writer_keeps_its_connection_between_batches_until_the_store_closes(
-    database_url: str,
-) -> None:
+def _recording_checkouts(database_url: str) -> tuple[AsyncEngine, list[asyncpg.Connection]]:
+    """An engine, and the asyncpg connection of every checkout from its pool, in order."""
     engine = make_engine(database_url)
     checked_out: list[asyncpg.Connection] = []
     event.listen(
@@ -576,6 +576,13 @@ async def test_a_writer_keeps_its_connection_between_batches_until_the_store_clo
         "checkout",
         lambda dbapi, _record, _proxy: checked_out.append(dbapi.driver_connection),
     )
+    return engine, checked_out
+
+
+async def test_a_writer_keeps_its_connection_between_batches_until_the_store_closes(
+    database_url: str,
+) -> None:
+    engine, checked_out = _recording_checkouts(database_url)
     store = SqlJobStore(engine, hold_s=LONG_S)
     try:
         for index in range(3):  # one after another, each its own batch, as at moderate load
@@ -604,13 +611,7 @@ async def test_a_writer_gives_its_connection_back_once_nothing_comes(database_ur
 
 
 async def test_a_writers_kept_connection_that_died_is_replaced(database_url: str) -> None:
-    engine = make_engine(database_url)
-    checked_out: list[asyncpg.Connection] = []
-    event.listen(
-        engine.sync_engine,
-        "checkout",
-        lambda dbapi, _record, _proxy: checked_out.append(dbapi.driver_connection),
-    )
+    engine, checked_out = _recording_checkouts(database_url)
     store = SqlJobStore(engine, hold_s=LONG_S)
     try:
         await store.create(_new("before"))
