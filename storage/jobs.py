@@ -51,7 +51,7 @@ from storage.models import (
     StoredImage,
     utcnow,
 )
-from storage.schema import UtcDateTime, accounts, job_events, jobs, ledger
+from storage.schema import accounts, job_events, jobs, ledger
 
 log = logging.getLogger(__name__)
 
@@ -503,14 +503,10 @@ class SqlJobStore:
         A batch with a budgeted account pays for this statement's read of `accounts` before the fallback.)
         """
         rows = [_job_values(item.job, item.request_hash) for item in batch]
-        for values in rows:
-            for name, to_json in _TO_JSON.items():
-                if name in values:
-                    values[name] = to_json(values[name])
         budgeted = sorted({item.job.account_id for item in batch if item.job.estimated_cost_usd_micros > 0})
         statement = _create_statement(tuple(rows[0]))
         async with self._writer_connection(self._create_conn) as pg:
-            row = await pg.fetchrow(statement, budgeted, NOTIFY_CHANNEL, _json_text(rows))
+            row = await pg.fetchrow(statement, budgeted, NOTIFY_CHANNEL, _rows_json(rows))
         assert row is not None
         if row["budgeted"]:
             return None
@@ -1549,23 +1545,18 @@ def _job_fields(values: Mapping[str, Any]) -> dict[str, Any]:
 _JSON_COLUMNS = frozenset(column.name for column in jobs.c if isinstance(column.type, sqlalchemy.JSON))
 
 
-def _aware_iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    assert value.tzinfo is not None, "the store's times are aware (utcnow)"
-    return value.isoformat()
+def _as_json_text(value: Any) -> str:
+    """What JSON cannot carry itself: ids as text, times as ISO 8601 with their offset and microseconds."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        assert value.tzinfo is not None, "the store's times are aware (utcnow)"
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-def _uuid_text(value: uuid.UUID | None) -> str | None:
-    return None if value is None else str(value)
-
-
-#: the jobs columns whose values JSON cannot carry as they are, and the text they go as
-_TO_JSON: dict[str, Callable[[Any], str | None]] = {
-    column.name: _aware_iso if isinstance(column.type, UtcDateTime) else _uuid_text
-    for column in jobs.c
-    if isinstance(column.type, (UtcDateTime, sqlalchemy.Uuid))
-}
+#: `_job_values` rows as the JSON document of a batch of creates (`_create_statement`)
+_rows_json = json.JSONEncoder(check_circular=False, default=_as_json_text).encode
 
 
 def _iso_utc(column: str) -> str:
