@@ -674,6 +674,43 @@ class SqlJobStore:
         its other jobs wait, so one busy account cannot take every worker.
         """
         now = utcnow()
+        if not self._postgres:
+            return await self._claim_in_python(
+                owner=owner, limit=limit, lease_s=lease_s, caps=caps, per_account=per_account, now=now
+            )
+        arguments = (owner, now + timedelta(seconds=lease_s), NOTIFY_CHANNEL)
+        if caps or per_account:
+            async with self._transaction() as conn:
+                rows = await self._claimable(conn, now=now, limit=limit, caps=caps, per_account=per_account)
+                if not rows:
+                    return []
+                result = await conn.exec_driver_sql(
+                    _claim_statement(_CLAIM_PICKED), (now, [row.id for row in rows], *arguments)
+                )
+                records: Sequence[Any] = [row._mapping for row in result]
+        else:
+            async with self._driver_connection() as pg:
+                records = await pg.fetch(_claim_statement(_CLAIM_DUE), now, limit, *arguments)
+        claims = [
+            Claim(
+                job=_job_from_row(record), taken_over=record["previous_status"] == JobStatus.PROCESSING.value
+            )
+            for record in records
+        ]
+        self._committed([claim.job for claim in claims])
+        return claims
+
+    async def _claim_in_python(
+        self,
+        *,
+        owner: str,
+        limit: int,
+        lease_s: float,
+        caps: Sequence[ConcurrencyCap],
+        per_account: int,
+        now: datetime,
+    ) -> list[Claim]:
+        """`claim` in steps, for SQLite: what `_claim_statement` does on PostgreSQL."""
         async with self._transaction() as conn:
             rows = await self._claimable(conn, now=now, limit=limit, caps=caps, per_account=per_account)
             if not rows:
@@ -1564,10 +1601,10 @@ def _iso_utc(column: str) -> str:
     return f"""to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')"""
 
 
-#: `job_to_json` of a job just created, in SQL over the values `_job_values` inserts. Encoding it in Python
-#: was a fifth of a submit's own CPU (two thirds of it the JSON encoder), and PostgreSQL builds it from
-#: values it already has. tests/test_store.py holds the two to the same keys and the same decoded job.
-_CREATED_SNAPSHOT = f"""jsonb_build_object(
+#: `job_to_json` in SQL over a jobs row's columns, for the events of creates and claims. Encoding it in
+#: Python was a fifth of a submit's own CPU (two thirds of it the JSON encoder), and PostgreSQL builds it
+#: from values it already has. tests/test_store.py holds the two to the same keys and the same decoded job.
+_SNAPSHOT = f"""jsonb_build_object(
         'id', id, 'account_id', account_id, 'status', status,
         'spec', jsonb_build_object(
             'prompt', prompt, 'provider', provider, 'width', width, 'height', height,
@@ -1575,14 +1612,31 @@ _CREATED_SNAPSHOT = f"""jsonb_build_object(
             'seed', seed, 'output_format', output_format,
             'reference_image_urls', reference_image_urls,
             'provider_options', provider_options, 'labels', labels),
-        'request_id', coalesce(request_id, ''), 'images', images, 'error', NULL,
+        'request_id', coalesce(request_id, ''), 'images', images,
+        'error', CASE WHEN coalesce(error_code, '') = '' THEN NULL ELSE jsonb_build_object(
+            'code', error_code, 'message', coalesce(error_message, ''),
+            'retryable', coalesce(error_retryable, false)) END,
         'estimated_cost_usd_micros', estimated_cost_usd_micros, 'cost_usd_micros', cost_usd_micros,
         'attempt', attempt, 'version', version,
         'create_time', {_iso_utc("create_time")}, 'update_time', {_iso_utc("update_time")},
-        'start_time', NULL, 'end_time', NULL, 'deadline_at', {_iso_utc("deadline_at")},
-        'message', message)"""
+        'start_time', {_iso_utc("start_time")}, 'end_time', {_iso_utc("end_time")},
+        'deadline_at', {_iso_utc("deadline_at")}, 'message', message)"""
 #: `JobNotice.encode` in SQL, over the same values
 _NOTICE_PAYLOAD = "id::text || ' ' || version::text || ' ' || status || ' ' || account_id"
+
+
+def _notify_in_parts(channel: str, rows: str) -> str:
+    """SQL selecting one pg_notify per NOTICES_PER_NOTIFY of `rows`, their notices one per line.
+
+    Each NOTIFY is a message to every listening process and a callback in each, so a statement's
+    notices share them (under PostgreSQL's 8000-byte payload limit; see NOTICES_PER_NOTIFY).
+    """
+    return f"""SELECT pg_notify({channel}, string_agg(line, E'\\n'))
+    FROM (
+        SELECT {_NOTICE_PAYLOAD} AS line, (row_number() OVER () - 1) / {NOTICES_PER_NOTIFY} AS part
+        FROM {rows}
+    ) AS notices
+    GROUP BY part"""
 
 
 @functools.cache
@@ -1595,8 +1649,7 @@ def _create_statement(columns: tuple[str, ...]) -> str:
     asks several `collections.abc` isinstance questions of every element.)
     Data-modifying CTEs all run, and the events and notices follow only the rows that the insert kept (a
     taken request_id inserts nothing). Each event's snapshot and notice are built from the row's own
-    values (`_CREATED_SNAPSHOT`, `_NOTICE_PAYLOAD`). The notices go NOTICES_PER_NOTIFY to a NOTIFY, one
-    per line: each NOTIFY is a message to every listening process and a callback in each.
+    values (`_SNAPSHOT`, `_notify_in_parts`).
     """
     names = ", ".join(columns)
     return f"""
@@ -1604,7 +1657,7 @@ WITH budgeted AS (
     SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = ANY($1::text[])) AS found
 ),
 batch AS (
-    SELECT {names} FROM jsonb_populate_recordset(NULL::jobs, $3::jsonb)
+    SELECT * FROM jsonb_populate_recordset(NULL::jobs, $3::jsonb)
 ),
 created AS (
     INSERT INTO jobs ({names})
@@ -1615,20 +1668,63 @@ created AS (
 events AS (
     INSERT INTO job_events
         (job_id, account_id, version, status, previous_status, message, event_time, snapshot)
-    SELECT id, account_id, version, status, NULL, message, update_time, {_CREATED_SNAPSHOT}
+    SELECT id, account_id, version, status, NULL, message, update_time, {_SNAPSHOT}
     FROM batch JOIN created USING (id)
 ),
 notified AS (
-    SELECT pg_notify($2, string_agg(line, E'\n'))
-    FROM (
-        SELECT {_NOTICE_PAYLOAD} AS line, (row_number() OVER () - 1) / {NOTICES_PER_NOTIFY} AS part
-        FROM batch JOIN created USING (id)
-    ) AS notices
-    GROUP BY part
+    {_notify_in_parts("$2", "batch JOIN created USING (id)")}
 )
 SELECT (SELECT found FROM budgeted) AS budgeted,
        ARRAY(SELECT id FROM created) AS created,
        (SELECT count(*) FROM notified) AS notified
+"""
+
+
+#: which rows `_claim_statement` takes: the due ones, or the ones a capped claim picked ($2)
+_CLAIM_DUE = """SELECT id, status AS previous_status, lease_owner AS previous_owner FROM jobs
+    WHERE (status = 'pending' AND next_attempt_at <= $1) OR (status = 'processing' AND lease_expires_at < $1)
+    ORDER BY next_attempt_at LIMIT $2
+    FOR UPDATE SKIP LOCKED"""
+_CLAIM_PICKED = """SELECT id, status AS previous_status, lease_owner AS previous_owner FROM jobs
+    WHERE id = ANY($2::uuid[])"""
+
+
+@functools.cache
+def _claim_statement(picked: str) -> str:
+    """A claim on PostgreSQL in one statement: the jobs `picked` become PROCESSING, with events and NOTIFYs.
+
+    Parameters: $1 now, $2 the limit (`_CLAIM_DUE`) or the ids chosen within the caps (`_CLAIM_PICKED`,
+    locked earlier in the same transaction), $3 the owner, $4 the lease's end, $5 the NOTIFY channel.
+    Answers the claimed rows, oldest due first, with each one's `previous_status`. Through SQLAlchemy a
+    claim was a select, an executemany update, an insert and a NOTIFY, with the Python between them the
+    largest share of the pipeline's samples in the store; the messages, snapshots and notices are built
+    here from the rows' own values, as `SqlJobStore._claim_in_python` builds them on SQLite.
+    """
+    return f"""
+WITH picked AS (
+    {picked}
+),
+claimed AS (
+    UPDATE jobs SET status = 'processing', attempt = jobs.attempt + 1, lease_owner = $3,
+        lease_expires_at = $4, start_time = coalesce(jobs.start_time, $1), version = jobs.version + 1,
+        update_time = $1,
+        message = CASE WHEN picked.previous_status = 'processing'
+            THEN format('lease of %s expired; taken over (attempt %s)',
+                        picked.previous_owner, jobs.attempt + 1)
+            ELSE format('started (attempt %s)', jobs.attempt + 1) END
+    FROM picked WHERE jobs.id = picked.id
+    RETURNING jobs.*, picked.previous_status
+),
+events AS (
+    INSERT INTO job_events
+        (job_id, account_id, version, status, previous_status, message, event_time, snapshot)
+    SELECT id, account_id, version, status, previous_status, message, update_time, {_SNAPSHOT}
+    FROM claimed
+),
+notified AS (
+    {_notify_in_parts("$5", "claimed")}
+)
+SELECT *, (SELECT count(*) FROM notified) AS notified FROM claimed ORDER BY next_attempt_at
 """
 
 
@@ -1707,8 +1803,9 @@ def _job_values(job: Job, request_hash: str) -> dict[str, Any]:
     }
 
 
-def _job_from_row(row: Row[Any]) -> Job:
-    m = row._mapping
+def _job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
+    """A job from a jobs row: SQLAlchemy's, or a mapping of its columns (an asyncpg record)."""
+    m = row._mapping if isinstance(row, Row) else row
     error = (
         JobError(code=m["error_code"], message=m["error_message"] or "", retryable=bool(m["error_retryable"]))
         if m["error_code"]

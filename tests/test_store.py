@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -138,13 +139,69 @@ async def test_a_created_jobs_event_snapshot_is_job_to_json(store: SqlJobStore) 
     snapshots = {row.job_id: row.snapshot for row in rows}
     for made in (job, bare):
         assert await store.get("acct", made.id) == made  # the row too, sent to PostgreSQL as JSON
-        snapshot, expected = snapshots[made.id], job_to_json(made)
-        assert set(snapshot) == set(expected) and set(snapshot["spec"]) == set(expected["spec"])
-        assert job_from_json(snapshot) == job_from_json(expected) == made.evolve(next_attempt_at=None)
-        times = ("create_time", "update_time", "start_time", "end_time", "deadline_at")
-        assert {k: v for k, v in snapshot.items() if k not in times} == {
-            k: v for k, v in expected.items() if k not in times
-        }
+        _assert_is_job_to_json(snapshots[made.id], made)
+
+
+async def test_claims_answer_the_rows_and_write_the_events_python_would(store: SqlJobStore) -> None:
+    # On PostgreSQL a claim is one statement that builds each message, snapshot and notice in SQL,
+    # elsewhere Python builds them: a first start, the start of a retried job (which carries its error),
+    # and a takeover, through the plain claim and the capped one.
+    seen: list[JobNotice] = []
+    store.set_on_commit(seen.extend)
+    new = NewJob(account_id="acct", spec=full_spec(), estimated_cost_usd_micros=60_000, request_id="r-full")
+    job, _ = await store.create(new)
+    bfl = ConcurrencyCap(name="bfl", providers=frozenset({"flux_2_pro"}), max_tasks=10)
+    error = JobError(code="PROVIDER_UNAVAILABLE", message='HTTP 503 "busy" \\ é', retryable=True)
+    [first] = await store.claim(owner="w1", limit=5, lease_s=30)
+    await store.retry_later(
+        Fence(job_id=job.id, attempt=1, owner="w1"), error=error, at=utcnow(), message="again"
+    )
+    [second] = await store.claim(owner="w2", limit=5, lease_s=30, caps=[bfl])
+    async with store.engine.begin() as connection:  # w2's lease ran out
+        await connection.execute(update(jobs).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    [third] = await store.claim(owner="w3", limit=5, lease_s=30, per_account=2)
+
+    assert [(claim.taken_over, claim.job.message) for claim in (first, second, third)] == [
+        (False, "started (attempt 1)"),
+        (False, "started (attempt 2)"),
+        (True, "lease of w2 expired; taken over (attempt 3)"),
+    ]
+    assert third.job.error == error and third.job.start_time == first.job.start_time
+    assert third.job == await store.get("acct", job.id)
+    events = {event.version: event for event in await store.events(job.id, after_version=0)}
+    async with store.engine.connect() as connection:
+        snapshots = dict(
+            (await connection.execute(select(job_events.c.version, job_events.c.snapshot))).all()
+        )
+    for claim, previous in (
+        (first, JobStatus.PENDING),
+        (second, JobStatus.PENDING),
+        (third, JobStatus.PROCESSING),
+    ):
+        claimed = claim.job
+        assert claimed.status is JobStatus.PROCESSING and claimed.lease_owner is not None
+        event = events[claimed.version]
+        assert (event.previous_status, event.message, event.event_time) == (
+            previous,
+            claimed.message,
+            claimed.update_time,
+        )
+        _assert_is_job_to_json(snapshots[claimed.version], claimed)
+    assert [notice.version for notice in seen] == [1, 2, 3, 4, 5]
+
+
+def _assert_is_job_to_json(snapshot: dict[str, Any], job: Job) -> None:
+    """An event snapshot PostgreSQL built is `job_to_json(job)`: the same keys, values and times."""
+    expected = job_to_json(job)
+    assert set(snapshot) == set(expected) and set(snapshot["spec"]) == set(expected["spec"])
+    assert job_from_json(snapshot) == job_from_json(expected)
+    assert job_from_json(snapshot) == job.evolve(
+        next_attempt_at=None, lease_owner=None, lease_expires_at=None, provider_state=None
+    )
+    times = ("create_time", "update_time", "start_time", "end_time", "deadline_at")
+    assert {k: v for k, v in snapshot.items() if k not in times} == {
+        k: v for k, v in expected.items() if k not in times
+    }
 
 
 async def test_created_jobs_are_notified_to_listeners_in_other_processes(database_url: str) -> None:
