@@ -6,10 +6,11 @@ small images (256², the smallest size the API takes, PNG, the default format): 
 checkpoint, poll, download, fit, store, complete. Every request has the same prompt and seed, so the
 sandbox draws its image once: a vendor's rendering is not done on our cores, and redrawing took the
 sandbox more CPU per job than the service spent outside image work. The vendor cap is off
-(`IMAGEGEN_VENDOR_CONCURRENCY=bfl=0`) to measure the process rather than the cap. Producers keep at most
-`backlog` jobs unfinished, so the queue stays short and the figure is the rate of completion, not of
-submission. Jobs that finished are counted from the database (every 0.2 s), inside a window that starts
-after a warm-up.
+(`IMAGEGEN_VENDOR_CONCURRENCY=bfl=0`), and so is the per-process poll budget
+(`IMAGEGEN_BFL_MAX_POLLS_PER_S`, 250 a second by default, one poll per job here), to measure the process
+rather than the caps. Producers keep at most `backlog` jobs unfinished, so the queue stays short and the
+figure is the rate of completion, not of submission. Jobs that finished are counted from the database
+(every 0.2 s), inside a window that starts after a warm-up.
 
 pgqueuer runs in the same run, in its own process with its own pool and its own database on the same
 PostgreSQL (see `bench._pgq`). CPU is read from /proc for the service, and from getrusage by pgqueuer.
@@ -114,6 +115,8 @@ async def run_imagegen(ctx: RunContext, sizes: Sizes, *, label: str = NAME) -> _
             # unfinished, and the first poll soon after the submit (the sandbox is ready at once)
             worker_concurrency=sizes.backlog,
             bfl_poll_interval_s=0.05,
+            # every job polls at least once: the production budget of 250 polls a second would be the rate
+            bfl_max_polls_per_s=1_000_000,
         )
         started.append(server)
         submitted = 0

@@ -107,6 +107,7 @@ def build_providers(
         )
         if vendor == "bfl":
             extra["poll_interval_s"] = settings.bfl_poll_interval_s
+            extra["max_polls_per_s"] = settings.bfl_max_polls_per_s
         if configured.api_key:
             adapter = adapter_class(
                 session_for(vendor),

@@ -90,6 +90,8 @@ class Settings:
     provider_timeout_s: float = 120.0
     #: BFL: the first poll of a task (FLUX.2 takes seconds; polls back off from here to 3 s)
     bfl_poll_interval_s: float = 1.0
+    #: BFL: polls one process makes a second at most, shared by its tasks (past it, each is polled less often)
+    bfl_max_polls_per_s: float = 250.0
     #: auto: serve vendors without a key from the in-process sandbox; off: leave them unconfigured
     sandbox: str = "auto"
     #: how long sandbox tasks take (so that PROCESSING is visible in a demo)
@@ -149,7 +151,15 @@ class Settings:
         for name in ("worker_concurrency", "max_attempts", "db_pool_size"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
-        for name in ("lease_s", "poll_interval_s", "job_deadline_s", "url_ttl_s", "watch_heartbeat_s"):
+        for name in (
+            "lease_s",
+            "poll_interval_s",
+            "job_deadline_s",
+            "url_ttl_s",
+            "watch_heartbeat_s",
+            "bfl_poll_interval_s",
+            "bfl_max_polls_per_s",
+        ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
         self.vendor_caps()  # raises on a malformed value

@@ -183,6 +183,8 @@ def test_settings_from_environment(tmp_path: Path) -> None:
         Settings.from_env({"IMAGEGEN_WORKER_CONCURRENCY": "many"})
     with pytest.raises(SettingsError, match="IMAGEGEN_ROLE"):
         Settings.from_env({"IMAGEGEN_ROLE": "boss"})
+    with pytest.raises(SettingsError, match="IMAGEGEN_BFL_MAX_POLLS_PER_S must be positive"):
+        Settings.from_env({"IMAGEGEN_BFL_MAX_POLLS_PER_S": "0"})
     # local mode (no tokens) refuses to listen beyond loopback, on either port
     for variable in ("IMAGEGEN_GRPC_ADDRESS", "IMAGEGEN_HTTP_ADDRESS"):
         with pytest.raises(SettingsError, match="without authentication"):
