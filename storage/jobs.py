@@ -807,7 +807,10 @@ class SqlJobStore:
                 account for account, running in running_by_account.items() if running >= per_account
             )
             if full:
-                runnable = runnable.where(jobs.c.account_id.not_in(full))
+                # a full account's expired leases are still taken over: those jobs already count
+                runnable = runnable.where(
+                    or_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.account_id.not_in(full))
+                )
         query = runnable.where(jobs.c.provider.not_in(sorted(capped))) if capped else runnable
         rows = list((await conn.execute(first(query, limit))).all())
         for cap in caps:

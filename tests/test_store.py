@@ -159,7 +159,7 @@ async def test_claims_answer_the_rows_and_write_the_events_python_would(store: S
     [second] = await store.claim(owner="w2", limit=5, lease_s=30, caps=[bfl])
     async with store.engine.begin() as connection:  # w2's lease ran out
         await connection.execute(update(jobs).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
-    [third] = await store.claim(owner="w3", limit=5, lease_s=30, per_account=2)
+    [third] = await store.claim(owner="w3", limit=5, lease_s=30, per_account=1)
 
     assert [(claim.taken_over, claim.job.message) for claim in (first, second, third)] == [
         (False, "started (attempt 1)"),
@@ -509,6 +509,17 @@ async def test_per_account_in_flight_cap_queues_the_rest(store: SqlJobStore) -> 
     await store.complete(Fence(job_id=done.id, attempt=1, owner="w"), images=[], cost_usd_micros=0)
     [next_one] = await store.claim(owner="w", limit=10, lease_s=30, per_account=2)
     assert next_one.job.account_id == "busy"
+    # at its cap, the account's expired leases are still taken over (they count already), not left
+    # to the reaper, and its pending jobs still wait
+    stalled = next(c.job for c in first if c.job.account_id == "busy" and c.job.id != done.id)
+    async with store.engine.begin() as connection:
+        await connection.execute(
+            update(jobs)
+            .where(jobs.c.id == stalled.id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+    [taken_over] = await store.claim(owner="w2", limit=10, lease_s=30, per_account=2)
+    assert taken_over.taken_over and taken_over.job.id == stalled.id and taken_over.job.lease_owner == "w2"
 
 
 async def test_submitted_since_counts_the_window(store: SqlJobStore) -> None:
