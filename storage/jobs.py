@@ -1616,28 +1616,16 @@ def _created_row(job: Job, request_hash: str) -> dict[str, Any]:
     """The rest of `_job_values` for a job `SqlJobStore.create` made, as JSON values.
 
     Ids and times are text already: through the encoder's `default` they cost a Python call each, and
-    with the columns every job has alike (`_CREATED_ALIKE`) encoding a row took 8.8 µs, against 5.1 µs
+    with the columns every job has alike (`_CREATED_ALIKE`) encoding a row took 8.8 µs, against 5.8 µs
     now. The job was created, updated and made due at the same instant.
     """
-    spec = job.spec
     created = job.create_time.isoformat()
     return {
         "id": str(job.id),
         "account_id": job.account_id,
         "request_id": job.request_id or None,
         "request_hash": request_hash,
-        "provider": spec.provider,
-        "prompt": spec.prompt,
-        "negative_prompt": spec.negative_prompt,
-        "width": spec.width,
-        "height": spec.height,
-        "num_variants": spec.num_variants,
-        "seed": spec.seed,
-        "output_format": spec.output_format,
-        "folder_id": spec.folder_id,
-        "reference_image_urls": list(spec.reference_image_urls),
-        "provider_options": dict(spec.provider_options),
-        "labels": dict(spec.labels),
+        **_spec_values(job.spec),
         "deadline_at": job.deadline_at.isoformat(),
         "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
         "create_time": created,
@@ -1821,7 +1809,6 @@ def _notice_from_row(row: Row[Any]) -> JobNotice:
 
 
 def _job_values(job: Job, request_hash: str) -> dict[str, Any]:
-    spec = job.spec
     return {
         "id": job.id,
         "account_id": job.account_id,
@@ -1830,6 +1817,22 @@ def _job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "status": job.status.value,
         "version": job.version,
         "attempt": job.attempt,
+        **_spec_values(job.spec),
+        "next_attempt_at": job.next_attempt_at,
+        "deadline_at": job.deadline_at,
+        "images": [],
+        "message": job.message,
+        "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
+        "cost_usd_micros": 0,
+        "reserved_usd_micros": job.reserved_usd_micros,
+        "create_time": job.create_time,
+        "update_time": job.update_time,
+    }
+
+
+def _spec_values(spec: JobSpec) -> dict[str, Any]:
+    """A job's spec as jobs columns (`_job_values`, `_created_row`)."""
+    return {
         "provider": spec.provider,
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt,
@@ -1842,15 +1845,6 @@ def _job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "reference_image_urls": list(spec.reference_image_urls),
         "provider_options": dict(spec.provider_options),
         "labels": dict(spec.labels),
-        "next_attempt_at": job.next_attempt_at,
-        "deadline_at": job.deadline_at,
-        "images": [],
-        "message": job.message,
-        "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
-        "cost_usd_micros": 0,
-        "reserved_usd_micros": job.reserved_usd_micros,
-        "create_time": job.create_time,
-        "update_time": job.update_time,
     }
 
 
