@@ -384,9 +384,10 @@ class _GenericHandlersOnly:
 
     grpc.aio accepts each call of a *registered* method through `asyncio.wait` over one outstanding
     request per registered method (and one for the rest), each re-armed after its call: the cost of
-    accepting every call grows with the methods registered. This server's 11 (its own, health and
-    reflection) made that wait a few percent of a submit's CPU. As generic handlers the same
-    handlers are found by name, and every call is accepted through a single outstanding request.
+    accepting every call grows with the methods registered. As generic handlers the same handlers
+    are found by name, and every call is accepted through a single outstanding request. With this
+    server's 11 (its own, health's and reflection's), counted with callgrind over 2,000 submits, the
+    server process spent 1,349k instructions per submit registered and 1,282k generic.
     """
 
     def __init__(self, server: grpc.aio.Server) -> None:
