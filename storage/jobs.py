@@ -386,8 +386,14 @@ class SqlJobStore:
         self._creates = _GroupCommit[_Submit, tuple[Job, bool]](
             self._create_batch, name="create-commit", held=self._create_conn, hold_s=hold_s
         )
+        # No linger for checkpoints: from a vendor accepting a task to the commit of its id, a crash pays
+        # for the task twice, so that window stays as short as a commit (one per job; not the hot path).
         self._checkpoints = _GroupCommit[_Checkpoint, bool](
-            self._save_provider_states, name="checkpoint-commit", held=self._checkpoint_conn, hold_s=hold_s
+            self._save_provider_states,
+            name="checkpoint-commit",
+            linger_s=0.0,
+            held=self._checkpoint_conn,
+            hold_s=hold_s,
         )
 
     @property

@@ -272,9 +272,12 @@ async def test_replicas_survive_a_kill_and_a_restart_with_no_job_lost_or_paid_tw
         assert len(completions) == jobs_total and {row["n"] for row in completions} == {1}, context
         assert gaps == [], context  # every job's history is versions 1..n without a hole
         # One paid vendor task per variant, but for the window README names: a SIGKILL between BFL
-        # accepting a task and the commit of its id (a millisecond or so) makes the taker-over pay again.
-        # One kill can catch one job there; takeovers that did not resume their tasks would pay for each.
-        assert counters["bfl.submit"] - jobs_total in (0, 1), context
+        # accepting a task and the commit of its id (a millisecond or so) makes the taker-over pay again,
+        # for every task in it. Jobs claimed together submit together, so one kill has caught two (1 run
+        # in 7 when checkpoints lingered for company). Takeovers that did not resume their saved tasks
+        # would pay again for nearly every job taken over.
+        duplicates = counters["bfl.submit"] - jobs_total
+        assert 0 <= duplicates <= max(1, takeovers // 2), context
         assert takeovers > 0, context  # the kill really left jobs mid-flight for others to take over
         for watcher in watchers:
             assert watcher.final_status == pb.JOB_STATUS_COMPLETED, (watcher, context)
