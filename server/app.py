@@ -269,6 +269,7 @@ async def running_app(
                 settings.database_url,
                 on_notices=hub.notify,
                 on_reconnect=hub.request_catch_up,
+                wanted=hub.wants_notices,
                 connect_timeout_s=settings.db_timeout_s,
             )
             await listener.start()

@@ -1,7 +1,8 @@
 """One LISTEN connection per process: turns PostgreSQL NOTIFY payloads into JobNotices.
 
 The connection is watched and re-established after a drop; `on_reconnect` is told when it comes back so
-the caller can re-read whatever was notified while nobody listened.
+the caller can re-read whatever was notified while nobody listened. While `wanted` says no notice can
+matter to the process (no watch stream open, no worker), payloads are not even decoded.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PgListener:
         *,
         on_notices: Callable[[Sequence[JobNotice]], None],
         on_reconnect: Callable[[], None],
+        wanted: Callable[[], bool] = lambda: True,
         check_interval_s: float = 2.0,
         connect_timeout_s: float = 5.0,
     ) -> None:
@@ -38,6 +40,7 @@ class PgListener:
         self._dsn = make_url(url).render_as_string(hide_password=False)
         self._on_notices = on_notices
         self._on_reconnect = on_reconnect
+        self._wanted = wanted
         self._check_interval_s = check_interval_s
         self._connect_timeout_s = connect_timeout_s
         self._task: asyncio.Task[None] | None = None
@@ -88,6 +91,8 @@ class PgListener:
                         await asyncio.wait_for(connection.close(), timeout=1.0)
 
     def _received(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+        if not self._wanted():
+            return  # every replica's commits are notified: an API process nobody watches skips them
         notices = []
         for line in payload.split("\n"):  # a transaction's notices, up to NOTICES_PER_NOTIFY per payload
             try:

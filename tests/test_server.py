@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -192,6 +193,24 @@ def test_settings_from_environment(tmp_path: Path) -> None:
     assert Settings.from_env({"IMAGEGEN_GRPC_ADDRESS": "[::1]:7000"}).grpc_address == "[::1]:7000"
     with pytest.raises(SettingsError, match="TLS_KEY_FILE"):
         Settings.from_env({"IMAGEGEN_TLS_CERT_FILE": "/x.pem"})
+
+
+async def test_the_hub_wants_notices_while_a_stream_is_open_or_a_worker_listens(database_url: str) -> None:
+    engine = make_engine(database_url)
+    store = SqlJobStore(engine)
+    try:
+        hub = EventHub(store, poll_interval_s=3600)
+        assert not hub.wants_notices()
+        with hub.subscribe(Subscription(account_id="acct", job_id=uuid.uuid4())):
+            assert hub.wants_notices()
+        assert not hub.wants_notices()
+        with hub.subscribe(Subscription(account_id="acct")):
+            assert hub.wants_notices()
+        assert not hub.wants_notices()
+        assert EventHub(store, poll_interval_s=3600, on_notices=lambda notices: None).wants_notices()
+    finally:
+        await store.close()
+        await engine.dispose()
 
 
 @pytest.mark.parametrize("told", ["both, with no dispatch between", "only the second"])

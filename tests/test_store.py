@@ -233,6 +233,31 @@ async def test_created_jobs_are_notified_to_listeners_in_other_processes(databas
     ]
 
 
+async def test_a_listener_decodes_nothing_while_no_notice_is_wanted(database_url: str) -> None:
+    # An API process nobody watches is told of every replica's commits; `wanted` spares it their decoding.
+    heard: list[JobNotice] = []
+    asked: list[bool] = []
+
+    def wanted() -> bool:  # no for the first payload, yes after it
+        asked.append(bool(asked))
+        return asked[-1]
+
+    engine = make_engine(database_url)
+    listener = PgListener(database_url, on_notices=heard.extend, on_reconnect=lambda: None, wanted=wanted)
+    store = SqlJobStore(engine)
+    await listener.start()
+    try:
+        await store.create(_new("unwanted"))  # one transaction, one payload: the first asked about
+        second, _ = await store.create(_new("wanted"))
+        await eventually(lambda: bool(heard))
+    finally:
+        await listener.close()
+        await store.close()
+        await engine.dispose()
+    assert asked == [False, True]
+    assert heard == [JobNotice(job_id=second.id, version=1, status=JobStatus.PENDING, account_id="acct")]
+
+
 async def test_a_transactions_notices_share_notifies_under_postgresqls_size_limit(database_url: str) -> None:
     # One NOTIFY per job was a message to every listening process and a callback in each; now a
     # transaction's notices go NOTICES_PER_NOTIFY to a payload, one per line, the longest under 8000 bytes.
