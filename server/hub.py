@@ -147,7 +147,7 @@ class EventHub:
 
         A subscription registers before it reads what it has missed, so a notice skipped while this was
         false concerned nobody. It spares an API process nobody watches the decoding of every replica's
-        notices (1% of a submit's instructions).
+        notices (3.4 µs per job).
         """
         return self._on_notices is not None or bool(self._by_job) or bool(self._by_account)
 

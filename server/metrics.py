@@ -241,8 +241,8 @@ class GrpcMetrics:
     minutes says nothing about latency, and would drown the signal.
 
     The metrics wrap the server's generic handlers (`measured`) rather than intercept calls: grpc.aio runs
-    its interceptors per call as a chain of coroutines before it looks the handler up, which cost 2% of a
-    submit's instructions for what is, per method, the same wrapped handler every time.
+    its interceptors per call, as a chain of coroutines before it looks the handler up, for what is per
+    method the same wrapped handler every time.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
