@@ -10,6 +10,13 @@ Figures: RPC/s at saturation (closed loop) and its p50/p99, then p99 in an open 
 server's own maximum, latency counted from each call's scheduled start. Server CPU per call is read from
 /proc for both.
 
+The saturated windows alternate between the two servers, in ROUNDS rounds whose order alternates too
+(echo first, then the service first, ...), each server's figures summed over its windows. On a shared
+machine the speed of the cores drifts by tens of percent within a minute; measured one after the other,
+the echo's window and the service's fell in different moments of that drift, and the ratio of one run
+ranged 0.45-0.79x for the same code. The ratio of each round is kept in the details, so a reader sees the
+spread inside the run.
+
 At half rate the service's own `grpc_server_handling_seconds` histogram (read from its /metrics before and
 after) tells how many of the calls spent 10 ms or less inside the handler, against how many the client saw
 answered in 10 ms: the difference is time spent before the handler ran or after it returned.
@@ -28,7 +35,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import grpc
@@ -70,6 +77,8 @@ class Sizes:
 FULL = Sizes()
 # long enough that a loaded machine still completes calls in each window (a NaN would fail the smoke test)
 QUICK = Sizes(concurrency=8, warmup_s=0.2, duration_s=1.0, half_rate_s=1.0, busy_s=0.5)
+#: saturated windows per server, alternating with the other server's (the duration is split between them)
+ROUNDS = 3
 #: how long a callback spins in every loop iteration of the busy echoes (`bench._baselines --busy-us`)
 BUSY_LOOP_US = (300, 1000)
 #: the half-rate latency target, and a bucket of the service's RPC latency histogram
@@ -78,13 +87,20 @@ WITHIN_S = 0.01
 
 @dataclass
 class _Measured:
-    saturated: LoadResult
-    half: LoadResult
-    cpu_per_call_s: float
-    client_cpu_per_call_s: float
-    database_cpu_per_call_s: float
+    saturated: LoadResult = field(default_factory=LoadResult)
+    half: LoadResult = field(default_factory=LoadResult)
+    cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    database_cpu_s: float = 0.0
+    #: calls completed over the saturated windows, as /proc's CPU counts them (the whole window's)
+    calls: float = 0.0
+    #: each saturated window's RPC/s, in order
+    window_rates: list[float] = field(default_factory=list)
     #: at half rate, the share of calls whose handler took WITHIN_S or less (the service's histogram)
     half_handled_within: float = math.nan
+
+    def per_call(self, seconds: float) -> float:
+        return seconds / self.calls if self.calls else math.nan
 
 
 def _generate(stub: pb_grpc.ImageGenerationStub) -> Callable[[], Awaitable[object]]:
@@ -97,27 +113,73 @@ def _generate(stub: pb_grpc.ImageGenerationStub) -> Callable[[], Awaitable[objec
     return call
 
 
-async def _measure(ctx: RunContext, child: Child, sizes: Sizes, *, profile: str = "") -> _Measured:
-    async with grpc.aio.insecure_channel(child.info["grpc_target"]) as channel:
-        call = _generate(pb_grpc.ImageGenerationStub(channel))
-        await closed_loop(call, concurrency=sizes.concurrency, warmup_s=0, duration_s=sizes.warmup_s / 2)
-        sampler = Sampler(child)
-        client0, database0 = time.process_time(), database_cpu_seconds()
-        async with ctx.profiling(child, profile) if profile else contextlib.nullcontext():
-            saturated = await closed_loop(
-                call, concurrency=sizes.concurrency, warmup_s=sizes.warmup_s / 2, duration_s=sizes.duration_s
+async def _measure(
+    ctx: RunContext, echo: Child, server: Child, sizes: Sizes, *, profile: str = ""
+) -> tuple[_Measured, _Measured]:
+    """Both servers saturated in alternating windows, then each at half of its own maximum."""
+    async with (
+        grpc.aio.insecure_channel(echo.info["grpc_target"]) as echo_channel,
+        grpc.aio.insecure_channel(server.info["grpc_target"]) as server_channel,
+    ):
+        bare = _Target(echo, _generate(pb_grpc.ImageGenerationStub(echo_channel)))
+        real = _Target(server, _generate(pb_grpc.ImageGenerationStub(server_channel)))
+        for target in (bare, real):
+            await closed_loop(
+                target.call, concurrency=sizes.concurrency, warmup_s=0, duration_s=sizes.warmup_s / 2
             )
-        cpu = sampler.cpu()
-        client, database = time.process_time() - client0, database_cpu_seconds() - database0
-        calls = saturated.rate * sampler.elapsed()
-        metrics_url = f"{child.info['http_url']}/metrics" if "http_url" in child.info else ""
-        before = await _handled_within(metrics_url)
-        half = await open_loop(call, rate=max(1.0, saturated.rate / 2), duration_s=sizes.half_rate_s)
-        after = await _handled_within(metrics_url)
-    per_call = (lambda seconds: seconds / calls) if calls else (lambda seconds: math.nan)
+        async with ctx.profiling(server, profile) if profile else contextlib.nullcontext():
+            for round_ in range(ROUNDS):
+                for target in (bare, real) if round_ % 2 == 0 else (real, bare):
+                    await _saturate(target, sizes)
+        for target in (bare, real):
+            await _half_rate(target, sizes)
+    return bare.measured, real.measured
+
+
+@dataclass
+class _Target:
+    """A server under load, its call, and what was measured of it so far."""
+
+    child: Child
+    call: Callable[[], Awaitable[object]]
+    measured: _Measured = field(default_factory=_Measured)
+
+
+async def _saturate(target: _Target, sizes: Sizes) -> None:
+    """One closed-loop window, added to the target's figures."""
+    sampler = Sampler(target.child)
+    client0, database0 = time.process_time(), database_cpu_seconds()
+    window = await closed_loop(
+        target.call,
+        concurrency=sizes.concurrency,
+        warmup_s=sizes.warmup_s / 2,
+        duration_s=sizes.duration_s / ROUNDS,
+    )
+    into = target.measured
+    into.cpu_s += sampler.cpu()
+    into.client_cpu_s += time.process_time() - client0
+    into.database_cpu_s += database_cpu_seconds() - database0
+    into.calls += window.rate * sampler.elapsed()
+    into.window_rates.append(window.rate)
+    total = into.saturated
+    total.completed += window.completed
+    total.window_s += window.window_s
+    total.latencies += window.latencies
+    for code, count in window.errors.items():
+        total.errors[code] = total.errors.get(code, 0) + count
+
+
+async def _half_rate(target: _Target, sizes: Sizes) -> None:
+    """An open loop at half the target's saturated rate, with its handlers' share within WITHIN_S."""
+    into = target.measured
+    metrics_url = f"{target.child.info['http_url']}/metrics" if "http_url" in target.child.info else ""
+    before = await _handled_within(metrics_url)
+    into.half = await open_loop(
+        target.call, rate=max(1.0, into.saturated.rate / 2), duration_s=sizes.half_rate_s
+    )
+    after = await _handled_within(metrics_url)
     handled = after[1] - before[1]
-    within = (after[0] - before[0]) / handled if handled else math.nan
-    return _Measured(saturated, half, per_call(cpu), per_call(client), per_call(database), within)
+    into.half_handled_within = (after[0] - before[0]) / handled if handled else math.nan
 
 
 async def _handled_within(metrics_url: str) -> tuple[float, float]:
@@ -160,8 +222,7 @@ async def run(ctx: RunContext) -> ScenarioResult:
         started.append(echo)
         server = await start_server("submit-server", ctx, role="api")
         started.append(server)
-        bare = await _measure(ctx, echo, sizes)
-        real = await _measure(ctx, server, sizes, profile=NAME)
+        bare, real = await _measure(ctx, echo, server, sizes, profile=NAME)
         busy_echo = {}
         for busy_us in BUSY_LOOP_US:
             async with children() as busy_started:
@@ -212,17 +273,17 @@ async def run(ctx: RunContext) -> ScenarioResult:
         Figure(
             NAME,
             "server CPU per call",
-            round(real.cpu_per_call_s * 1e6, 1),
+            round(real.per_call(real.cpu_s) * 1e6, 1),
             "µs",
-            baseline=round(bare.cpu_per_call_s * 1e6, 1),
+            baseline=round(bare.per_call(bare.cpu_s) * 1e6, 1),
             baseline_label=label,
         ),
         Figure(
             NAME,
             "client + PostgreSQL CPU per call",
-            round((real.client_cpu_per_call_s + real.database_cpu_per_call_s) * 1e6, 1),
+            round((real.per_call(real.client_cpu_s) + real.per_call(real.database_cpu_s)) * 1e6, 1),
             "µs",
-            baseline=round((bare.client_cpu_per_call_s + bare.database_cpu_per_call_s) * 1e6, 1),
+            baseline=round((bare.per_call(bare.client_cpu_s) + bare.per_call(bare.database_cpu_s)) * 1e6, 1),
             baseline_label=label,
         ),
     ]
@@ -257,6 +318,12 @@ async def run(ctx: RunContext) -> ScenarioResult:
         "concurrency": sizes.concurrency,
         "window_s": sizes.duration_s,
         "half_rate_window_s": sizes.half_rate_s,
+        "rounds": ROUNDS,
+        # each round's service RPC/s over the echo's in the same round: the spread inside this run
+        "round_ratios": [
+            round(served / bare_rate, 3) if bare_rate else None
+            for served, bare_rate in zip(real.window_rates, bare.window_rates, strict=True)
+        ],
         "server": _describe(real),
         "echo": _describe(bare),
     }
@@ -279,8 +346,8 @@ def _describe(measured: _Measured) -> dict[str, object]:
         "half_rate_p99_ms": ms(percentile(half.latencies, 0.99)),
         "half_rate_max_ms": ms(max(half.latencies, default=float("nan"))),
         "half_rate_errors": half.errors,
-        "cpu_per_call_us": round(measured.cpu_per_call_s * 1e6, 1),
+        "cpu_per_call_us": round(measured.per_call(measured.cpu_s) * 1e6, 1),
         # the whole machine's cost of a call: the load generator's and PostgreSQL's (the echo has none)
-        "client_cpu_per_call_us": round(measured.client_cpu_per_call_s * 1e6, 1),
-        "database_cpu_per_call_us": round(measured.database_cpu_per_call_s * 1e6, 1),
+        "client_cpu_per_call_us": round(measured.per_call(measured.client_cpu_s) * 1e6, 1),
+        "database_cpu_per_call_us": round(measured.per_call(measured.database_cpu_s) * 1e6, 1),
     }
