@@ -92,7 +92,7 @@ class _Measured:
     cpu_s: float = 0.0
     client_cpu_s: float = 0.0
     database_cpu_s: float = 0.0
-    #: calls completed over the saturated windows, as /proc's CPU counts them (the whole window's)
+    #: calls over the time the CPU was sampled (each window with its warm-up), at the window's rate
     calls: float = 0.0
     #: each saturated window's RPC/s, in order
     window_rates: list[float] = field(default_factory=list)
@@ -111,6 +111,15 @@ def _generate(stub: pb_grpc.ImageGenerationStub) -> Callable[[], Awaitable[objec
         return await stub.GenerateImage(request, timeout=10)
 
     return call
+
+
+@dataclass
+class _Target:
+    """A server under load, its call, and what was measured of it so far."""
+
+    child: Child
+    call: Callable[[], Awaitable[object]]
+    measured: _Measured = field(default_factory=_Measured)
 
 
 async def _measure(
@@ -134,15 +143,6 @@ async def _measure(
         for target in (bare, real):
             await _half_rate(target, sizes)
     return bare.measured, real.measured
-
-
-@dataclass
-class _Target:
-    """A server under load, its call, and what was measured of it so far."""
-
-    child: Child
-    call: Callable[[], Awaitable[object]]
-    measured: _Measured = field(default_factory=_Measured)
 
 
 async def _saturate(target: _Target, sizes: Sizes) -> None:
