@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -36,6 +40,7 @@ from storage.jobs import (
     _GroupCommit,
     job_from_json,
     job_to_json,
+    thread_runnable_time,
 )
 from storage.listener import PgListener
 from storage.models import (
@@ -819,16 +824,45 @@ async def test_a_write_submitted_while_the_connection_goes_back_is_written() -> 
     assert writes.batches == [[1], [2]] and held.released == 2
 
 
-def test_thread_load_is_cpu_time_over_wall_time_per_period() -> None:
-    wall, cpu = [100.0], [7.0]
-    load = ThreadLoad(period_s=0.05, wall_clock=lambda: wall[0], cpu_clock=lambda: cpu[0])
+def test_thread_load_is_runnable_time_over_wall_time_per_period() -> None:
+    wall, busy = [100.0], [7.0]
+    load = ThreadLoad(period_s=0.05, wall_clock=lambda: wall[0], busy_clock=lambda: busy[0])
     assert load.share() == 0.0  # the first question starts the first period
     wall[0] += 0.04
-    cpu[0] += 0.04
+    busy[0] += 0.04
     assert load.share() == 0.0  # not a full period yet
     wall[0] += 0.06
-    cpu[0] += 0.05
+    busy[0] += 0.05
     assert load.share() == pytest.approx(0.9)
     wall[0] += 1.0
-    cpu[0] += 0.1
+    busy[0] += 0.1
     assert load.share() == pytest.approx(0.1)
+
+
+def test_a_thread_counts_as_busy_while_it_waits_for_a_core_and_idle_while_it_sleeps() -> None:
+    if not os.path.exists("/proc/thread-self/schedstat"):
+        pytest.skip("the scheduler's per-thread times are Linux's")
+    before = thread_runnable_time()
+    time.sleep(0.2)
+    assert thread_runnable_time() - before < 0.05
+
+    # This thread and a spinning process share one core: each runs about half the time.
+    core = min(os.sched_getaffinity(0))
+    allowed = os.sched_getaffinity(0)
+    spin = f"import os\nos.sched_setaffinity(0, {{{core}}})\nprint(flush=True)\nwhile True: pass"
+    with subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE) as spinner:
+        try:
+            assert spinner.stdout is not None and spinner.stdout.readline() == b"\n"  # it spins on the core
+            os.sched_setaffinity(0, {core})  # this thread only
+            try:
+                wall0, cpu0, busy0 = time.monotonic(), time.thread_time(), thread_runnable_time()
+                while time.monotonic() - wall0 < 0.5:
+                    pass
+                wall = time.monotonic() - wall0
+                cpu, busy = time.thread_time() - cpu0, thread_runnable_time() - busy0
+            finally:
+                os.sched_setaffinity(0, allowed)
+        finally:
+            spinner.kill()
+    assert cpu / wall < 0.8  # it shared the core
+    assert busy / wall > 0.9  # and was runnable throughout
