@@ -258,6 +258,7 @@ async def running_app(
         hub = EventHub(
             store,
             poll_interval_s=settings.poll_interval_s,
+            heartbeat_s=settings.watch_heartbeat_s,
             on_notices=worker.observe if worker is not None else None,
         )
         store.set_on_commit(hub.notify)
@@ -305,7 +306,6 @@ async def running_app(
                     metrics,
                     reference_allow=parse_networks(settings.reference_allow_networks),
                     deadline_s=settings.job_deadline_s,
-                    heartbeat_s=settings.watch_heartbeat_s,
                     auth=authenticator,
                     admission=Admission(
                         max_pending=settings.max_pending_jobs,

@@ -5,7 +5,9 @@ single dispatcher task drains them, reads the new event rows of each job somebod
 and hands each event to the interested subscriptions. A periodic catch-up re-reads the versions of
 watched jobs, so a lost notification delays an event by at most one poll interval and never loses it.
 Subscriptions themselves enforce order: a WatchJob stream that sees a version gap reads the gap from
-the store (see `server.servicer`).
+the store (see `server.servicer`). A stream that has had nothing to send for a heartbeat interval is
+handed a heartbeat (None) by one sweep over all subscriptions, rather than each stream arming a timer
+around every wait.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 CATCH_UP_MARGIN = timedelta(seconds=10)
 #: how many (job → version dispatched) entries the hub remembers
 REMEMBERED_JOBS = 100_000
+#: heartbeat sweeps per heartbeat interval: a quiet stream's heartbeat comes 1 to 1.25 intervals late
+HEARTBEAT_SWEEPS = 4
 
 
 class Closed:
@@ -51,8 +56,11 @@ class Subscription:
     started: datetime = field(default_factory=utcnow)
     #: the newest version this stream has sent (WatchJob keeps it), so a catch-up can skip what it has
     seen_version: int = 0
-    queue: asyncio.Queue[JobEvent | Closed] = field(default_factory=asyncio.Queue)
+    #: events, then a Closed that ends the stream; None is a heartbeat
+    queue: asyncio.Queue[JobEvent | Closed | None] = field(default_factory=asyncio.Queue)
     _closed: bool = False
+    #: when something was last queued (time.monotonic), or the subscription made
+    _last_offered: float = field(default_factory=time.monotonic)
 
     def wants(self, event: JobEvent) -> bool:
         """Whether this event belongs on this stream."""
@@ -76,7 +84,19 @@ class Subscription:
         elif self.max_queued and self.queue.qsize() >= self.max_queued:
             self._closed = True
             item = Closed("watcher fell too far behind; reconnect", overflow=True)
+        self._last_offered = time.monotonic()
         self.queue.put_nowait(item)
+
+    def heartbeat_if_quiet(self, quiet_since: float) -> None:
+        """Queue a heartbeat if nothing was queued since `quiet_since` and nothing waits to be sent.
+
+        A stream whose queue holds anything has something to send, so heartbeats never pile up behind a
+        stream that is not being read.
+        """
+        if self._closed or self._last_offered > quiet_since or not self.queue.empty():
+            return
+        self._last_offered = time.monotonic()
+        self.queue.put_nowait(None)
 
 
 class EventHub:
@@ -87,10 +107,12 @@ class EventHub:
         store: SqlJobStore,
         *,
         poll_interval_s: float,
+        heartbeat_s: float | None = None,
         on_notices: Callable[[Sequence[JobNotice]], None] | None = None,
     ) -> None:
         self._store = store
         self._poll_interval_s = poll_interval_s
+        self._heartbeat_s = heartbeat_s
         self._on_notices = on_notices
         self._by_job: dict[uuid.UUID, set[Subscription]] = defaultdict(set)
         self._by_account: dict[str, set[Subscription]] = defaultdict(set)
@@ -104,11 +126,14 @@ class EventHub:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Run the dispatcher and the periodic catch-up."""
+        """Run the dispatcher, the periodic catch-up and, with `heartbeat_s`, the heartbeats."""
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="hub-dispatch"),
             asyncio.create_task(self._catch_up_loop(), name="hub-catch-up"),
         ]
+        if self._heartbeat_s:
+            beats = self._heartbeat_loop(self._heartbeat_s)
+            self._tasks.append(asyncio.create_task(beats, name="hub-heartbeat"))
 
     async def close(self, reason: str = "server shutting down") -> None:
         """End every subscription (streams answer UNAVAILABLE) and stop."""
@@ -199,6 +224,18 @@ class EventHub:
             await asyncio.sleep(self._poll_interval_s)
             self._catch_up_requested = True
             self._wake.set()
+
+    async def _heartbeat_loop(self, heartbeat_s: float) -> None:
+        """Hand a heartbeat to every stream that has had nothing to send for `heartbeat_s`.
+
+        One sweep serves every stream. A timer armed around each stream's wait (`asyncio.timeout`) cost
+        5 µs per event per stream, timed alone: a tenth of the delivery of one event to 1,000 streams.
+        """
+        while True:
+            await asyncio.sleep(heartbeat_s / HEARTBEAT_SWEEPS)
+            quiet_since = time.monotonic() - heartbeat_s
+            for subscription in self._all_subscriptions():
+                subscription.heartbeat_if_quiet(quiet_since)
 
     async def _catch_up(self) -> None:
         since = self._last_catch_up - CATCH_UP_MARGIN

@@ -102,7 +102,6 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         metrics: ServiceMetrics,
         *,
         deadline_s: float,
-        heartbeat_s: float,
         admission: Admission | None = None,
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
@@ -113,7 +112,6 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._providers = providers
         self._metrics = metrics
         self._deadline_s = deadline_s
-        self._heartbeat_s = heartbeat_s
         self._admission = admission or Admission()
         self._auth = auth or Authenticator.local()
         self._reference_allow = tuple(reference_allow)
@@ -294,7 +292,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                         raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, "no events to resume from")
             subscription.seen_version = last.version
             while not last.status.terminal:
-                item = await self._next(subscription)
+                item = await subscription.queue.get()
                 if item is None:
                     yield event_to_pb(_snapshot(last, EventKind.HEARTBEAT), self._signer)
                     continue
@@ -329,7 +327,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         with self._hub.subscribe(subscription), self._counted("WatchJobs"):
             await context.send_initial_metadata(())  # the caller knows the watch is live
             while True:
-                item = await self._next(subscription)
+                item = await subscription.queue.get()
                 if item is None:
                     yield pb.JobEvent(kind=pb.JOB_EVENT_KIND_HEARTBEAT, event_time=timestamp(utcnow()))
                 elif isinstance(item, Closed):
@@ -343,14 +341,6 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
     def _account(self, context: Context) -> str:
         """The account the call acts for, as its credentials allow."""
         return self._auth.account(context.invocation_metadata() or ())
-
-    async def _next(self, subscription: Subscription) -> JobEvent | Closed | None:
-        """The next queued item, or None after a heartbeat interval of silence."""
-        try:
-            async with asyncio.timeout(self._heartbeat_s):
-                return await subscription.queue.get()
-        except TimeoutError:
-            return None
 
     def _counted(self, method: str) -> _StreamGauge:
         return _StreamGauge(self._metrics, method)

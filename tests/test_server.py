@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server.app import App
 from server.files import UrlSigner
-from server.hub import EventHub, Subscription
+from server.hub import Closed, EventHub, Subscription
 from server.settings import Settings, SettingsError
 from storage.db import make_engine
 from storage.jobs import SqlJobStore
@@ -211,6 +211,25 @@ async def test_the_hub_wants_notices_while_a_stream_is_open_or_a_worker_listens(
     finally:
         await store.close()
         await engine.dispose()
+
+
+def test_a_subscription_gets_a_heartbeat_once_quiet_and_never_two_queued() -> None:
+    subscription = Subscription(account_id="acct", job_id=uuid.uuid4())
+    made = time.monotonic()
+    subscription.heartbeat_if_quiet(quiet_since=made - 1.0)  # made after that: not quiet for long enough
+    assert subscription.queue.empty()
+    subscription.heartbeat_if_quiet(quiet_since=time.monotonic())
+    assert subscription.queue.get_nowait() is None  # a heartbeat
+    subscription.heartbeat_if_quiet(quiet_since=made)  # the heartbeat counts as something sent
+    assert subscription.queue.empty()
+    for _ in range(3):  # a stream that is not read gets one, not one per sweep
+        subscription.heartbeat_if_quiet(quiet_since=time.monotonic())
+    assert subscription.queue.qsize() == 1
+    subscription.queue.get_nowait()
+    subscription.offer(Closed("server shutting down"))
+    assert isinstance(subscription.queue.get_nowait(), Closed)
+    subscription.heartbeat_if_quiet(quiet_since=time.monotonic())  # an ended stream gets nothing more
+    assert subscription.queue.empty()
 
 
 @pytest.mark.parametrize("told", ["both, with no dispatch between", "only the second"])
