@@ -229,7 +229,8 @@ class EventHub:
         """Hand a heartbeat to every stream that has had nothing to send for `heartbeat_s`.
 
         One sweep serves every stream. A timer armed around each stream's wait (`asyncio.timeout`) cost
-        5 µs per event per stream, timed alone: a tenth of the delivery of one event to 1,000 streams.
+        5 µs per event per stream, timed alone: 5 ms of the 60-70 ms one event took to reach 1,000
+        streams, 50 ms of the 1.1 s to reach 10,000.
         """
         while True:
             await asyncio.sleep(heartbeat_s / HEARTBEAT_SWEEPS)
