@@ -21,6 +21,7 @@ STATUS_TO_PB = {
     JobStatus.FAILED: pb.JOB_STATUS_FAILED,
     JobStatus.CANCELLED: pb.JOB_STATUS_CANCELLED,
 }
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 STATUS_FROM_PB = {value: key for key, value in STATUS_TO_PB.items()}
 FORMAT_TO_PB = {"png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG, "webp": pb.OUTPUT_FORMAT_WEBP}
 KIND_TO_PB = {
@@ -28,9 +29,6 @@ KIND_TO_PB = {
     EventKind.TRANSITION: pb.JOB_EVENT_KIND_TRANSITION,
     EventKind.HEARTBEAT: pb.JOB_EVENT_KIND_HEARTBEAT,
 }
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
