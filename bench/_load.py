@@ -33,6 +33,14 @@ class LoadResult:
         code = error.code().name if isinstance(error, grpc.aio.AioRpcError) else type(error).__name__
         self.errors[code] = self.errors.get(code, 0) + 1
 
+    def add(self, other: LoadResult) -> None:
+        """Count another window's calls as this one's (its rate is then over both windows)."""
+        self.completed += other.completed
+        self.window_s += other.window_s
+        self.latencies += other.latencies
+        for code, count in other.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + count
+
 
 async def closed_loop(call: Call, *, concurrency: int, warmup_s: float, duration_s: float) -> LoadResult:
     """`concurrency` callers, each issuing its next call when the previous one answers.

@@ -161,12 +161,7 @@ async def _saturate(target: _Target, sizes: Sizes) -> None:
     into.database_cpu_s += database_cpu_seconds() - database0
     into.calls += window.rate * sampler.elapsed()
     into.window_rates.append(window.rate)
-    total = into.saturated
-    total.completed += window.completed
-    total.window_s += window.window_s
-    total.latencies += window.latencies
-    for code, count in window.errors.items():
-        total.errors[code] = total.errors.get(code, 0) + count
+    into.saturated.add(window)
 
 
 async def _half_rate(target: _Target, sizes: Sizes) -> None:
