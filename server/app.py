@@ -40,8 +40,9 @@ from server.worker import Worker, WorkerPolicy
 from storage import migrate
 from storage.blobs import LocalBlobStore
 from storage.db import is_postgres, make_engine
-from storage.jobs import ConcurrencyCap, SqlJobStore
+from storage.jobs import SqlJobStore
 from storage.listener import PgListener
+from storage.port import ConcurrencyCap, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class App:
     settings: Settings
     grpc_port: int
     http_port: int
-    store: SqlJobStore
+    store: JobStore
     hub: EventHub
     worker: Worker | None
     registry: CollectorRegistry

@@ -19,8 +19,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from storage.errors import StorageError
-from storage.jobs import SqlJobStore
 from storage.models import Job, JobStatus, utcnow
+from storage.port import StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +451,7 @@ def _code_name(code: Any) -> str:
 class QueueSampler:
     """Reads the queue's size and age from the database into gauges, periodically (one small query)."""
 
-    def __init__(self, store: SqlJobStore, metrics: ServiceMetrics, *, interval_s: float) -> None:
+    def __init__(self, store: StoreHealth, metrics: ServiceMetrics, *, interval_s: float) -> None:
         self._store, self._metrics, self._interval_s = store, metrics, interval_s
         #: pending jobs at the last sample (backpressure reads it rather than counting per submit)
         self.pending = 0

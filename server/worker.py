@@ -31,8 +31,8 @@ from providers.imaging import FittedImage, fit_image
 from server.metrics import ServiceMetrics
 from storage.blobs import LocalBlobStore, attempt_prefix, image_key
 from storage.errors import LeaseLost, StorageError, StoreUnavailable
-from storage.jobs import Claim, ConcurrencyCap, Fence, SqlJobStore
 from storage.models import Job, JobError, JobNotice, JobStatus, StoredImage, utcnow
+from storage.port import Claim, ConcurrencyCap, Fence, JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class WorkerPolicy:
 class _Checkpoint:
     """providers.base.Checkpoint backed by the job row, fenced like every other write of the attempt."""
 
-    def __init__(self, store: SqlJobStore, fence: Fence) -> None:
+    def __init__(self, store: JobQueue, fence: Fence) -> None:
         self._store, self._fence = store, fence
 
     async def save(self, state: Mapping[str, Any]) -> None:
@@ -71,7 +71,7 @@ class Worker:
 
     def __init__(
         self,
-        store: SqlJobStore,
+        store: JobQueue,
         blobs: LocalBlobStore,
         providers: Mapping[str, ImageProvider],
         metrics: ServiceMetrics,
