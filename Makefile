@@ -71,7 +71,7 @@ check-protos: $(STAMP)  ## fail when the committed generated code differs from w
 	{ echo "server/_gen is stale: run 'make protos' and commit the result"; exit 1; }
 
 sandbox: $(STAMP)  ## run the vendor sandbox alone (prints its base URL)
-	$(PY) -m providers.sandbox --host 127.0.0.1 --port 8090
+	$(PY) -m sandbox --host 127.0.0.1 --port 8090
 
 clean:  ## remove the virtualenv and local data
 	rm -rf $(VENV) var

@@ -49,7 +49,7 @@ from bench._harness import (
     start_server,
 )
 from providers.imaging import fit_image
-from providers.sandbox.drawing import draw_placeholder
+from sandbox.drawing import draw_placeholder
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from storage.blobs import LocalBlobStore

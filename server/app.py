@@ -25,7 +25,7 @@ from providers.catalog import CATALOG
 from providers.gemini import GeminiProvider
 from providers.openai import OpenAIProvider
 from providers.references import PublicOnlyConnector, parse_networks
-from providers.sandbox import Sandbox
+from sandbox import Sandbox
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.auth import LOCAL_ACCOUNT, Authenticator
 from server.files import UrlSigner, signing_key

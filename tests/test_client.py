@@ -30,7 +30,7 @@ from client import (
     Unauthenticated,
     Unavailable,
 )
-from providers.sandbox import Sandbox
+from sandbox import Sandbox
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app

@@ -69,7 +69,7 @@ async def _start_sandbox(tmp: Path, *, latency_s: float) -> tuple[Process, str]:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "providers.sandbox",
+            "sandbox",
             "--host",
             "127.0.0.1",
             "--port",
