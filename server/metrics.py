@@ -18,6 +18,7 @@ import aiohttp
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from providers.vendors import endpoint_of
 from storage.errors import StorageError
 from storage.models import Job, JobStatus, utcnow
 from storage.port import StoreHealth
@@ -213,25 +214,6 @@ class ServiceMetrics:
         config.on_request_end.append(on_headers)
         config.on_request_exception.append(on_exception)
         return config
-
-
-#: vendor API paths, matched by suffix, to a bounded endpoint label; anything else is a file download
-_ENDPOINTS = (
-    ("/v1/flux-2-pro", "submit"),
-    ("/v1/get_result", "poll"),
-    ("/v1/images/generations", "generations"),
-    ("/v1/images/edits", "edits"),
-    ("/api/v3/images/generations", "generations"),
-    (":generateContent", "generate_content"),
-)
-
-
-def endpoint_of(path: str) -> str:
-    """The endpoint label of a vendor URL path."""
-    for suffix, name in _ENDPOINTS:
-        if path.endswith(suffix):
-            return name
-    return "download"
 
 
 class GrpcMetrics:
