@@ -56,8 +56,8 @@ from bench._harness import (
     start_server,
 )
 from bench._load import LoadResult, closed_loop, open_loop
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
 NAME = "submit"
 

@@ -18,12 +18,12 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.base import ImageProvider
 from providers.catalog import CATALOG
 from providers.references import PublicOnlyConnector, parse_networks
 from providers.vendors import VENDORS
 from sandbox import Sandbox
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.auth import LOCAL_ACCOUNT, Authenticator
 from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2 as pb
 from storage import migrate
 from storage.errors import StoreUnavailable
 from storage.port import StoreHealth
