@@ -90,6 +90,7 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         "create_time": created,
         "update_time": created,
         "next_attempt_at": created,
+        "callback_url": job.callback_url or None,
     }
 
 
@@ -125,6 +126,7 @@ def job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "reserved_usd_micros": job.reserved_usd_micros,
         "create_time": job.create_time,
         "update_time": job.update_time,
+        "callback_url": job.callback_url or None,
     }
 
 
@@ -259,4 +261,5 @@ def event_from_row(row: Row[Any]) -> JobEvent:
         previous_status=JobStatus(previous) if previous else None,
         event_time=m["event_time"],
         message=m["message"],
+        sequence=m["sequence"] or 0,
     )

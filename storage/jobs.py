@@ -51,6 +51,7 @@ from storage.port import Claim, ConcurrencyCap, Fence, JobFilter, PageCursor, Qu
 from storage.postgres_sql import NOTIFY_CHANNEL
 from storage.reads import JobReads
 from storage.schema import jobs
+from storage.stream import EventStream
 
 # What server, bench and tests import from here, wherever it now lives.
 __all__ = [
@@ -73,7 +74,7 @@ __all__ = [
 ]
 
 
-class SqlJobStore(JobReads, Budgets):
+class SqlJobStore(JobReads, Budgets, EventStream):
     """Jobs and their events in PostgreSQL or SQLite (`storage.port.JobStore`)."""
 
     def __init__(
@@ -137,6 +138,7 @@ class SqlJobStore(JobReads, Budgets):
             deadline_at=now + timedelta(seconds=new.deadline_s),
             next_attempt_at=now,
             message="accepted",
+            callback_url=new.callback_url,
         )
         return await self._creates.submit(Submit(job=job, request_hash=spec_hash(new.spec)))
 

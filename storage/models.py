@@ -136,6 +136,8 @@ class NewJob:
     request_id: str = ""
     #: how long the job may take overall, from its creation
     deadline_s: float = 300.0
+    #: where its terminal event is posted as a webhook ("" for nowhere)
+    callback_url: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,6 +169,8 @@ class Job:
     provider_state: Mapping[str, Any] | None = None
     #: the message of the latest transition
     message: str = ""
+    #: where its terminal event is posted (as created; not read back, the outbox trigger reads the row)
+    callback_url: str = ""
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with some fields changed."""
@@ -191,6 +195,8 @@ class JobEvent:
     event_time: datetime
     message: str = ""
     kind: EventKind = EventKind.TRANSITION
+    #: its place in the account stream (0: not numbered yet, see `storage.stream`)
+    sequence: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

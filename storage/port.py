@@ -164,6 +164,14 @@ class JobQueue(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class StreamHead:
+    """The newest sequence given, and the newest one dropped by retention (0: none dropped)."""
+
+    last_sequence: int
+    pruned_through: int
+
+
 class JobEvents(Protocol):
     """The watcher side: events, versions and changes, and who is told about commits in this process."""
 
@@ -187,6 +195,24 @@ class JobEvents(Protocol):
 
     def set_on_commit(self, callback: Callable[[Sequence[JobNotice]], None] | None) -> None:
         """Who is told, in this process, about each committed transition."""
+        ...
+
+    async def sequence_events(self) -> int:
+        """Number the committed events that have no sequence yet; the newest sequence given."""
+        ...
+
+    async def stream_head(self) -> StreamHead:
+        """The newest sequence given and the newest one dropped by retention."""
+        ...
+
+    async def stream_events(
+        self, account_id: str, *, after_sequence: int, limit: int = ...
+    ) -> list[JobEvent]:
+        """The account's numbered events after `after_sequence`, in order."""
+        ...
+
+    async def prune_events(self, before: datetime) -> int:
+        """Drop events older than `before`; how many."""
         ...
 
 

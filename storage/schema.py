@@ -83,6 +83,8 @@ jobs = Table(
     Column("reference_image_urls", Json, nullable=False),
     Column("provider_options", Json, nullable=False),
     Column("labels", Json, nullable=False),
+    # where a terminal event is posted as a webhook (NULL: nowhere); the outbox trigger reads it
+    Column("callback_url", Text, nullable=True),
     # the queue
     Column("next_attempt_at", UtcDateTime, nullable=True),
     Column("deadline_at", UtcDateTime, nullable=False),
@@ -144,7 +146,93 @@ job_events = Table(
     Column("event_time", UtcDateTime, nullable=False),
     # the whole job as of this version, so a resumed watch replays exactly what happened
     Column("snapshot", Json, nullable=False),
+    # the account stream's order, given once the event is committed (`storage.stream`); NULL until then
+    Column("sequence", BigInteger, nullable=True),
     Index("uq_job_events_job_version", "job_id", "version", unique=True),
+    # WatchJobs resumes by sequence within an account; the sequencer finds what it has not numbered yet
+    Index(
+        "ix_job_events_account_sequence",
+        "account_id",
+        "sequence",
+        postgresql_where=text("sequence IS NOT NULL"),
+        sqlite_where=text("sequence IS NOT NULL"),
+    ),
+    Index(
+        "ix_job_events_unsequenced",
+        "id",
+        postgresql_where=text("sequence IS NULL"),
+        sqlite_where=text("sequence IS NULL"),
+    ),
+)
+
+#: one row: the last sequence given; its row lock serialises the sequencer across replicas
+event_sequencer = Table(
+    "event_sequencer",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("last_sequence", BigInteger, nullable=False),
+    # events at or below this sequence were dropped by retention (resuming before it is OUT_OF_RANGE)
+    Column("pruned_through", BigInteger, nullable=False, server_default=text("0")),
+)
+
+#: an account's webhook signing secret, and the previous one while a rotation overlaps
+webhook_secrets = Table(
+    "webhook_secrets",
+    metadata,
+    Column("account_id", String(128), primary_key=True),
+    Column("secret", String(128), nullable=False),
+    Column("previous_secret", String(128), nullable=True),
+    Column("previous_expires_at", UtcDateTime, nullable=True),
+    Column("update_time", UtcDateTime, nullable=False),
+)
+
+#: where an account's job events are posted
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(128), nullable=False),
+    Column("url", Text, nullable=False),
+    # the statuses it wants, comma-separated with commas around (",completed,failed,")
+    Column("events", String(128), nullable=False),
+    Column("enabled", Boolean, nullable=False, server_default=text("true")),
+    Column("disabled_reason", Text, nullable=False, server_default=""),
+    Column("create_time", UtcDateTime, nullable=False),
+    Index("ix_webhook_endpoints_account_id", "account_id"),
+)
+
+#: the outbox: one row per (event, target), written by a trigger in the transaction of the event
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    # the webhook-id: stable across retries
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(128), nullable=False),
+    # an endpoint's delivery, or (NULL) one to the job's callback_url
+    Column("endpoint_id", String(40), nullable=True),
+    Column("url", Text, nullable=True),
+    Column("job_id", Uuid, nullable=False),
+    Column("job_version", BigInteger, nullable=False),
+    Column("event_type", String(32), nullable=False),
+    # pending | delivered | failed
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # when it is due; while a replica holds it, when that replica's lease ends
+    Column("next_attempt_at", UtcDateTime, nullable=False),
+    Column("lease_owner", String(128), nullable=True),
+    # the body, fixed at the first attempt so every retry sends the same bytes
+    Column("payload", Text, nullable=True),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=False, server_default=""),
+    Column("create_time", UtcDateTime, nullable=False),
+    Column("delivered_time", UtcDateTime, nullable=True),
+    Index(
+        "ix_webhook_deliveries_due",
+        "next_attempt_at",
+        postgresql_where=text("status = 'pending'"),
+        sqlite_where=text("status = 'pending'"),
+    ),
+    Index("ix_webhook_deliveries_account_created", "account_id", "create_time"),
 )
 
 #: accounts with a budget; an account without a row here is unlimited

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aimagegen/v1/imagegen.proto\x12\x0bimagegen.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x03\n\x14GenerateImageRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x14\n\x0cnum_variants\x18\x05 \x01(\x05\x12\x11\n\tfolder_id\x18\x06 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x07 \x01(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\routput_format\x18\t \x01(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14reference_image_urls\x18\n \x03(\t\x12\x31\n\x10provider_options\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x15\n\rvalidate_only\x18\r \x01(\x08\x12=\n\x06labels\x18\x0e \x03(\x0b\x32-.imagegen.v1.GenerateImageRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\"O\n\x10WatchJobsRequest\x12\x11\n\tfolder_id\x18\x01 \x01(\t\x12(\n\x08statuses\x18\x02 \x03(\x0e\x32\x16.imagegen.v1.JobStatus\"\x87\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x08statuses\x18\x03 \x03(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x11\n\tfolder_id\x18\x05 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.imagegen.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x16\n\x14ListProvidersRequest\"A\n\x15ListProvidersResponse\x12(\n\tproviders\x18\x01 \x03(\x0b\x32\x15.imagegen.v1.Provider\"\xc2\x03\n\x08Provider\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06vendor\x18\x03 \x01(\t\x12\x11\n\tstrengths\x18\x04 \x01(\t\x12\x11\n\tmin_width\x18\x05 \x01(\x05\x12\x11\n\tmax_width\x18\x06 \x01(\x05\x12\x12\n\nmin_height\x18\x07 \x01(\x05\x12\x12\n\nmax_height\x18\x08 \x01(\x05\x12\x14\n\x0cmax_variants\x18\t \x01(\x05\x12\x15\n\rsupports_seed\x18\n \x01(\x08\x12 \n\x18supports_negative_prompt\x18\x0b \x01(\x08\x12\x1c\n\x14max_reference_images\x18\x0c \x01(\x05\x12\x31\n\x0eoutput_formats\x18\r \x03(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14provider_option_keys\x18\x0e \x03(\t\x12\x15\n\rprice_summary\x18\x0f \x01(\t\x12\x1b\n\x13price_table_version\x18\x10 \x01(\t\x12\x12\n\nconfigured\x18\x11 \x01(\x08\x12\x1d\n\x15price_1024_usd_micros\x18\x12 \x01(\x03\"\x8f\x07\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x14\n\x0cnum_variants\x18\x07 \x01(\x05\x12\x11\n\tfolder_id\x18\x08 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\t \x01(\t\x12\x11\n\x04seed\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x30\n\routput_format\x18\x0b \x01(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14reference_image_urls\x18\x0c \x03(\t\x12\x31\n\x10provider_options\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12,\n\x06labels\x18\x0f \x03(\x0b\x32\x1c.imagegen.v1.Job.LabelsEntry\x12\"\n\x06images\x18\x10 \x03(\x0b\x32\x12.imagegen.v1.Image\x12\x13\n\x0bresult_urls\x18\x11 \x03(\t\x12$\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x15.imagegen.v1.JobError\x12\x1c\n\x14\x65stimated_cost_cents\x18\x13 \x01(\x03\x12\x12\n\ncost_cents\x18\x14 \x01(\x03\x12\x17\n\x0f\x63ost_usd_micros\x18\x15 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x16 \x01(\x05\x12\x0f\n\x07version\x18\x17 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x1b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\naccount_id\x18\x1c \x01(\t\x12!\n\x19\x65stimated_cost_usd_micros\x18\x1d \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"\xb6\x01\n\x05Image\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0cnative_width\x18\x08 \x01(\x05\x12\x15\n\rnative_height\x18\t \x01(\x05\x42\x07\n\x05_seed\"<\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xd5\x01\n\x08JobEvent\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.imagegen.v1.Job\x12/\n\x0fprevious_status\x18\x02 \x01(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04kind\x18\x05 \x01(\x0e\x32\x19.imagegen.v1.JobEventKind\x12\x0f\n\x07message\x18\x06 \x01(\t*\xa5\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x19\n\x15JOB_STATUS_PROCESSING\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03*\x88\x01\n\x0cJobEventKind\x12\x1e\n\x1aJOB_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17JOB_EVENT_KIND_SNAPSHOT\x10\x01\x12\x1d\n\x19JOB_EVENT_KIND_TRANSITION\x10\x02\x12\x1c\n\x18JOB_EVENT_KIND_HEARTBEAT\x10\x03\x32\xf6\x03\n\x0fImageGeneration\x12\x44\n\rGenerateImage\x12!.imagegen.v1.GenerateImageRequest\x1a\x10.imagegen.v1.Job\x12\x36\n\x06GetJob\x12\x1a.imagegen.v1.GetJobRequest\x1a\x10.imagegen.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.imagegen.v1.WatchJobRequest\x1a\x15.imagegen.v1.JobEvent0\x01\x12\x43\n\tWatchJobs\x12\x1d.imagegen.v1.WatchJobsRequest\x1a\x15.imagegen.v1.JobEvent0\x01\x12G\n\x08ListJobs\x12\x1c.imagegen.v1.ListJobsRequest\x1a\x1d.imagegen.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.imagegen.v1.CancelJobRequest\x1a\x10.imagegen.v1.Job\x12V\n\rListProviders\x12!.imagegen.v1.ListProvidersRequest\x1a\".imagegen.v1.ListProvidersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aimagegen/v1/imagegen.proto\x12\x0bimagegen.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe7\x03\n\x14GenerateImageRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x14\n\x0cnum_variants\x18\x05 \x01(\x05\x12\x11\n\tfolder_id\x18\x06 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x07 \x01(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\routput_format\x18\t \x01(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14reference_image_urls\x18\n \x03(\t\x12\x31\n\x10provider_options\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x15\n\rvalidate_only\x18\r \x01(\x08\x12=\n\x06labels\x18\x0e \x03(\x0b\x32-.imagegen.v1.GenerateImageRequest.LabelsEntry\x12\x14\n\x0c\x63\x61llback_url\x18\x12 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\"g\n\x10WatchJobsRequest\x12\x11\n\tfolder_id\x18\x01 \x01(\t\x12(\n\x08statuses\x18\x02 \x03(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\"\x87\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x08statuses\x18\x03 \x03(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x11\n\tfolder_id\x18\x05 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.imagegen.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x16\n\x14ListProvidersRequest\"A\n\x15ListProvidersResponse\x12(\n\tproviders\x18\x01 \x03(\x0b\x32\x15.imagegen.v1.Provider\"\xc2\x03\n\x08Provider\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06vendor\x18\x03 \x01(\t\x12\x11\n\tstrengths\x18\x04 \x01(\t\x12\x11\n\tmin_width\x18\x05 \x01(\x05\x12\x11\n\tmax_width\x18\x06 \x01(\x05\x12\x12\n\nmin_height\x18\x07 \x01(\x05\x12\x12\n\nmax_height\x18\x08 \x01(\x05\x12\x14\n\x0cmax_variants\x18\t \x01(\x05\x12\x15\n\rsupports_seed\x18\n \x01(\x08\x12 \n\x18supports_negative_prompt\x18\x0b \x01(\x08\x12\x1c\n\x14max_reference_images\x18\x0c \x01(\x05\x12\x31\n\x0eoutput_formats\x18\r \x03(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14provider_option_keys\x18\x0e \x03(\t\x12\x15\n\rprice_summary\x18\x0f \x01(\t\x12\x1b\n\x13price_table_version\x18\x10 \x01(\t\x12\x12\n\nconfigured\x18\x11 \x01(\x08\x12\x1d\n\x15price_1024_usd_micros\x18\x12 \x01(\x03\"\x8f\x07\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x14\n\x0cnum_variants\x18\x07 \x01(\x05\x12\x11\n\tfolder_id\x18\x08 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\t \x01(\t\x12\x11\n\x04seed\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x30\n\routput_format\x18\x0b \x01(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14reference_image_urls\x18\x0c \x03(\t\x12\x31\n\x10provider_options\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12,\n\x06labels\x18\x0f \x03(\x0b\x32\x1c.imagegen.v1.Job.LabelsEntry\x12\"\n\x06images\x18\x10 \x03(\x0b\x32\x12.imagegen.v1.Image\x12\x13\n\x0bresult_urls\x18\x11 \x03(\t\x12$\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x15.imagegen.v1.JobError\x12\x1c\n\x14\x65stimated_cost_cents\x18\x13 \x01(\x03\x12\x12\n\ncost_cents\x18\x14 \x01(\x03\x12\x17\n\x0f\x63ost_usd_micros\x18\x15 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x16 \x01(\x05\x12\x0f\n\x07version\x18\x17 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x1b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\naccount_id\x18\x1c \x01(\t\x12!\n\x19\x65stimated_cost_usd_micros\x18\x1d \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"\xb6\x01\n\x05Image\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0cnative_width\x18\x08 \x01(\x05\x12\x15\n\rnative_height\x18\t \x01(\x05\x42\x07\n\x05_seed\"<\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xe7\x01\n\x08JobEvent\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.imagegen.v1.Job\x12/\n\x0fprevious_status\x18\x02 \x01(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04kind\x18\x05 \x01(\x0e\x32\x19.imagegen.v1.JobEventKind\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x10\n\x08sequence\x18\x07 \x01(\x03*\xa5\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x19\n\x15JOB_STATUS_PROCESSING\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03*\x88\x01\n\x0cJobEventKind\x12\x1e\n\x1aJOB_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17JOB_EVENT_KIND_SNAPSHOT\x10\x01\x12\x1d\n\x19JOB_EVENT_KIND_TRANSITION\x10\x02\x12\x1c\n\x18JOB_EVENT_KIND_HEARTBEAT\x10\x03\x32\xf6\x03\n\x0fImageGeneration\x12\x44\n\rGenerateImage\x12!.imagegen.v1.GenerateImageRequest\x1a\x10.imagegen.v1.Job\x12\x36\n\x06GetJob\x12\x1a.imagegen.v1.GetJobRequest\x1a\x10.imagegen.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.imagegen.v1.WatchJobRequest\x1a\x15.imagegen.v1.JobEvent0\x01\x12\x43\n\tWatchJobs\x12\x1d.imagegen.v1.WatchJobsRequest\x1a\x15.imagegen.v1.JobEvent0\x01\x12G\n\x08ListJobs\x12\x1c.imagegen.v1.ListJobsRequest\x1a\x1d.imagegen.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.imagegen.v1.CancelJobRequest\x1a\x10.imagegen.v1.Job\x12V\n\rListProviders\x12!.imagegen.v1.ListProvidersRequest\x1a\".imagegen.v1.ListProvidersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,44 +37,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEIMAGEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_JOB_LABELSENTRY']._loaded_options = None
   _globals['_JOB_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATUS']._serialized_start=2919
-  _globals['_JOBSTATUS']._serialized_end=3084
-  _globals['_OUTPUTFORMAT']._serialized_start=3086
-  _globals['_OUTPUTFORMAT']._serialized_end=3202
-  _globals['_JOBEVENTKIND']._serialized_start=3205
-  _globals['_JOBEVENTKIND']._serialized_end=3341
+  _globals['_JOBSTATUS']._serialized_start=2983
+  _globals['_JOBSTATUS']._serialized_end=3148
+  _globals['_OUTPUTFORMAT']._serialized_start=3150
+  _globals['_OUTPUTFORMAT']._serialized_end=3266
+  _globals['_JOBEVENTKIND']._serialized_start=3269
+  _globals['_JOBEVENTKIND']._serialized_end=3405
   _globals['_GENERATEIMAGEREQUEST']._serialized_start=107
-  _globals['_GENERATEIMAGEREQUEST']._serialized_end=572
-  _globals['_GENERATEIMAGEREQUEST_LABELSENTRY']._serialized_start=518
-  _globals['_GENERATEIMAGEREQUEST_LABELSENTRY']._serialized_end=563
-  _globals['_GETJOBREQUEST']._serialized_start=574
-  _globals['_GETJOBREQUEST']._serialized_end=605
-  _globals['_WATCHJOBREQUEST']._serialized_start=607
-  _globals['_WATCHJOBREQUEST']._serialized_end=663
-  _globals['_WATCHJOBSREQUEST']._serialized_start=665
-  _globals['_WATCHJOBSREQUEST']._serialized_end=744
-  _globals['_LISTJOBSREQUEST']._serialized_start=747
-  _globals['_LISTJOBSREQUEST']._serialized_end=882
-  _globals['_LISTJOBSRESPONSE']._serialized_start=884
-  _globals['_LISTJOBSRESPONSE']._serialized_end=959
-  _globals['_CANCELJOBREQUEST']._serialized_start=961
-  _globals['_CANCELJOBREQUEST']._serialized_end=995
-  _globals['_LISTPROVIDERSREQUEST']._serialized_start=997
-  _globals['_LISTPROVIDERSREQUEST']._serialized_end=1019
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=1021
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=1086
-  _globals['_PROVIDER']._serialized_start=1089
-  _globals['_PROVIDER']._serialized_end=1539
-  _globals['_JOB']._serialized_start=1542
-  _globals['_JOB']._serialized_end=2453
-  _globals['_JOB_LABELSENTRY']._serialized_start=518
-  _globals['_JOB_LABELSENTRY']._serialized_end=563
-  _globals['_IMAGE']._serialized_start=2456
-  _globals['_IMAGE']._serialized_end=2638
-  _globals['_JOBERROR']._serialized_start=2640
-  _globals['_JOBERROR']._serialized_end=2700
-  _globals['_JOBEVENT']._serialized_start=2703
-  _globals['_JOBEVENT']._serialized_end=2916
-  _globals['_IMAGEGENERATION']._serialized_start=3344
-  _globals['_IMAGEGENERATION']._serialized_end=3846
+  _globals['_GENERATEIMAGEREQUEST']._serialized_end=594
+  _globals['_GENERATEIMAGEREQUEST_LABELSENTRY']._serialized_start=540
+  _globals['_GENERATEIMAGEREQUEST_LABELSENTRY']._serialized_end=585
+  _globals['_GETJOBREQUEST']._serialized_start=596
+  _globals['_GETJOBREQUEST']._serialized_end=627
+  _globals['_WATCHJOBREQUEST']._serialized_start=629
+  _globals['_WATCHJOBREQUEST']._serialized_end=685
+  _globals['_WATCHJOBSREQUEST']._serialized_start=687
+  _globals['_WATCHJOBSREQUEST']._serialized_end=790
+  _globals['_LISTJOBSREQUEST']._serialized_start=793
+  _globals['_LISTJOBSREQUEST']._serialized_end=928
+  _globals['_LISTJOBSRESPONSE']._serialized_start=930
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1005
+  _globals['_CANCELJOBREQUEST']._serialized_start=1007
+  _globals['_CANCELJOBREQUEST']._serialized_end=1041
+  _globals['_LISTPROVIDERSREQUEST']._serialized_start=1043
+  _globals['_LISTPROVIDERSREQUEST']._serialized_end=1065
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=1067
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=1132
+  _globals['_PROVIDER']._serialized_start=1135
+  _globals['_PROVIDER']._serialized_end=1585
+  _globals['_JOB']._serialized_start=1588
+  _globals['_JOB']._serialized_end=2499
+  _globals['_JOB_LABELSENTRY']._serialized_start=540
+  _globals['_JOB_LABELSENTRY']._serialized_end=585
+  _globals['_IMAGE']._serialized_start=2502
+  _globals['_IMAGE']._serialized_end=2684
+  _globals['_JOBERROR']._serialized_start=2686
+  _globals['_JOBERROR']._serialized_end=2746
+  _globals['_JOBEVENT']._serialized_start=2749
+  _globals['_JOBEVENT']._serialized_end=2980
+  _globals['_IMAGEGENERATION']._serialized_start=3408
+  _globals['_IMAGEGENERATION']._serialized_end=3910
 # @@protoc_insertion_point(module_scope)

@@ -143,6 +143,7 @@ class GenerateImageRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    CALLBACK_URL_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Required, 1-2000 characters after trimming surrounding white space."""
     provider: _builtins.str
@@ -163,6 +164,10 @@ class GenerateImageRequest(_message.Message):
     """Idempotency key (AIP-155): the same key with the same body returns the first job."""
     validate_only: _builtins.bool
     """Validate and quote without creating a job: the returned Job has no id and status UNSPECIFIED."""
+    callback_url: _builtins.str
+    """An https URL told of this job's terminal event by a signed webhook (Standard Webhooks), signed with
+    the account's webhook secret, which must exist (python -m server webhook rotate-secret ACCOUNT).
+    """
     @_builtins.property
     def reference_image_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Reference (input) images, for models that support them."""
@@ -192,10 +197,11 @@ class GenerateImageRequest(_message.Message):
         request_id: _builtins.str = ...,
         validate_only: _builtins.bool = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        callback_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "provider_options", b"provider_options", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "folder_id", b"folder_id", "height", b"height", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "seed", b"seed", "validate_only", b"validate_only", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "callback_url", b"callback_url", "folder_id", b"folder_id", "height", b"height", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "seed", b"seed", "validate_only", b"validate_only", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -251,8 +257,13 @@ class WatchJobsRequest(_message.Message):
 
     FOLDER_ID_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     folder_id: _builtins.str
     """Only jobs in this folder ("" = every folder; "root" is the root folder)."""
+    after_sequence: _builtins.int
+    """0: events from now on. N > 0: resume after the event with sequence N (replay from the next one);
+    OUT_OF_RANGE, naming the oldest sequence still kept, when events after N are no longer retained.
+    """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___JobStatus.ValueType]:
         """Only events whose job is in one of these statuses (empty = all)."""
@@ -262,10 +273,11 @@ class WatchJobsRequest(_message.Message):
         *,
         folder_id: _builtins.str = ...,
         statuses: _abc.Iterable[Global___JobStatus.ValueType] | None = ...,
+        after_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["folder_id", b"folder_id", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "folder_id", b"folder_id", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -698,11 +710,16 @@ class JobEvent(_message.Message):
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     previous_status: Global___JobStatus.ValueType
     version: _builtins.int
     kind: Global___JobEventKind.ValueType
     message: _builtins.str
     """Why the transition happened, e.g. "retrying after HTTP 429 (attempt 2 of 4)"."""
+    sequence: _builtins.int
+    """The event's place in the account's stream: increasing, never reused (WatchJobs resumes after it).
+    0 on WatchJob's SNAPSHOT and on HEARTBEAT events.
+    """
     @_builtins.property
     def job(self) -> Global___Job:
         """The whole job as of this event's version."""
@@ -718,10 +735,11 @@ class JobEvent(_message.Message):
         event_time: _timestamp_pb2.Timestamp | None = ...,
         kind: Global___JobEventKind.ValueType = ...,
         message: _builtins.str = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "job", b"job", "kind", b"kind", "message", b"message", "previous_status", b"previous_status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "job", b"job", "kind", b"kind", "message", b"message", "previous_status", b"previous_status", "sequence", b"sequence", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
