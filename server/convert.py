@@ -113,13 +113,14 @@ class EventEncoder:
         self._signer = signer
         self._size = size
         self._max_age_s = max_age_s
-        self._cache: OrderedDict[tuple[uuid.UUID, int, EventKind], tuple[float, pb.JobEvent]] = OrderedDict()
+        self._cache: OrderedDict[tuple[uuid.UUID, int, int], tuple[float, pb.JobEvent]] = OrderedDict()
 
     def encode(self, event: JobEvent) -> pb.JobEvent:
         """The message of a transition event (shared), or of a snapshot/heartbeat (made afresh)."""
         if event.kind is not EventKind.TRANSITION:
             return event_to_pb(event, self._signer)
-        key = (event.job.id, event.version, event.kind)
+        # numbered and not yet numbered reads of one event differ in their sequence
+        key = (event.job.id, event.version, event.sequence)
         now = time.monotonic()
         cached = self._cache.get(key)
         if cached is not None and now - cached[0] < self._max_age_s:
@@ -143,4 +144,5 @@ def event_to_pb(event: JobEvent, signer: UrlSigner) -> pb.JobEvent:
         event_time=timestamp(event.event_time),
         kind=KIND_TO_PB[event.kind],
         message=event.message,
+        sequence=event.sequence,
     )

@@ -44,6 +44,18 @@ class ServiceError(Exception):
         self.message = message
 
 
+class StreamOutOfRange(ServiceError):
+    """A WatchJobs resume from before the events still kept; `oldest` is the first one available."""
+
+    def __init__(self, after: int, oldest: int) -> None:
+        super().__init__(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"events after sequence {after} are no longer kept; the oldest available is {oldest}: "
+            f"list the jobs again (ListJobs), then resume after sequence {oldest - 1}",
+        )
+        self.oldest = oldest
+
+
 class Overloaded(ServiceError):
     """Backpressure: the queue (or the caller's share of it) is full; try again after `retry_after_s`."""
 
@@ -104,6 +116,12 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
         details.append(quota_failure(f"account:{exc.account_id}", str(exc)))
     elif isinstance(exc, Overloaded):
         details.append(retry_info(exc.retry_after_s))
+    elif isinstance(exc, StreamOutOfRange):
+        info = error_details_pb2.ErrorInfo(
+            reason="EVENTS_NOT_RETAINED", domain="imagegen", metadata={"oldest_sequence": str(exc.oldest)}
+        )
+        details.append(any_pb2.Any())
+        details[-1].Pack(info)
     elif isinstance(exc, StoreUnavailable):
         message = "the job database is unreachable; try again"
         details.append(retry_info(STORE_RETRY_DELAY_S))

@@ -5,9 +5,11 @@ single dispatcher task drains them, reads the new event rows of each job somebod
 and hands each event to the interested subscriptions. A periodic catch-up re-reads the versions of
 watched jobs, so a lost notification delays an event by at most one poll interval and never loses it.
 Subscriptions themselves enforce order: a WatchJob stream that sees a version gap reads the gap from
-the store (see `server.servicer`). A stream that has had nothing to send for a heartbeat interval is
-handed a heartbeat (None) by one sweep over all subscriptions, rather than each stream arming a timer
-around every wait.
+the store (see `server.servicer`). WatchJobs streams follow the account stream instead: on a wake-up
+the hub has the committed events numbered (`storage.stream`) and reads each watched account's events
+after the oldest position among its streams, once, handing each stream what lies beyond its own. A
+stream that has had nothing to send for a heartbeat interval is handed a heartbeat (None) by one sweep
+over all subscriptions, rather than each stream arming a timer around every wait.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 
 from storage.errors import StorageError
 from storage.models import JobEvent, JobNotice, JobStatus, utcnow
@@ -28,10 +29,10 @@ from storage.port import JobEvents
 
 log = logging.getLogger(__name__)
 
-#: how far back the catch-up looks beyond its previous run (covers transactions that commit late)
-CATCH_UP_MARGIN = timedelta(seconds=10)
 #: how many (job → version dispatched) entries the hub remembers
 REMEMBERED_JOBS = 100_000
+#: account-stream events read per query
+STREAM_READ = 500
 #: heartbeat sweeps per heartbeat interval: a quiet stream's heartbeat comes 1 to 1.25 intervals late
 HEARTBEAT_SWEEPS = 4
 
@@ -53,9 +54,10 @@ class Subscription:
     folder_id: str | None = None
     statuses: frozenset[JobStatus] = frozenset()
     max_queued: int = 0
-    started: datetime = field(default_factory=utcnow)
     #: the newest version this stream has sent (WatchJob keeps it), so a catch-up can skip what it has
     seen_version: int = 0
+    #: WatchJobs: the account-stream sequence it has been handed up to (None: still replaying, skip it)
+    cursor: int | None = None
     #: events, then a Closed that ends the stream; None is a heartbeat
     queue: asyncio.Queue[JobEvent | Closed | None] = field(default_factory=asyncio.Queue)
     _closed: bool = False
@@ -69,8 +71,6 @@ class Subscription:
             return False
         if self.job_id is not None:
             return job.id == self.job_id
-        if event.event_time < self.started:
-            return False
         if self.folder_id is not None and job.spec.folder_id != self.folder_id:
             return False
         return not self.statuses or job.status in self.statuses
@@ -122,6 +122,8 @@ class EventHub:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_catch_up = utcnow()
         self._catch_up_requested = False
+        #: watched accounts with news since their last read
+        self._accounts_due: set[str] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -181,14 +183,21 @@ class EventHub:
     def notify(self, notices: Sequence[JobNotice]) -> None:
         """Told of committed transitions (by the store in this process, or by NOTIFY); never blocks."""
         for notice in notices:
-            if notice.job_id in self._by_job or notice.account_id in self._by_account:
+            if notice.account_id in self._by_account:
+                self._accounts_due.add(notice.account_id)
+            if notice.job_id in self._by_job:
                 known = self._inbox.get(notice.job_id)
                 if known is None or known.version < notice.version:
                     self._inbox[notice.job_id] = notice
-        if self._inbox:
+        if self._inbox or self._accounts_due:
             self._wake.set()
         if self._on_notices is not None:
             self._on_notices(notices)  # the worker: new work to claim, or a job of its was cancelled
+
+    def wake_account(self, account_id: str) -> None:
+        """Read the account's stream soon (a WatchJobs stream finished its replay)."""
+        self._accounts_due.add(account_id)
+        self._wake.set()
 
     def request_catch_up(self) -> None:
         """Re-read soon what may have been missed (after the NOTIFY connection came back)."""
@@ -209,6 +218,15 @@ class EventHub:
                 self._catch_up_requested = False
                 await self._catch_up()
             inbox, self._inbox = self._inbox, {}
+            accounts, self._accounts_due = self._accounts_due, set()
+            if accounts:
+                try:
+                    await self._deliver_streams(accounts)
+                except StorageError as exc:
+                    log.warning("event hub could not read the account stream: %s", exc)
+                    self._accounts_due |= accounts  # the catch-up loop wakes us to try again
+                except Exception:
+                    log.exception("event hub stream delivery failed; the catch-up will repair it")
             if inbox:
                 try:
                     await self._deliver(list(inbox.values()), from_catch_up=False)
@@ -239,11 +257,10 @@ class EventHub:
                 subscription.heartbeat_if_quiet(quiet_since)
 
     async def _catch_up(self) -> None:
-        since = self._last_catch_up - CATCH_UP_MARGIN
         now = utcnow()
+        self._accounts_due.update(self._by_account)
         try:
             notices = await self._store.versions(list(self._by_job))
-            notices += await self._store.changed_since(list(self._by_account), since)
             await self._deliver(notices, from_catch_up=True)
         except StorageError as exc:
             log.warning("event hub catch-up failed: %s", exc)
@@ -264,13 +281,6 @@ class EventHub:
                 continue
             if dispatched is not None:
                 bases[notice.job_id] = dispatched
-            elif notice.account_id in self._by_account:
-                # First sight of a job that WatchJobs streams may want: its whole (short) history, each
-                # stream keeping what happened after it started. These streams do not repair gaps, and
-                # the notice may not be the job's first: notices coalesce in the inbox (a job created and
-                # claimed between two dispatches), and a NOTIFY can be lost. WatchJob streams skip
-                # versions they have sent.
-                bases[notice.job_id] = 0
             elif notice.job_id in self._by_job or not from_catch_up:
                 # First sight of a job only WatchJob streams watch: read just the version named. A stream
                 # that is further behind reads its own gap, in order, from the store.
@@ -286,16 +296,30 @@ class EventHub:
 
     def _all_current(self, notice: JobNotice) -> bool:
         watchers = self._by_job.get(notice.job_id, ())
-        return (
-            bool(watchers)
-            and notice.account_id not in self._by_account
-            and all(watcher.seen_version >= notice.version for watcher in watchers)
-        )
+        return bool(watchers) and all(watcher.seen_version >= notice.version for watcher in watchers)
 
     def _interested(self, event: JobEvent) -> list[Subscription]:
-        found = [s for s in self._by_job.get(event.job.id, ()) if s.wants(event)]
-        found += [s for s in self._by_account.get(event.job.account_id, ()) if s.wants(event)]
-        return found
+        return [s for s in self._by_job.get(event.job.id, ()) if s.wants(event)]
+
+    async def _deliver_streams(self, accounts: set[str]) -> None:
+        """Number what has committed, then hand each WatchJobs stream of these accounts what lies beyond
+        its cursor, in sequence order: one read per account, from the furthest-behind stream."""
+        await self._store.sequence_events()
+        for account in accounts:
+            while True:
+                streams = [s for s in self._by_account.get(account, ()) if s.cursor is not None]
+                if not streams:
+                    break
+                floor = min(s.cursor for s in streams if s.cursor is not None)
+                events = await self._store.stream_events(account, after_sequence=floor, limit=STREAM_READ)
+                for event in events:
+                    for stream in streams:
+                        if stream.cursor is not None and stream.cursor < event.sequence:
+                            stream.cursor = event.sequence
+                            if stream.wants(event):
+                                stream.offer(event)
+                if len(events) < STREAM_READ:
+                    break
 
     def _remember(self, job_id: uuid.UUID, version: int) -> None:
         self._dispatched[job_id] = version

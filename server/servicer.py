@@ -23,7 +23,7 @@ from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
 from providers.references import IPNetwork
 from server.auth import Authenticator
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, EventEncoder, event_to_pb, job_to_pb, timestamp
-from server.errors import Overloaded, ServiceError, abort_with, status_for
+from server.errors import Overloaded, ServiceError, StreamOutOfRange, abort_with, status_for
 from server.files import UrlSigner
 from server.hub import Closed, EventHub, Subscription
 from server.metrics import ServiceMetrics
@@ -316,6 +316,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         account = self._account(context)
         statuses, violation = _statuses(request.statuses, "statuses")
         bad = [v for v in (violation, folder_violation(request.folder_id)) if v is not None]
+        if request.after_sequence < 0:
+            bad.append(FieldViolation("after_sequence", "must not be negative"))
         if bad:
             raise InvalidRequest(bad)
         subscription = Subscription(
@@ -324,8 +326,30 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             statuses=statuses,
             max_queued=WATCH_JOBS_MAX_QUEUED,
         )
+        # Subscribed before reading: the hub hands it what lies beyond its cursor once the replay is done.
         with self._hub.subscribe(subscription), self._counted("WatchJobs"):
+            newest = await self._store.sequence_events()
+            cursor = request.after_sequence or newest
+            if request.after_sequence:
+                head = await self._store.stream_head()
+                if request.after_sequence < head.pruned_through:
+                    raise StreamOutOfRange(request.after_sequence, head.pruned_through + 1)
+                if request.after_sequence > newest:
+                    raise InvalidRequest(
+                        [FieldViolation("after_sequence", f"is ahead of the stream (newest {newest})")]
+                    )
             await context.send_initial_metadata(())  # the caller knows the watch is live
+            if request.after_sequence:
+                while True:
+                    events = await self._store.stream_events(account, after_sequence=cursor)
+                    for event in events:
+                        cursor = event.sequence
+                        if subscription.wants(event):
+                            yield self._events.encode(event)
+                    if not events:
+                        break
+            subscription.cursor = cursor
+            self._hub.wake_account(account)
             while True:
                 item = await subscription.queue.get()
                 if item is None:
@@ -334,8 +358,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     code = (
                         grpc.StatusCode.RESOURCE_EXHAUSTED if item.overflow else grpc.StatusCode.UNAVAILABLE
                     )
-                    raise ServiceError(code, item.reason)
-                else:
+                    raise ServiceError(code, f"{item.reason}; resume with after_sequence")
+                elif item.sequence > cursor:
+                    cursor = item.sequence
                     yield self._events.encode(item)
 
     def _account(self, context: Context) -> str:

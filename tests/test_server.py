@@ -242,7 +242,8 @@ async def test_watch_jobs_gets_a_jobs_versions_from_the_first(database_url: str,
     hub = EventHub(store, poll_interval_s=3600)  # no catch-up: delivery rests on the notices alone
     hub.start()
     try:
-        with hub.subscribe(Subscription(account_id="acct")) as subscription:
+        start = await store.sequence_events()
+        with hub.subscribe(Subscription(account_id="acct", cursor=start)) as subscription:
             spec = JobSpec(prompt="a", provider="flux_2_pro", width=256, height=256, num_variants=1)
             job, _ = await store.create(NewJob(account_id="acct", spec=spec, estimated_cost_usd_micros=0))
             cancelled, _ = await store.cancel("acct", job.id)
