@@ -1,4 +1,4 @@
-"""Entry point: `python -m server serve | migrate` (also installed as `imagegen-server`)."""
+"""Entry point: `python -m server serve | migrate | token | budget | webhook` (also `imagegen-server`)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,20 @@ import json
 import logging
 import signal
 import sys
+from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 
+from providers.references import parse_networks
 from server.app import freeze_startup_heap, running_app
 from server.auth import AuthConfigError, caller_entry, new_token
 from server.logs import configure_logging
 from server.settings import Settings, SettingsError
+from server.webhooks import target_violation
 from storage import migrate
 from storage.db import make_engine
 from storage.errors import NoBudget
 from storage.jobs import SqlJobStore
+from storage.webhooks import DEFAULT_WEBHOOK_STATUSES, WEBHOOK_STATUSES
 
 log = logging.getLogger("server")
 
@@ -39,6 +43,30 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("usd", nargs="?", help="amount in USD, for set and add (e.g. 25 or -2.50)")
     budget.add_argument("--note", default="", help="why, kept in the ledger")
     budget.add_argument("--limit", type=int, default=20, help="ledger entries to show")
+    webhook = commands.add_parser("webhook", help="administer accounts' webhook endpoints and secrets")
+    hooks = webhook.add_subparsers(dest="action", required=True)
+    add = hooks.add_parser("add", help="add an endpoint (and the account's secret, shown once, if new)")
+    add.add_argument("account")
+    add.add_argument("url")
+    add.add_argument(
+        "--events",
+        default=",".join(DEFAULT_WEBHOOK_STATUSES),
+        help=f"comma-separated, of {','.join(WEBHOOK_STATUSES)} (default: the terminal ones)",
+    )
+    hooks.add_parser("list", help="list endpoints").add_argument("account", nargs="?")
+    hooks.add_parser("remove", help="remove an endpoint").add_argument("endpoint_id")
+    rotate = hooks.add_parser(
+        "rotate-secret", help="a new secret (shown once); the old one signs too for a while"
+    )
+    rotate.add_argument("account")
+    rotate.add_argument(
+        "--overlap-hours", type=float, default=24.0, help="how long the old secret still signs"
+    )
+    shown = hooks.add_parser("deliveries", help="an account's recent deliveries, newest first")
+    shown.add_argument("account")
+    shown.add_argument("--status", choices=("pending", "delivered", "failed"))
+    shown.add_argument("--limit", type=int, default=20)
+    hooks.add_parser("redeliver", help="send a delivery again (same webhook-id)").add_argument("delivery_id")
     args = parser.parse_args(argv)
     if args.command == "token":
         secret = new_token()
@@ -63,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "budget":
         return asyncio.run(_budget(settings, args))
+    if args.command == "webhook":
+        return asyncio.run(_webhook(settings, args))
     try:
         asyncio.run(_serve(settings, migrate_schema=args.migrate))
     except AuthConfigError as exc:
@@ -119,6 +149,61 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> int:
                     f"{entry.amount_usd_micros / 1e6:>+12.6f}"
                     f"  balance {entry.balance_usd_micros / 1e6:>12.6f}  job {job}  {entry.note}"
                 )
+    finally:
+        await store.close()
+        await engine.dispose()
+    return 0
+
+
+async def _webhook(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        statuses = tuple(s.strip() for s in args.events.split(",") if s.strip())
+        unknown = [s for s in statuses if s not in WEBHOOK_STATUSES]
+        if unknown or not statuses:
+            print(f"--events: choose from {','.join(WEBHOOK_STATUSES)}", file=sys.stderr)
+            return 2
+        violation = target_violation(args.url, parse_networks(settings.webhook_allow_networks))
+        if violation is not None:
+            print(f"the URL {violation}", file=sys.stderr)
+            return 2
+    engine = make_engine(settings.database_url)
+    store = SqlJobStore(engine)
+    try:
+        if args.action == "add":
+            endpoint, secret = await store.add_endpoint(args.account, args.url, statuses)
+            print(f"{endpoint.id}  {args.account}  {endpoint.url}  events {','.join(endpoint.statuses)}")
+            if secret is not None:
+                print(f"signing secret of {args.account} (shown once; give it to the receiver): {secret}")
+        elif args.action == "list":
+            for endpoint in await store.endpoints(args.account):
+                state = "enabled" if endpoint.enabled else f"disabled ({endpoint.disabled_reason})"
+                print(
+                    f"{endpoint.id}  {endpoint.account_id}  {endpoint.url}  "
+                    f"events {','.join(endpoint.statuses)}  {state}"
+                )
+        elif args.action == "remove":
+            removed = await store.remove_endpoint(args.endpoint_id)
+            print(f"{args.endpoint_id}: " + ("removed" if removed else "no such endpoint"))
+            return 0 if removed else 1
+        elif args.action == "rotate-secret":
+            secret = await store.rotate_secret(args.account, overlap=timedelta(hours=args.overlap_hours))
+            print(
+                f"new signing secret of {args.account} (shown once): {secret}\n"
+                f"the previous one also signs for {args.overlap_hours:g} h"
+            )
+        elif args.action == "deliveries":
+            for d in await store.deliveries(args.account, limit=args.limit, status=args.status):
+                code = d.last_status_code if d.last_status_code is not None else "-"
+                target = d.endpoint_id or d.url
+                print(
+                    f"{d.id}  {d.create_time.isoformat(timespec='seconds')}  {d.event_type:<14} "
+                    f"job {d.job_id} v{d.job_version}  {d.status:<9} attempts {d.attempts}  "
+                    f"last {code} {d.last_error}  to {target}"
+                )
+        else:
+            found = await store.redeliver(args.delivery_id)
+            print(f"{args.delivery_id}: " + ("queued again" if found else "no such delivery"))
+            return 0 if found else 1
     finally:
         await store.close()
         await engine.dispose()

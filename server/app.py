@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import socket
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -33,12 +36,15 @@ from server.metrics import GrpcMetrics, QueueSampler, ServiceMetrics
 from server.reaper import Reaper
 from server.servicer import Admission, ImageGenerationServicer
 from server.settings import Settings, split_address
+from server.webhooks import WebhookSender
 from server.worker import Worker, WorkerPolicy
 from storage import migrate
 from storage.blobs import LocalBlobStore
 from storage.db import is_postgres, make_engine
+from storage.errors import StorageError
 from storage.jobs import SqlJobStore
 from storage.listener import PgListener
+from storage.models import utcnow
 from storage.port import ConcurrencyCap, JobStore
 
 log = logging.getLogger(__name__)
@@ -266,7 +272,19 @@ async def running_app(
         await readiness.check()
         sampler = QueueSampler(store, metrics, interval_s=max(1.0, settings.poll_interval_s))
         reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3))
-        for background in (readiness.run(), sampler.run(), reaper.run()):
+        sender = WebhookSender(
+            store,
+            metrics,
+            owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            allow=parse_networks(settings.webhook_allow_networks),
+            poll_interval_s=settings.poll_interval_s,
+            timeout_s=settings.webhook_timeout_s,
+            lease_s=settings.webhook_timeout_s + settings.lease_s,
+            retry_hours=settings.webhook_retry_hours,
+            retry_base_s=settings.webhook_retry_base_s,
+        )
+        retention = _prune_events(store, timedelta(hours=settings.event_retention_hours))
+        for background in (readiness.run(), sampler.run(), reaper.run(), sender.run(), retention):
             task = asyncio.create_task(background)
             stack.callback(task.cancel)
 
@@ -290,6 +308,7 @@ async def running_app(
                     providers,
                     metrics,
                     reference_allow=parse_networks(settings.reference_allow_networks),
+                    webhook_allow=parse_networks(settings.webhook_allow_networks),
                     deadline_s=settings.job_deadline_s,
                     auth=authenticator,
                     admission=Admission(
@@ -387,6 +406,18 @@ class _Registrar:
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Any]) -> None:
         """The generated code also passes its handlers here; they are already in its generic handler."""
+
+
+async def _prune_events(store: SqlJobStore, keep: timedelta) -> None:
+    """Drop events older than `keep`, every few minutes (any replica; they serialise on one row)."""
+    while True:
+        try:
+            await store.prune_events(utcnow() - keep)
+        except StorageError as exc:
+            log.warning("event retention could not reach the database: %s", exc)
+        except Exception:
+            log.exception("event retention failed unexpectedly; it tries again later")
+        await asyncio.sleep(min(300.0, keep.total_seconds() / 10))
 
 
 def _http_app(

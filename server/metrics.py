@@ -132,6 +132,21 @@ class ServiceMetrics:
             registry=registry,
         )
 
+        self.webhook_deliveries = Counter(
+            "imagegen_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered (2xx), retry (will be tried again), "
+            "failed (given up), gone (410: endpoint disabled).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.webhook_oldest_undelivered = Gauge(
+            "imagegen_webhook_oldest_undelivered_age_seconds",
+            "Age of the oldest webhook delivery not yet delivered nor given up (0: none).",
+            registry=registry,
+        )
+        for outcome in ("delivered", "retry", "failed", "gone"):
+            self.webhook_deliveries.labels(outcome)
+
     def initialise(self, providers: Iterable[str]) -> None:
         """Export zeros for every model up front, so dashboards and `increase()` see 0 rather than nothing."""
         for provider in providers:

@@ -34,6 +34,7 @@ from server.validation import (
     normalise_folder,
     validate_generate,
 )
+from server.webhooks import target_violation
 from storage.models import EventKind, Job, JobEvent, JobStatus, NewJob, utcnow
 from storage.port import JobFilter, JobStore, JobSubmissions, PageCursor
 
@@ -105,6 +106,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         admission: Admission | None = None,
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
+        webhook_allow: Sequence[IPNetwork] = (),
     ) -> None:
         self._store = store
         self._hub = hub
@@ -115,6 +117,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._admission = admission or Admission()
         self._auth = auth or Authenticator.local()
         self._reference_allow = tuple(reference_allow)
+        self._webhook_allow = tuple(webhook_allow)
         self._events = EventEncoder(signer)
 
     # ------------------------------------------------------------ unary
@@ -128,12 +131,15 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"provider {valid.model.id} is not configured on this server (set its API key)",
             )
+        if request.callback_url:
+            await self._check_callback(account, request.callback_url)
         new = NewJob(
             account_id=account,
             spec=valid.spec,
             estimated_cost_usd_micros=valid.estimated_cost_usd_micros,
             request_id=valid.request_id,
             deadline_s=self._deadline_s,
+            callback_url=request.callback_url,
         )
         if request.validate_only:
             now = utcnow()
@@ -362,6 +368,18 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                 elif item.sequence > cursor:
                     cursor = item.sequence
                     yield self._events.encode(item)
+
+    async def _check_callback(self, account: str, url: str) -> None:
+        """A callback_url must be a permitted target, and the account must have a secret to sign with."""
+        violation = target_violation(url, self._webhook_allow)
+        if violation is not None:
+            raise InvalidRequest([FieldViolation("callback_url", violation)])
+        if not await self._store.has_webhook_secret(account):
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"account {account} has no webhook secret to sign callbacks with; an operator makes one "
+                f"with: python -m server webhook rotate-secret {account}",
+            )
 
     def _account(self, context: Context) -> str:
         """The account the call acts for, as its credentials allow."""

@@ -63,6 +63,17 @@ class Settings:
     #: networks reference-image URLs may reach besides the public internet, e.g. "127.0.0.0/8" for the
     #: sandbox and tests (never needed in production)
     reference_allow_networks: str = ""
+    #: how long job events are kept: WatchJobs resumes within this window (OUT_OF_RANGE before it)
+    event_retention_hours: float = 168.0
+    #: how long a webhook delivery is retried before it is given up
+    webhook_retry_hours: float = 24.0
+    #: per webhook request; a slower receiver counts as a failure and is tried again
+    webhook_timeout_s: float = 10.0
+    #: the first retry's delay; each later one doubles it (with jitter), up to an hour
+    webhook_retry_base_s: float = 5.0
+    #: networks webhook URLs may reach besides the public internet (and then over http too), e.g.
+    #: "127.0.0.0/8" for tests (never needed in production)
+    webhook_allow_networks: str = ""
     #: all | api | worker
     role: str = "all"
     #: jobs one process runs at once
@@ -159,6 +170,10 @@ class Settings:
             "watch_heartbeat_s",
             "bfl_poll_interval_s",
             "bfl_max_polls_per_s",
+            "event_retention_hours",
+            "webhook_retry_hours",
+            "webhook_timeout_s",
+            "webhook_retry_base_s",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
@@ -169,6 +184,10 @@ class Settings:
             parse_networks(self.reference_allow_networks)
         except ValueError as exc:
             raise SettingsError(f"{PREFIX}REFERENCE_ALLOW_NETWORKS: {exc}") from None
+        try:
+            parse_networks(self.webhook_allow_networks)
+        except ValueError as exc:
+            raise SettingsError(f"{PREFIX}WEBHOOK_ALLOW_NETWORKS: {exc}") from None
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise SettingsError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:

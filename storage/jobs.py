@@ -52,6 +52,7 @@ from storage.postgres_sql import NOTIFY_CHANNEL
 from storage.reads import JobReads
 from storage.schema import jobs
 from storage.stream import EventStream
+from storage.webhooks import Webhooks
 
 # What server, bench and tests import from here, wherever it now lives.
 __all__ = [
@@ -74,7 +75,7 @@ __all__ = [
 ]
 
 
-class SqlJobStore(JobReads, Budgets, EventStream):
+class SqlJobStore(JobReads, Budgets, EventStream, Webhooks):
     """Jobs and their events in PostgreSQL or SQLite (`storage.port.JobStore`)."""
 
     def __init__(

@@ -115,6 +115,10 @@ class JobSubmissions(Protocol):
         """The account's pending jobs, counted up to `up_to`."""
         ...
 
+    async def has_webhook_secret(self, account_id: str) -> bool:
+        """Whether the account has a webhook signing secret (a callback_url needs one)."""
+        ...
+
 
 class JobQueue(Protocol):
     """The worker side: claim jobs under a lease and write each attempt's outcome, fenced."""
