@@ -73,7 +73,8 @@ async def database_url(pg_url: str) -> str:
     connection = await asyncpg.connect(make_url(pg_url).render_as_string(hide_password=False), timeout=10)
     try:
         await connection.execute(
-            "TRUNCATE jobs, job_events, accounts, ledger, webhook_secrets, webhook_endpoints, webhook_deliveries"
+            "TRUNCATE jobs, job_events, accounts, ledger,"
+            " webhook_secrets, webhook_endpoints, webhook_deliveries"
         )
     finally:
         await connection.close()
