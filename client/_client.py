@@ -197,12 +197,14 @@ class ImagegenClient:
         labels: Mapping[str, str] | None = None,
         request_id: str | None = None,
         validate_only: bool = False,
+        callback_url: str = "",
         timeout_s: float | None = None,
     ) -> pb.Job:
         """Submit a job and return it (PENDING); with `validate_only`, the normalised request and its quote.
 
         Zero / empty values take the server's defaults. A `request_id` (uuid4) is generated when none is
-        given, so the client's own retries of this call can never create a second job.
+        given, so the client's own retries of this call can never create a second job. A `callback_url`
+        is sent a signed webhook when the job ends.
         """
         request = pb.GenerateImageRequest(
             prompt=prompt,
@@ -215,6 +217,7 @@ class ImagegenClient:
             reference_image_urls=list(reference_image_urls),
             labels=dict(labels or {}),
             validate_only=validate_only,
+            callback_url=callback_url,
         )
         if seed is not None:
             request.seed = seed
@@ -342,6 +345,72 @@ class ImagegenClient:
                         return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RESUMABLE:
+                    raise from_rpc_error(exc) from exc
+                broken = from_rpc_error(exc)
+            finally:
+                call.cancel()
+            failures += 1
+            outage_since = loop.time() if outage_since is None else outage_since
+            gave_up = (
+                loop.time() - outage_since >= self._retry.reconnect_for_s
+                if connected_once
+                else failures >= self._retry.max_attempts
+            )
+            if gave_up:
+                raise broken
+            await asyncio.sleep(self._retry.delay(failures, self._rng, at_least=broken.retry_after))
+
+    async def watch_all(
+        self,
+        *,
+        after_sequence: int = 0,
+        folder_id: str = "",
+        statuses: Sequence[pb.JobStatus.ValueType | str] = (),
+        include_heartbeats: bool = False,
+    ) -> AsyncIterator[pb.JobEvent]:
+        """Every event of the account's jobs, in sequence order, for as long as the caller iterates.
+
+        With `after_sequence=0` the events from now on; with N > 0 those after the event of sequence N
+        (keep the `sequence` of the last event handled to resume there after a restart). A broken stream
+        is redialled with backoff and resumed after the last sequence yielded: no gap, no repeat. Resuming
+        from before the server's retention window raises OutOfRange (re-list with `list`, then resume).
+        """
+        loop = asyncio.get_running_loop()
+        last = after_sequence
+        wanted = [job_status(status) for status in statuses]
+        connected_once = False
+        failures = 0
+        outage_since: float | None = None
+        while True:
+            call = self._stub.WatchJobs(
+                pb.WatchJobsRequest(folder_id=folder_id, statuses=wanted, after_sequence=last),
+                metadata=self._metadata,
+            )
+            broken: ImagegenError
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(self._idle_timeout_s):
+                            message = await call.read()
+                    except TimeoutError:
+                        broken = Unavailable(f"the watch stream was silent for {self._idle_timeout_s:g} s")
+                        break
+                    if message is grpc.aio.EOF:
+                        broken = Unavailable("the server ended the watch stream")
+                        break
+                    assert isinstance(message, pb.JobEvent)
+                    connected_once, failures, outage_since = True, 0, None
+                    if message.kind == pb.JOB_EVENT_KIND_HEARTBEAT:
+                        if include_heartbeats:
+                            yield message
+                        continue
+                    if message.sequence <= last:
+                        continue  # already yielded before the stream was resumed
+                    last = message.sequence
+                    yield message
+            except grpc.aio.AioRpcError as exc:
+                # a slow reader's stream is ended (RESOURCE_EXHAUSTED): resuming loses nothing
+                if exc.code() not in _RESUMABLE and exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise from_rpc_error(exc) from exc
                 broken = from_rpc_error(exc)
             finally:

@@ -93,6 +93,24 @@ class ResourceExhausted(ImagegenError):
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class OutOfRange(ImagegenError):
+    """A WatchJobs resume from before the events the server still keeps; `oldest_sequence` is the first
+    one it has. Re-list the jobs (ListJobs), then resume after `oldest_sequence - 1`."""
+
+    default_code = grpc.StatusCode.OUT_OF_RANGE
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        retry_after: float | None = None,
+        oldest_sequence: int = 0,
+    ) -> None:
+        super().__init__(message, code=code, retry_after=retry_after)
+        self.oldest_sequence = oldest_sequence
+
+
 _BY_CODE: Mapping[grpc.StatusCode, type[ImagegenError]] = MappingProxyType(
     {
         cls.default_code: cls
@@ -106,6 +124,7 @@ _BY_CODE: Mapping[grpc.StatusCode, type[ImagegenError]] = MappingProxyType(
             Unauthenticated,
             PermissionDenied,
             ResourceExhausted,
+            OutOfRange,
         )
     }
 )
@@ -128,13 +147,19 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ImagegenError:
     message = error.details() or code.name.lower()
     violations: dict[str, str] = {}
     retry_after: float | None = None
+    oldest = 0
     status = rich_status(error)
     for detail in status.details if status is not None else ():
         violations.update(_field_violations(detail))
         retry_after = _retry_delay(detail) if retry_after is None else retry_after
+        info = error_details_pb2.ErrorInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+            oldest = int(info.metadata.get("oldest_sequence", "0") or 0)
     cls = _BY_CODE.get(code, ImagegenError)
     if cls is InvalidArgument:
         return InvalidArgument(message, code=code, retry_after=retry_after, field_violations=violations)
+    if cls is OutOfRange:
+        return OutOfRange(message, code=code, retry_after=retry_after, oldest_sequence=oldest)
     return cls(message, code=code, retry_after=retry_after)
 
 

@@ -169,9 +169,32 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     estimate = command("estimate", "validate a request and quote its cost without creating a job", _estimate)
     _request_options(estimate)
 
-    watch = command("watch", "show the progress of jobs until they end", _watch)
-    watch.add_argument("job_ids", nargs="+", metavar="JOB")
+    watch = command(
+        "watch", "show the progress of jobs until they end; with --all, every event of the account", _watch
+    )
+    watch.add_argument("job_ids", nargs="*", metavar="JOB")
     watch.add_argument("--out", type=Path, metavar="DIR", help="also save the images of completed jobs here")
+    watch.add_argument(
+        "--all",
+        action="store_true",
+        help="follow every job of the account, one line per event (sequence, job, status, version), "
+        "until interrupted; resumes by itself when the stream breaks",
+    )
+    watch.add_argument(
+        "--after",
+        type=int,
+        default=0,
+        metavar="SEQ",
+        help="with --all: start after this sequence (the first column of a line) instead of now",
+    )
+    watch.add_argument("--folder", default="", help="with --all: only jobs of this folder")
+    watch.add_argument(
+        "--status",
+        action="append",
+        choices=STATUS_CHOICES,
+        default=[],
+        help="with --all: only events whose job is in this status (repeatable)",
+    )
 
     jobs = command("jobs", "list your jobs, newest first", _jobs)
     jobs.add_argument(
@@ -226,8 +249,28 @@ async def _estimate(client: ImagegenClient, args: argparse.Namespace, ui: Ui) ->
 
 
 async def _watch(client: ImagegenClient, args: argparse.Namespace, ui: Ui) -> int:
+    if args.all:
+        if args.job_ids:
+            raise InvalidArgument("watch --all follows every job: give no job ids with it")
+        return await _watch_all(client, args, ui)
+    if not args.job_ids:
+        raise InvalidArgument("watch needs job ids, or --all for every job of the account")
     finals = await _follow(client, list(dict.fromkeys(args.job_ids)), ui)
     return await _conclude(client, finals, ui, out=args.out, single=False)
+
+
+async def _watch_all(client: ImagegenClient, args: argparse.Namespace, ui: Ui) -> int:
+    events = client.watch_all(after_sequence=args.after, folder_id=args.folder, statuses=args.status)
+    async with contextlib.aclosing(events) as stream:
+        async for event in stream:
+            if ui.json:
+                print(json.dumps(to_dict(event), ensure_ascii=False), file=ui.stdout, flush=True)
+            else:
+                ui.result(
+                    f"{event.sequence}  {event.job.id}  {status_name(event.job.status):<10} "
+                    f"v{event.version}  {event.message}"
+                )
+    return EXIT_OK
 
 
 async def _jobs(client: ImagegenClient, args: argparse.Namespace, ui: Ui) -> int:
@@ -448,6 +491,12 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="label kept with the job (repeatable)",
     )
+    parser.add_argument(
+        "--callback-url",
+        default="",
+        metavar="URL",
+        help="https URL sent a signed webhook when the job ends",
+    )
 
 
 def _request(args: argparse.Namespace) -> dict[str, Any]:
@@ -466,6 +515,7 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         "reference_image_urls": args.ref,
         "provider_options": dict(args.option),
         "labels": dict(args.label),
+        "callback_url": args.callback_url,
     }
 
 

@@ -76,6 +76,8 @@ async def database_url(pg_url: str) -> str:
             "TRUNCATE jobs, job_events, accounts, ledger,"
             " webhook_secrets, webhook_endpoints, webhook_deliveries"
         )
+        # the account stream starts again too: no retention horizon left over from another test
+        await connection.execute("UPDATE event_sequencer SET last_sequence = 0, pruned_through = 0")
     finally:
         await connection.close()
     return pg_url

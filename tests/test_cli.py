@@ -319,3 +319,47 @@ def test_terminal_progress_redraws_one_line_per_job_and_keeps_retry_reasons() ->
     assert "11111111  retry 1: retrying in 1.2 s after: BFL answered HTTP 429 (attempt 2 of 4)" in last_frame
     assert "11111111  pending     attempt 1   10.0s  1 retry" in last_frame
     assert "22222222  pending" in last_frame
+
+
+async def test_watch_all_prints_each_event_with_its_sequence_and_resumes_after_one(
+    app: App, tmp_path: Path
+) -> None:
+    env = {**os.environ, "IMAGEGEN_ADDRESS": app.grpc_target}
+    async with grpc.aio.insecure_channel(app.grpc_target) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="followed", width=256, height=256))
+        await finished(stub, job.id)
+    # from the start of the stream (after sequence 0 would be "from now"): resume after sequence 1
+    first = await _watch_all_lines(env, "--after", "1", count=2)
+    assert [line.split()[1] for line in first] == [job.id, job.id]
+    sequences = [int(line.split()[0]) for line in first]
+    assert sequences == sorted(sequences) and sequences[0] > 1
+    later = await _watch_all_lines(env, "--after", str(sequences[0]), count=1)
+    assert int(later[0].split()[0]) == sequences[1]  # resumed right after, no repeat
+    bad = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "client", "watch", "--all", job.id, cwd=REPO, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(20):
+        _, stderr = await bad.communicate()
+    assert bad.returncode == 2 and b"--all" in stderr
+
+
+async def _watch_all_lines(env: Mapping[str, str], *extra: str, count: int) -> list[str]:
+    """The first `count` lines of a running `imagegen watch --all`, which is then stopped."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "client", "watch", "--all", *extra, cwd=REPO, env=dict(env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(20):
+            while len(lines) < count:
+                line = (await process.stdout.readline()).decode().strip()
+                assert line, "watch --all ended early"
+                lines.append(line)
+    finally:
+        process.kill()
+        await process.wait()
+    return lines

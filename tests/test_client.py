@@ -35,7 +35,11 @@ from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from sandbox import Sandbox
 from server.app import App, running_app
 from server.settings import VendorSettings
+from storage.db import make_engine
+from storage.jobs import SqlJobStore
+from storage.models import JobSpec, NewJob
 from tests.conftest import ACME_TOKEN, TEST_TOKEN, test_settings
+from tests.helpers import eventually
 
 PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = (
     pb.JOB_STATUS_PENDING,
@@ -346,3 +350,49 @@ async def test_watch_survives_the_server_being_restarted_mid_job(tmp_path: Path,
     assert handed_back, "the job went back to the queue at the restart, and the resumed watch replayed it"
     assert events[-1].job.attempt == 2
     assert vendor.counters["bfl.submit"] == 1  # resumed the vendor's task, not paid for twice
+
+
+async def test_watch_all_resumes_by_itself_after_a_restart_and_misses_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    events: list[pb.JobEvent] = []
+    first_done = asyncio.Event()
+
+    async def follow(client: ImagegenClient) -> None:
+        async for event in client.watch_all():
+            events.append(event)
+            if event.job.status == COMPLETED:
+                first_done.set()
+
+    overrides = {"shutdown_grace_s": 0.2, "sandbox_latency_s": 0.05}
+    async with contextlib.AsyncExitStack() as stack:
+        async with running_app(test_settings(tmp_path, database_url, **overrides)) as app:
+            port = app.grpc_port
+            client = await stack.enter_async_context(ImagegenClient.connect(f"127.0.0.1:{port}", retry=FAST))
+            watcher = asyncio.create_task(follow(client))
+            stack.callback(watcher.cancel)
+            await eventually(lambda: app.hub.open_subscriptions == 1)
+            await client.generate("before", width=256, height=256)
+            async with asyncio.timeout(20):
+                await first_done.wait()
+        # the server is down: jobs change meanwhile (written by another replica, here the store itself)
+        engine = make_engine(database_url)
+        store = SqlJobStore(engine)
+        spec = JobSpec(prompt="while down", provider="flux_2_pro", width=256, height=256, num_variants=1)
+        missed = []
+        for _ in range(3):
+            job, _ = await store.create(NewJob(account_id="default", spec=spec, estimated_cost_usd_micros=0))
+            missed.append(str(job.id))
+            await store.cancel("default", job.id)
+        await store.close()
+        await engine.dispose()
+        assert not watcher.done(), "watch_all must outlive the server"
+
+        again = test_settings(tmp_path, database_url, grpc_address=f"127.0.0.1:{port}", **overrides)
+        async with running_app(again):
+            await eventually(lambda: sum(e.job.id in missed for e in events) == 6, timeout=20)
+
+    sequences = [event.sequence for event in events]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+    caught_up = [(e.job.id, e.version) for e in events if e.job.id in missed]
+    assert sorted(caught_up) == sorted((job_id, v) for job_id in missed for v in (1, 2))
