@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import grpc
 import pytest
@@ -254,7 +255,7 @@ async def test_a_callback_url_gets_the_terminal_event_and_is_checked_first(
 
 
 async def test_a_receiver_that_is_down_then_up_gets_every_delivery_and_redirects_are_not_followed(
-    hooked_stub: pb_grpc.ImageGenerationStub, admin: SqlJobStore, database_url: str
+    hooked_app: App, hooked_stub: pb_grpc.ImageGenerationStub, admin: SqlJobStore, database_url: str
 ) -> None:
     # down for a while (503s, a refused redirect, Retry-After honoured), then up
     receiver = Receiver(secrets=[], answers=[503, 307, 500, 503, 502, 503, 429], retry_after="0")
@@ -275,6 +276,11 @@ async def test_a_receiver_that_is_down_then_up_gets_every_delivery_and_redirects
         assert len(rows) == 5 and {row["status"] for row in rows} == {"delivered"}
         assert sum(row["attempts"] for row in rows) == 5 + 7  # each refusal cost exactly one retry
         assert set(receiver.ids()) == {row["id"] for row in rows}
+        async with aiohttp.ClientSession() as session, session.get(f"{hooked_app.http_url}/metrics") as page:
+            metrics = await page.text()
+        assert 'imagegen_webhook_deliveries_total{outcome="retry"} 7.0' in metrics
+        assert 'imagegen_webhook_deliveries_total{outcome="delivered"} 5.0' in metrics
+        assert "imagegen_webhook_oldest_undelivered_age_seconds" in metrics
     finally:
         await receiver.stop()
 
