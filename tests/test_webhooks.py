@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.references import parse_networks
 from server.app import App, running_app
 from server.webhooks import backoff_s, retry_after_s, target_violation
+from storage import migrate
 from storage.db import make_engine
 from storage.jobs import SqlJobStore
 from storage.models import JobSpec, NewJob
@@ -374,3 +377,80 @@ async def test_a_replica_killed_mid_delivery_loses_no_webhook(database_url: str,
         await store.close()
         await engine.dispose()
         await receiver.stop()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, database_url: str
+) -> AsyncIterator[SqlJobStore]:
+    if request.param == "postgresql":
+        engine = make_engine(database_url)
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+        await migrate.upgrade(engine)
+    store = SqlJobStore(engine)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+async def test_the_outbox_trigger_claims_and_leases_on_each_database(store: SqlJobStore) -> None:
+    endpoint, secret = await store.add_endpoint("acct", "https://hooks.example.com/x", ("cancelled",))
+    assert secret is not None and await store.signing_secrets("acct") == [secret]
+    _, again = await store.add_endpoint("acct", "https://hooks.example.com/y", ("completed",))
+    assert again is None  # one secret per account, shown once
+    job, _ = await store.create(NewJob(account_id="acct", spec=SPEC, estimated_cost_usd_micros=0))
+    other, _ = await store.create(NewJob(account_id="other", spec=SPEC, estimated_cost_usd_micros=0))
+    await store.cancel("acct", job.id)
+    await store.cancel("other", other.id)
+    assert [(d.event_type, d.endpoint_id, d.status) for d in await store.deliveries("acct")] == [
+        ("job.cancelled", endpoint.id, "pending")
+    ]
+    assert await store.deliveries("other") == []
+
+    claimed = await store.claim_deliveries(owner="r1", limit=10, lease_s=30)
+    assert [(d.job_id, e.id if e else None) for d, e in claimed] == [(job.id, endpoint.id)]
+    assert await store.claim_deliveries(owner="r2", limit=10, lease_s=30) == []  # leased
+    delivery = claimed[0][0]
+    event = await store.delivery_event(delivery)
+    assert event is not None and event.version == 2
+    assert not await store.finish_delivery(delivery, owner="r2", status="delivered", payload="{}")  # fenced
+    assert await store.finish_delivery(
+        delivery, owner="r1", status="delivered", payload="{}", status_code=204
+    )
+    assert (await store.deliveries("acct"))[0].status == "delivered"
+    assert await store.oldest_undelivered() is None
+
+
+async def test_the_admin_commands(database_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "IMAGEGEN_DATABASE_URL": database_url, "IMAGEGEN_DATA_DIR": str(tmp_path)}
+
+    async def server(*argv: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server", "webhook", *argv, env=env, cwd=Path(__file__).parents[1],
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    code, out, _ = await server("add", "acme", "https://hooks.example.com/in", "--events", "completed,failed")
+    assert code == 0 and "whsec_" in out and "events completed,failed" in out
+    endpoint_id = out.split()[0]
+    code, out, _ = await server("list", "acme")
+    assert code == 0 and endpoint_id in out and "enabled" in out
+    code, out, _ = await server("rotate-secret", "acme", "--overlap-hours", "2")
+    assert code == 0 and "whsec_" in out and "2 h" in out
+    code, _, err = await server("add", "acme", "https://169.254.169.254/latest")
+    assert code == 2 and "metadata" in err
+    code, _, err = await server("add", "acme", "https://hooks.example.com/in", "--events", "pending")
+    assert code == 2 and "--events" in err
+    code, out, _ = await server("deliveries", "acme")
+    assert code == 0 and out == ""
+    code, out, _ = await server("redeliver", "msg_unknown")
+    assert code == 1 and "no such delivery" in out
+    code, out, _ = await server("remove", endpoint_id)
+    assert code == 0 and "removed" in out
