@@ -19,32 +19,36 @@ depends_on = None
 
 # The outbox rows are written by a trigger on job_events, so every path that writes an event (each
 # dialect's single statements as well as the portable transactions) writes its deliveries in the same
-# transaction. An account with no endpoint and a job with no callback_url select no rows.
+# transaction. Its WHEN clause is checked without calling the function, so the events no webhook is
+# for (every job's first, PENDING) cost nothing; an account with no endpoint and a job with no
+# callback_url select no rows.
 _POSTGRES_OUTBOX = """
 CREATE FUNCTION imagegen_webhook_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO webhook_deliveries (id, account_id, endpoint_id, url, job_id, job_version, event_type,
                                     status, attempts, next_attempt_at, create_time)
-    SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), e.account_id, w.id, NULL, e.job_id,
-           e.version, 'job.' || e.status, 'pending', 0, e.event_time, e.event_time
-    FROM new_events e
-    JOIN webhook_endpoints w ON w.account_id = e.account_id AND w.enabled
-        AND position(',' || e.status || ',' IN w.events) > 0
+    SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), NEW.account_id, w.id, NULL, NEW.job_id,
+           NEW.version, 'job.' || NEW.status, 'pending', 0, NEW.event_time, NEW.event_time
+    FROM webhook_endpoints w
+    WHERE w.account_id = NEW.account_id AND w.enabled
+      AND position(',' || NEW.status || ',' IN w.events) > 0
     UNION ALL
-    SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), e.account_id, NULL, j.callback_url,
-           e.job_id, e.version, 'job.' || e.status, 'pending', 0, e.event_time, e.event_time
-    FROM new_events e JOIN jobs j ON j.id = e.job_id
-    WHERE e.status IN ('completed', 'failed', 'cancelled') AND j.callback_url IS NOT NULL;
+    SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), NEW.account_id, NULL, j.callback_url,
+           NEW.job_id, NEW.version, 'job.' || NEW.status, 'pending', 0, NEW.event_time, NEW.event_time
+    FROM jobs j
+    WHERE j.id = NEW.job_id AND NEW.status <> 'processing' AND j.callback_url IS NOT NULL;
     RETURN NULL;
 END
 $$
 """
 _POSTGRES_OUTBOX_TRIGGER = """
-CREATE TRIGGER job_events_webhook_outbox AFTER INSERT ON job_events
-    REFERENCING NEW TABLE AS new_events FOR EACH STATEMENT EXECUTE FUNCTION imagegen_webhook_outbox();
+CREATE TRIGGER job_events_webhook_outbox AFTER INSERT ON job_events FOR EACH ROW
+    WHEN (NEW.status IN ('processing', 'completed', 'failed', 'cancelled'))
+    EXECUTE FUNCTION imagegen_webhook_outbox()
 """
 _SQLITE_OUTBOX = """
 CREATE TRIGGER job_events_webhook_outbox AFTER INSERT ON job_events
+WHEN NEW.status IN ('processing', 'completed', 'failed', 'cancelled')
 BEGIN
     INSERT INTO webhook_deliveries (id, account_id, endpoint_id, url, job_id, job_version, event_type,
                                     status, attempts, next_attempt_at, create_time)
@@ -56,8 +60,7 @@ BEGIN
     SELECT 'msg_' || lower(hex(randomblob(16))), NEW.account_id, NULL, j.callback_url, NEW.job_id,
            NEW.version, 'job.' || NEW.status, 'pending', 0, NEW.event_time, NEW.event_time
     FROM jobs j
-    WHERE j.id = NEW.job_id AND NEW.status IN ('completed', 'failed', 'cancelled')
-      AND j.callback_url IS NOT NULL;
+    WHERE j.id = NEW.job_id AND NEW.status <> 'processing' AND j.callback_url IS NOT NULL;
 END
 """
 
