@@ -34,6 +34,13 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
 #: how long a client should wait before retrying after UNAVAILABLE from the database
 STORE_RETRY_DELAY_S = 1
 
+# Errors echo what the caller sent (an unknown provider, a bad label key); bounded here, once, so that
+# the trailers stay well under the 8 KiB of metadata a default client accepts, whatever the input.
+_MAX_MESSAGE_BYTES = 512
+_MAX_FIELD_BYTES = 128
+_MAX_DESCRIPTION_BYTES = 256
+_MAX_VIOLATIONS = 10
+
 
 class ServiceError(Exception):
     """An RPC outcome decided by the servicer itself (not by a lower layer)."""
@@ -61,16 +68,29 @@ def status_for(exc: Exception) -> grpc.StatusCode:
 
 def bad_request(violations: Sequence[FieldViolation]) -> any_pb2.Any:
     """google.rpc.BadRequest naming every bad field."""
-    detail = any_pb2.Any()
-    detail.Pack(
-        error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in violations
-            ]
+    listed = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=clip(v.field, _MAX_FIELD_BYTES), description=clip(v.description, _MAX_DESCRIPTION_BYTES)
         )
-    )
+        for v in violations[:_MAX_VIOLATIONS]
+    ]
+    if len(violations) > _MAX_VIOLATIONS:
+        listed.append(
+            error_details_pb2.BadRequest.FieldViolation(
+                field="...", description=f"and {len(violations) - _MAX_VIOLATIONS} more bad fields"
+            )
+        )
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=listed))
     return detail
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8 (on a character boundary), ending in "..." when cut."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
 def quota_failure(subject: str, description: str) -> any_pb2.Any:
@@ -110,7 +130,9 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
     elif code is grpc.StatusCode.INTERNAL and not isinstance(exc, (StorageError, ServiceError)):
         message = "internal error"  # never a stack trace or driver text to the caller
     status = rpc_status.to_status(
-        status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+        status_pb2.Status(
+            code=getattr(code_pb2, code.name), message=clip(message, _MAX_MESSAGE_BYTES), details=details
+        )
     )
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("unreachable: context.abort raises")
