@@ -191,7 +191,7 @@ class Settings:
             vendor, sep, value = item.partition("=")
             if (
                 not sep
-                or not value.strip().isdigit()
+                or not (value.strip().isascii() and value.strip().isdigit())
                 or vendor.strip() not in ("bfl", "openai", "ark", "gemini")
             ):
                 raise SettingsError(
@@ -236,6 +236,6 @@ def _is_loopback(host: str) -> bool:
 def split_address(address: str) -> tuple[str, int]:
     """'host:port' or '[v6]:port' into (host, port)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise SettingsError(f"address {address!r} must be host:port")
     return host.strip("[]"), int(port)
