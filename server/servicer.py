@@ -11,7 +11,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -232,6 +232,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
     async def ListProviders(
         self, request: pb.ListProvidersRequest, context: Context
     ) -> pb.ListProvidersResponse:
+        self._account(context)  # the catalog says which vendors are configured: callers only
         providers = []
         for model in CATALOG.values():
             providers.append(
@@ -452,6 +453,11 @@ def _decode_page_token(token: str, where: JobFilter) -> PageCursor | None:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if data["f"] != _filter_digest(where):
             return None
-        return PageCursor(create_time=datetime.fromisoformat(data["t"]), job_id=uuid.UUID(data["id"]))
-    except (ValueError, KeyError, TypeError):
+        created = datetime.fromisoformat(data["t"])
+        if created.tzinfo is None:
+            return None
+        # in UTC, as the database compares it: a forged offset can push the year out of range
+        created = created.astimezone(UTC)
+        return PageCursor(create_time=created, job_id=uuid.UUID(data["id"]))
+    except (ValueError, KeyError, TypeError, OverflowError):
         return None
