@@ -487,8 +487,13 @@ class SqlJobStore:
             spent: dict[str, int] = {}
             rows: list[dict[str, Any]] = []
             planned: list[int] = []
+            # a retry must get its job back, not be refused for the credit that job already reserved
+            retried = await self._retried_request_ids(conn, batch, budgets)
             for index, item in enumerate(batch):
                 job, quote = item.job, item.job.estimated_cost_usd_micros
+                if job.request_id and (job.account_id, job.request_id) in retried:
+                    conflicted.append(index)  # answered after the commit with the job that holds the id
+                    continue
                 balance = budgets.get(job.account_id)
                 if balance is not None and quote > 0:
                     left = balance - spent.get(job.account_id, 0)
@@ -497,6 +502,8 @@ class SqlJobStore:
                         continue
                     spent[job.account_id] = spent.get(job.account_id, 0) + quote
                     job = item.job = job.evolve(reserved_usd_micros=quote)
+                if job.request_id:
+                    retried.add((job.account_id, job.request_id))  # a duplicate later in this batch
                 rows.append(_job_values(job, item.request_hash))
                 planned.append(index)
             inserted = await self._insert_jobs(conn, rows) if rows else set()
@@ -579,6 +586,28 @@ class SqlJobStore:
             .with_for_update()
         )
         return {row.account_id: row.balance_usd_micros for row in rows}
+
+    async def _retried_request_ids(
+        self, conn: AsyncConnection, batch: Sequence[_Submit], budgets: Mapping[str, int]
+    ) -> set[tuple[str, str]]:
+        """(account, request_id) of this batch's budgeted submits whose request_id a job already holds.
+
+        Read under the budget rows' locks, which every budgeted create of these accounts takes first.
+        """
+        keys = {
+            (item.job.account_id, item.job.request_id)
+            for item in batch
+            if item.job.request_id and item.job.account_id in budgets
+        }
+        if not keys:
+            return set()
+        rows = await conn.execute(
+            select(jobs.c.account_id, jobs.c.request_id).where(
+                jobs.c.account_id.in_({account for account, _ in keys}),
+                jobs.c.request_id.in_({request_id for _, request_id in keys}),
+            )
+        )
+        return {(row.account_id, row.request_id) for row in rows} & keys
 
     async def _insert_jobs(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
         """Insert jobs, skipping any whose (account, request_id) exists; returns the ids inserted."""

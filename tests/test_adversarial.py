@@ -1,0 +1,201 @@
+"""The adversarial probes of issue 25, each a reproduction run against a real server, asserting the fix.
+
+Every input here is one a hostile or careless caller can send: raw bytes that are not the method's
+message, values too long to echo, forged page tokens, odd URL encodings, budgets hit by a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from server.app import App, running_app
+from tests.conftest import ACME_TOKEN, authed_channel, test_settings
+from tests.helpers import bad_fields, status_details
+
+SERVICE = "/imagegen.v1.ImageGeneration/"
+
+
+@pytest.fixture
+async def secured(tmp_path: Path, database_url: str) -> AsyncIterator[App]:
+    """A server with tokens configured, whose worker does not run (jobs stay as submitted)."""
+    async with running_app(test_settings(tmp_path, database_url, secured=True, role="api")) as running:
+        yield running
+
+
+async def _raw_unary(target: str, method: str, data: bytes) -> grpc.aio.AioRpcError | bytes:
+    async with authed_channel(target) as channel:
+        call = channel.unary_unary(SERVICE + method)
+        try:
+            return await call(data, timeout=10)
+        except grpc.aio.AioRpcError as error:
+            return error
+
+
+def _handled(registry: CollectorRegistry, method: str, code: str) -> float:
+    labels = {"grpc_type": "unary", "grpc_service": "imagegen.v1.ImageGeneration", "grpc_method": method}
+    return registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code}) or 0.0
+
+
+async def _job_rows(app: App) -> int:
+    jobs, _ = await app.store.list("default", page_size=100)
+    return len(jobs)
+
+
+# ---------------------------------------------------------------- 3. malformed protobuf
+
+
+def _nested_struct(depth: int) -> bytes:
+    """A GenerateImageRequest whose provider_options Struct nests `depth` levels deep, encoded by hand."""
+    value = b"\x1a\x01x"  # Value.string_value
+    struct = b""
+    for _ in range(depth):
+        entry = b"\x0a\x01k\x12" + _varint(len(value)) + value  # map entry {key: "k", value}
+        struct = b"\x0a" + _varint(len(entry)) + entry  # Struct.fields
+        value = b"\x2a" + _varint(len(struct)) + struct  # Value.struct_value
+    options = pb.GenerateImageRequest.DESCRIPTOR.fields_by_name["provider_options"].number
+    return b"\x0a\x01p" + _varint(options << 3 | 2) + _varint(len(struct)) + struct
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = number & 0x7F
+        number >>= 7
+        if number:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(bytes.fromhex("0a0561626366fffe"), id="truncated-garbage"),
+        pytest.param(b"\x0a\x03\xff\xfe\xfd", id="invalid-utf8-prompt"),
+        pytest.param(b"\x0a\x10abc", id="truncated-length"),
+        pytest.param(_nested_struct(120), id="struct-nested-past-100"),
+    ],
+)
+async def test_undecodable_requests_are_invalid_argument_and_counted(secured: App, data: bytes) -> None:
+    before = _handled(secured.registry, "GenerateImage", "InvalidArgument")
+    outcome = await _raw_unary(secured.grpc_target, "GenerateImage", data)
+    assert isinstance(outcome, grpc.aio.AioRpcError)
+    assert outcome.code() == grpc.StatusCode.INVALID_ARGUMENT, outcome
+    assert "class" not in (outcome.details() or "") and "DecodeError" not in (outcome.details() or "")
+    assert _handled(secured.registry, "GenerateImage", "InvalidArgument") == before + 1
+    assert _handled(secured.registry, "GenerateImage", "Unknown") == 0
+    assert await _job_rows(secured) == 0
+
+
+async def test_undecodable_stream_requests_are_invalid_argument(secured: App) -> None:
+    async with authed_channel(secured.grpc_target) as channel:
+        call = channel.unary_stream(SERVICE + "WatchJobs")(b"\x0a\x05ab", timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---------------------------------------------------------------- 4. echoed values
+
+
+async def test_invalid_values_are_not_echoed_whole(secured: App) -> None:
+    async with authed_channel(secured.grpc_target) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        for request in (
+            pb.GenerateImageRequest(prompt="a", provider="p" * 10_000),
+            pb.GenerateImageRequest(prompt="a", labels={f"BAD{i}" + "k" * 3000: "v" for i in range(300)}),
+            pb.GenerateImageRequest(prompt="a", provider="夕" * 100_000),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GenerateImage(request)
+            error = caught.value
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+            trailers = sum(len(k) + len(v) for k, v in error.trailing_metadata() or ())
+            assert trailers < 8_000
+            assert len(error.details() or "") <= 1_000
+            fields = bad_fields(error)
+            assert fields and all(len(f) <= 200 and len(d) <= 400 for f, d in fields.items())
+
+
+# ---------------------------------------------------------------- 5. forged page token
+
+
+@pytest.mark.parametrize(
+    "when", ["9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00", "2026-12-06T00:00:00"]
+)
+async def test_forged_page_token_out_of_range_is_invalid_argument(secured: App, when: str) -> None:
+    # a token of the unfiltered listing: the filter digest is what the server would compute
+    from server.servicer import _filter_digest
+    from storage.jobs import JobFilter
+
+    data = {"t": when, "id": "00000000-0000-0000-0000-000000000001", "f": _filter_digest(JobFilter())}
+    token = base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+    async with authed_channel(secured.grpc_target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pb_grpc.ImageGenerationStub(channel).ListJobs(pb.ListJobsRequest(page_token=token))
+    assert "page_token" in bad_fields(caught.value)
+
+
+# ---------------------------------------------------------------- 6. signed URL expiry digits
+
+
+async def test_files_expiry_that_is_not_ascii_digits_is_refused(secured: App) -> None:
+    async with aiohttp.ClientSession() as http:
+        for expires in ("%C2%B2", "%D9%A3", "12%C2%B2"):
+            url = f"{secured.http_url}/files/default/root/x/1/1.png?expires={expires}&sig=00"
+            async with http.get(url) as response:
+                assert 400 <= response.status < 500, (expires, response.status)
+
+
+# ---------------------------------------------------------------- 9. ListProviders needs a token
+
+
+async def test_list_providers_requires_a_token(secured: App) -> None:
+    async with grpc.aio.insecure_channel(secured.grpc_target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pb_grpc.ImageGenerationStub(channel).ListProviders(pb.ListProvidersRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    async with authed_channel(secured.grpc_target, token=ACME_TOKEN, account="acme") as channel:
+        answer = await pb_grpc.ImageGenerationStub(channel).ListProviders(pb.ListProvidersRequest())
+    assert answer.providers
+
+
+# ---------------------------------------------------------------- 1. budgets and idempotent retries
+
+
+async def test_a_retry_of_a_charged_job_returns_it_even_when_the_budget_is_spent(secured: App) -> None:
+    await secured.store.set_budget("acme", 30_000)  # exactly one 1024x1024 FLUX.2 image
+    async with authed_channel(secured.grpc_target, token=ACME_TOKEN, account="acme") as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        first = await stub.GenerateImage(pb.GenerateImageRequest(prompt="p", request_id="R"))
+        again = await stub.GenerateImage(pb.GenerateImageRequest(prompt="p", request_id="R"))
+        assert again.id == first.id
+        # retries of the same request at once, in one batch, all get the job
+        retries = await asyncio.gather(
+            *(stub.GenerateImage(pb.GenerateImageRequest(prompt="p", request_id="R")) for _ in range(8))
+        )
+        assert {job.id for job in retries} == {first.id}
+        # a different body under the same id is still a conflict, and a new request is still refused
+        with pytest.raises(grpc.aio.AioRpcError) as conflict:
+            await stub.GenerateImage(pb.GenerateImageRequest(prompt="other", request_id="R"))
+        assert conflict.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.aio.AioRpcError) as spent:
+            await stub.GenerateImage(pb.GenerateImageRequest(prompt="p", request_id="S"))
+        assert spent.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert status_details(spent.value).details
+    assert await secured.store.budget("acme") == 0
+    assert len(await secured.store.ledger_entries("acme")) == 2  # the budget and one reservation
+
