@@ -39,7 +39,8 @@ STORE_RETRY_DELAY_S = 1
 _MAX_MESSAGE_BYTES = 512
 _MAX_FIELD_BYTES = 128
 _MAX_DESCRIPTION_BYTES = 256
-_MAX_VIOLATIONS = 10
+#: all the violations listed, together (a request with every field wrong takes about 2 KiB)
+_MAX_VIOLATION_BYTES = 4096
 
 
 class ServiceError(Exception):
@@ -68,18 +69,20 @@ def status_for(exc: Exception) -> grpc.StatusCode:
 
 def bad_request(violations: Sequence[FieldViolation]) -> any_pb2.Any:
     """google.rpc.BadRequest naming every bad field."""
-    listed = [
-        error_details_pb2.BadRequest.FieldViolation(
-            field=clip(v.field, _MAX_FIELD_BYTES), description=clip(v.description, _MAX_DESCRIPTION_BYTES)
-        )
-        for v in violations[:_MAX_VIOLATIONS]
-    ]
-    if len(violations) > _MAX_VIOLATIONS:
-        listed.append(
-            error_details_pb2.BadRequest.FieldViolation(
-                field="...", description=f"and {len(violations) - _MAX_VIOLATIONS} more bad fields"
+    listed: list[error_details_pb2.BadRequest.FieldViolation] = []
+    size = 0
+    for index, violation in enumerate(violations):
+        field = clip(violation.field, _MAX_FIELD_BYTES)
+        description = clip(violation.description, _MAX_DESCRIPTION_BYTES)
+        size += len(field.encode()) + len(description.encode())
+        if size > _MAX_VIOLATION_BYTES:
+            listed.append(
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="...", description=f"and {len(violations) - index} more bad fields"
+                )
             )
-        )
+            break
+        listed.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.BadRequest(field_violations=listed))
     return detail

@@ -21,7 +21,8 @@ from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
 from tests.conftest import ACME_TOKEN, authed_channel, test_settings
-from tests.helpers import bad_fields, status_details
+from storage.models import JobSpec, NewJob
+from tests.helpers import bad_fields, finished, status_details
 
 SERVICE = "/imagegen.v1.ImageGeneration/"
 
@@ -199,3 +200,86 @@ async def test_a_retry_of_a_charged_job_returns_it_even_when_the_budget_is_spent
     assert await secured.store.budget("acme") == 0
     assert len(await secured.store.ledger_entries("acme")) == 2  # the budget and one reservation
 
+
+# ---------------------------------------------------------------- 2, 8. the address guard
+
+#: IPv6 forms that carry an inward IPv4 address, and spellings a resolver reads as an inward host
+INWARD_HOSTS = [
+    "[64:ff9b::a9fe:a9fe]",  # NAT64: 169.254.169.254
+    "[64:ff9b::a00:1]",
+    "[64:ff9b:1::a00:1]",  # local-use NAT64
+    "[2002:a9fe:a9fe::]",  # 6to4
+    "[::127.0.0.1]",  # IPv4-compatible
+    "[::ffff:0:7f00:1]",  # IPv4-translated
+    "[::ffff:10.0.0.1]",  # IPv4-mapped
+    "[2001:0:4136:e378:8000:63bf:3fff:fdd2]",  # Teredo
+    "localhost.",
+    "127。0。0。1",
+    "①②⑦.0.0.1",
+    "%31%32%37.0.0.1",
+    "ｌｏｃａｌｈｏｓｔ",
+    "127.1",
+    "0x7f.0.0.1",
+    "intranet",
+    "ex ample.com",
+    "exa%mple.com",
+]
+
+
+@pytest.mark.parametrize("host", INWARD_HOSTS)
+async def test_inward_and_impossible_hosts_are_refused_at_submit(secured: App, host: str) -> None:
+    async with authed_channel(secured.grpc_target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pb_grpc.ImageGenerationStub(channel).GenerateImage(
+                pb.GenerateImageRequest(
+                    prompt="p", provider="nano_banana_pro", reference_image_urls=[f"http://{host}/x.png"]
+                )
+            )
+    assert "reference_image_urls[0]" in bad_fields(caught.value)
+    assert await _job_rows(secured) == 0
+
+
+@pytest.mark.parametrize(
+    "address", ["64:ff9b::a00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "::127.0.0.1", "::ffff:0:a00:1"]
+)
+def test_the_connector_refuses_ipv6_forms_of_inward_ipv4(address: str) -> None:
+    from providers.references import PublicOnlyConnector
+
+    connector = PublicOnlyConnector.__new__(PublicOnlyConnector)  # no event loop needed to ask
+    connector._allow = ()
+    assert not connector.permitted(address)
+
+
+def test_public_addresses_and_names_pass_the_guard() -> None:
+    from providers.references import host_problem
+
+    for host in (
+        "example.com",
+        "bücher.de",
+        "8.8.8.8",
+        "2001:4860:4860::8888",
+        "64:ff9b::808:808",
+        "a_b.cdn.net",
+    ):
+        assert host_problem(host) is None, host
+
+
+@pytest.mark.parametrize("url", ["http://ex ample.com/x.png", "http://%31%32%37.0.0.1:9/x.png"])
+async def test_an_unfetchable_reference_fails_the_job_at_once(app: App, url: str) -> None:
+    # written past the submit-time check (as by an older release): the fetcher refuses it, at once
+    spec = JobSpec(
+        prompt="p",
+        provider="nano_banana",
+        width=1024,
+        height=1024,
+        num_variants=1,
+        reference_image_urls=(url,),
+    )
+    job, _ = await app.store.create(
+        NewJob(account_id="default", spec=spec, estimated_cost_usd_micros=0, request_id="", deadline_s=60)
+    )
+    async with grpc.aio.insecure_channel(app.grpc_target) as channel:
+        done = await finished(pb_grpc.ImageGenerationStub(channel), str(job.id))
+    assert done.status == pb.JOB_STATUS_FAILED
+    assert done.error.code == "PROVIDER_REJECTED", done.error
+    assert done.attempt == 1
