@@ -283,3 +283,16 @@ async def test_an_unfetchable_reference_fails_the_job_at_once(app: App, url: str
     assert done.status == pb.JOB_STATUS_FAILED
     assert done.error.code == "PROVIDER_REJECTED", done.error
     assert done.attempt == 1
+
+
+# ---------------------------------------------------------------- 10. the CLI and server-supplied names
+
+
+@pytest.mark.parametrize("job_id", ["../../../tmp/evil", "/etc/passwd", "a/b", "..", ""])
+def test_the_client_never_builds_a_path_from_a_job_id_that_is_not_a_uuid(job_id: str) -> None:
+    from client._download import DownloadError, image_path
+
+    with pytest.raises(DownloadError):
+        image_path(Path("out"), job_id, 1, "image/png")
+    good = image_path(Path("out"), "0E0B6B4C-3D0A-4F7A-9E3B-2A4B6C8D0E1F", 1, "image/png")
+    assert good == Path("out/0e0b6b4c-3d0a-4f7a-9e3b-2a4b6c8d0e1f-1.png")
