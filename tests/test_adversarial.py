@@ -296,3 +296,13 @@ def test_the_client_never_builds_a_path_from_a_job_id_that_is_not_a_uuid(job_id:
         image_path(Path("out"), job_id, 1, "image/png")
     good = image_path(Path("out"), "0E0B6B4C-3D0A-4F7A-9E3B-2A4B6C8D0E1F", 1, "image/png")
     assert good == Path("out/0e0b6b4c-3d0a-4f7a-9e3b-2a4b6c8d0e1f-1.png")
+
+
+# ---------------------------------------------------------------- 11. smaller ones
+
+
+async def test_metrics_say_their_text_format_version(secured: App) -> None:
+    async with aiohttp.ClientSession() as http, http.get(f"{secured.http_url}/metrics") as response:
+        assert response.status == 200
+        content_type = response.headers["Content-Type"]
+    assert content_type.replace(" ", "") == "text/plain;version=0.0.4;charset=utf-8"
