@@ -15,7 +15,6 @@ import aiohttp
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from providers.ark import ArkProvider
@@ -34,6 +33,8 @@ from server.http import http_routes
 from server.hub import EventHub
 from server.metrics import GrpcMetrics, QueueSampler, ServiceMetrics
 from server.reaper import Reaper
+from server.reflection import SERVICE_NAMES as REFLECTION_SERVICES
+from server.reflection import add_reflection
 from server.servicer import Admission, ImageGenerationServicer
 from server.settings import Settings, split_address
 from server.worker import Worker, WorkerPolicy
@@ -295,7 +296,7 @@ async def running_app(
             maximum_concurrent_rpcs=None,
         )
         registrar = _Registrar(server, GrpcMetrics(registry))
-        services = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        services = [health.SERVICE_NAME, *REFLECTION_SERVICES]
         if settings.role in ("all", "api"):
             pb_grpc.add_ImageGenerationServicer_to_server(
                 ImageGenerationServicer(
@@ -318,10 +319,7 @@ async def running_app(
             )
             services.append(SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
-        # what `reflection.enable_server_reflection` does for a grpc.aio server, which `registrar` is not
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(services), registrar
-        )
+        add_reflection(services, registrar)
         grpc_port = _listen(server, settings)
         if grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {settings.grpc_address}")

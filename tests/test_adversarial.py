@@ -306,3 +306,41 @@ async def test_metrics_say_their_text_format_version(secured: App) -> None:
         assert response.status == 200
         content_type = response.headers["Content-Type"]
     assert content_type.replace(" ", "") == "text/plain;version=0.0.4;charset=utf-8"
+
+
+@pytest.mark.parametrize("package", ["grpc.reflection.v1", "grpc.reflection.v1alpha"])
+async def test_reflection_is_served_as_v1_and_v1alpha(secured: App, package: str) -> None:
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    async with grpc.aio.insecure_channel(secured.grpc_target) as channel:
+        info = channel.stream_stream(
+            f"/{package}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        answers = [
+            answer
+            async for answer in info(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(list_services=""),
+                        reflection_pb2.ServerReflectionRequest(
+                            file_containing_symbol=f"{package}.ServerReflection"
+                        ),
+                        reflection_pb2.ServerReflectionRequest(
+                            file_containing_symbol="imagegen.v1.ImageGeneration"
+                        ),
+                    ]
+                ),
+                timeout=10,
+            )
+        ]
+    listed = {service.name for service in answers[0].list_services_response.service}
+    assert {"imagegen.v1.ImageGeneration", "grpc.reflection.v1.ServerReflection"} <= listed
+    for answer in answers[1:]:
+        assert answer.WhichOneof("message_response") == "file_descriptor_response", answer
+    own = descriptor_pb2.FileDescriptorProto.FromString(
+        answers[1].file_descriptor_response.file_descriptor_proto[0]
+    )
+    assert own.package == package
