@@ -308,6 +308,7 @@ async def running_app(
                     reference_allow=parse_networks(settings.reference_allow_networks),
                     deadline_s=settings.job_deadline_s,
                     auth=authenticator,
+                    max_watch_streams_per_caller=settings.max_watch_streams_per_caller,
                     admission=Admission(
                         max_pending=settings.max_pending_jobs,
                         max_pending_per_account=settings.max_pending_jobs_per_account,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -105,6 +106,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         admission: Admission | None = None,
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
+        max_watch_streams_per_caller: int = 0,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -116,6 +118,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._auth = auth or Authenticator.local()
         self._reference_allow = tuple(reference_allow)
         self._events = EventEncoder(signer)
+        self._max_watches = max_watch_streams_per_caller
+        #: open watch streams per caller, for the cap above
+        self._watches: dict[str, int] = {}
 
     # ------------------------------------------------------------ unary
 
@@ -265,12 +270,13 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     @_streaming
     async def WatchJob(self, request: pb.WatchJobRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
-        account = self._account(context)
+        caller, account = self._auth.identify(context.invocation_metadata() or ())
         job_id = _job_id(request.job_id)
         if request.after_version < 0:
             raise InvalidRequest([FieldViolation("after_version", "must not be negative")])
         # Subscribe before reading, so no transition can slip between the read and the subscription.
         with (
+            self._watch_slot(caller),
             self._hub.subscribe(Subscription(account_id=account, job_id=job_id)) as subscription,
             self._counted("WatchJob"),
         ):
@@ -314,7 +320,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     @_streaming
     async def WatchJobs(self, request: pb.WatchJobsRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
-        account = self._account(context)
+        caller, account = self._auth.identify(context.invocation_metadata() or ())
         statuses, violation = _statuses(request.statuses, "statuses")
         bad = [v for v in (violation, folder_violation(request.folder_id)) if v is not None]
         if bad:
@@ -325,7 +331,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             statuses=statuses,
             max_queued=WATCH_JOBS_MAX_QUEUED,
         )
-        with self._hub.subscribe(subscription), self._counted("WatchJobs"):
+        with self._watch_slot(caller), self._hub.subscribe(subscription), self._counted("WatchJobs"):
             await context.send_initial_metadata(())  # the caller knows the watch is live
             while True:
                 item = await subscription.queue.get()
@@ -345,6 +351,26 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     def _counted(self, method: str) -> _StreamGauge:
         return _StreamGauge(self._metrics, method)
+
+    @contextlib.contextmanager
+    def _watch_slot(self, caller: str) -> Iterator[None]:
+        """One of the caller's watch streams, or RESOURCE_EXHAUSTED when it holds as many as it may."""
+        held = self._watches.get(caller, 0)
+        if self._max_watches and held >= self._max_watches:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{caller} has {held} watch streams open here, the most a caller may; close some "
+                "(WatchJobs follows many jobs on one stream)",
+            )
+        self._watches[caller] = held + 1
+        try:
+            yield
+        finally:
+            left = self._watches[caller] - 1
+            if left:
+                self._watches[caller] = left
+            else:
+                del self._watches[caller]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -85,6 +85,8 @@ class Settings:
     retry_base_s: float = 1.0
     retry_max_s: float = 30.0
     watch_heartbeat_s: float = 15.0
+    #: WatchJob and WatchJobs streams one caller (token) may hold open in this process (0: no cap)
+    max_watch_streams_per_caller: int = 1_000
     shutdown_grace_s: float = 10.0
     #: per HTTP request to a vendor
     provider_timeout_s: float = 120.0

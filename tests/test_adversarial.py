@@ -22,7 +22,7 @@ from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
 from tests.conftest import ACME_TOKEN, authed_channel, test_settings
 from storage.models import JobSpec, NewJob
-from tests.helpers import bad_fields, finished, status_details
+from tests.helpers import bad_fields, eventually, finished, status_details
 
 SERVICE = "/imagegen.v1.ImageGeneration/"
 
@@ -344,3 +344,41 @@ async def test_reflection_is_served_as_v1_and_v1alpha(secured: App, package: str
         answers[1].file_descriptor_response.file_descriptor_proto[0]
     )
     assert own.package == package
+
+
+async def test_one_caller_may_hold_only_so_many_watch_streams(tmp_path: Path, database_url: str) -> None:
+    settings = test_settings(tmp_path, database_url, secured=True, role="api", max_watch_streams_per_caller=3)
+    async with (
+        running_app(settings) as app,
+        authed_channel(app.grpc_target, token=ACME_TOKEN, account="acme") as channel,
+        authed_channel(app.grpc_target) as other,
+    ):
+        stub = pb_grpc.ImageGenerationStub(channel)
+        streams = [stub.WatchJobs(pb.WatchJobsRequest()) for _ in range(3)]
+        for stream in streams:
+            await stream.initial_metadata()  # sent once the stream is live
+        job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="p"))
+        for too_many in (
+            stub.WatchJobs(pb.WatchJobsRequest()),
+            stub.WatchJob(pb.WatchJobRequest(job_id=job.id)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await too_many.read()
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # another caller is not affected, and a closed stream frees its slot
+        extra = pb_grpc.ImageGenerationStub(other).WatchJobs(pb.WatchJobsRequest())
+        await extra.initial_metadata()
+        extra.cancel()
+        streams.pop().cancel()
+
+        async def reopened() -> bool:
+            again = stub.WatchJobs(pb.WatchJobsRequest())
+            try:
+                await asyncio.wait_for(again.initial_metadata(), 5)
+                return again.done() is False
+            finally:
+                again.cancel()
+
+        await eventually(reopened)
+        for stream in streams:
+            stream.cancel()
