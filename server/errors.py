@@ -17,6 +17,7 @@ from storage.errors import (
     InvalidTransition,
     JobNotFound,
     LeaseLost,
+    SchemaBehind,
     StorageError,
     StoreUnavailable,
 )
@@ -127,6 +128,9 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
         details.append(quota_failure(f"account:{exc.account_id}", str(exc)))
     elif isinstance(exc, Overloaded):
         details.append(retry_info(exc.retry_after_s))
+    elif isinstance(exc, SchemaBehind):
+        message = f"this server cannot serve yet: {exc}"
+        details.append(retry_info(STORE_RETRY_DELAY_S))
     elif isinstance(exc, StoreUnavailable):
         message = "the job database is unreachable; try again"
         details.append(retry_info(STORE_RETRY_DELAY_S))

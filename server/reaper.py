@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from server.metrics import ServiceMetrics
-from storage.errors import StorageError
+from storage.errors import SchemaBehind, StorageError
 from storage.jobs import SqlJobStore
 from storage.models import JobStatus
 
@@ -24,7 +24,8 @@ class Reaper:
         try:
             changed = await self._store.reap()
         except StorageError as exc:
-            log.warning("reaper could not reach the database: %s", exc)
+            if not isinstance(exc, SchemaBehind):  # the store logs that, once a minute
+                log.warning("reaper could not reach the database: %s", exc)
             return 0
         except Exception:
             log.exception("reaper failed unexpectedly; it tries again next interval")

@@ -30,7 +30,7 @@ from providers.catalog import CATALOG
 from providers.imaging import FittedImage, fit_image
 from server.metrics import ServiceMetrics
 from storage.blobs import LocalBlobStore, attempt_prefix, image_key
-from storage.errors import LeaseLost, StorageError, StoreUnavailable
+from storage.errors import LeaseLost, SchemaBehind, StorageError, StoreUnavailable
 from storage.jobs import Claim, ConcurrencyCap, Fence, SqlJobStore
 from storage.models import Job, JobError, JobNotice, JobStatus, StoredImage, utcnow
 
@@ -166,7 +166,8 @@ class Worker:
                     )
                     backoff = self._policy.poll_interval_s
                 except StoreUnavailable as exc:
-                    log.warning("worker cannot reach the database (%s); pausing %.1f s", exc, backoff)
+                    if not isinstance(exc, SchemaBehind):  # the store logs that, once a minute
+                        log.warning("worker cannot reach the database (%s); pausing %.1f s", exc, backoff)
                     await self._idle(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue

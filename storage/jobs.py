@@ -35,6 +35,7 @@ from storage.errors import (
     JobNotFound,
     LeaseLost,
     NoBudget,
+    SchemaBehind,
     StorageError,
     StoreUnavailable,
 )
@@ -260,6 +261,7 @@ class _HeldConnection:
             yield self._driver
         except Exception as exc:
             if not _is_lost_connection(exc):
+                _raise_if_schema_behind(exc)
                 raise
             await self.release(invalidate=True)
             raise StoreUnavailable(f"database unreachable: {exc!s}") from exc
@@ -1554,9 +1556,32 @@ async def _unavailable_on_connection_errors() -> AsyncIterator[None]:
             or _is_connection_error(exc)
         ):
             raise StoreUnavailable(f"database unreachable: {exc.orig!s}") from exc
+        _raise_if_schema_behind(exc.orig)
         raise
     except (OSError, TimeoutError, sqlalchemy.exc.TimeoutError) as exc:
         raise StoreUnavailable(f"database unreachable: {exc!s}") from exc
+    except Exception as exc:  # asyncpg's own errors, from statements run on the driver itself
+        _raise_if_schema_behind(exc)
+        raise
+
+
+#: SQLSTATEs of a statement naming a table or column the database does not have
+_UNDEFINED = ("42P01", "42703")
+#: the most often an unmigrated database is logged (every RPC and every loop meets it)
+_SCHEMA_LOG_INTERVAL_S = 60.0
+_schema_logged_at = -_SCHEMA_LOG_INTERVAL_S
+
+
+def _raise_if_schema_behind(error: BaseException) -> None:
+    """SchemaBehind when `error` (a driver error, or what it wraps) says a table or column is missing."""
+    global _schema_logged_at
+    for candidate in (error, error.__cause__):
+        if getattr(candidate, "sqlstate", None) in _UNDEFINED:
+            behind = SchemaBehind(str(candidate).splitlines()[0])
+            if time.monotonic() - _schema_logged_at >= _SCHEMA_LOG_INTERVAL_S:
+                _schema_logged_at = time.monotonic()
+                log.error("%s", behind)
+            raise behind from error
 
 
 async def _discard_if_broken(conn: AsyncConnection, exc: sqlalchemy.exc.DBAPIError) -> None:

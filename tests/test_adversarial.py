@@ -382,3 +382,58 @@ async def test_one_caller_may_hold_only_so_many_watch_streams(tmp_path: Path, da
         await eventually(reopened)
         for stream in streams:
             stream.cancel()
+
+
+# ---------------------------------------------------------------- 7. an unmigrated database
+
+
+@pytest.fixture
+async def unmigrated_url(pg_url: str) -> AsyncIterator[str]:
+    """A PostgreSQL database that exists but was never migrated."""
+    import uuid
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(pg_url).set(database="postgres").render_as_string(hide_password=False)
+    name = f"imagegen_unmigrated_{uuid.uuid4().hex[:8]}"
+    connection = await asyncpg.connect(admin, timeout=10)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    connection = await asyncpg.connect(admin, timeout=10)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+async def test_an_unmigrated_database_answers_unavailable_saying_to_migrate(
+    tmp_path: Path, unmigrated_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = test_settings(tmp_path, unmigrated_url)
+    async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        calls = [
+            stub.GenerateImage(pb.GenerateImageRequest(prompt="p")),
+            stub.GetJob(pb.GetJobRequest(job_id="00000000-0000-0000-0000-000000000001")),
+            stub.ListJobs(pb.ListJobsRequest()),
+            stub.CancelJob(pb.CancelJobRequest(job_id="00000000-0000-0000-0000-000000000001")),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+            assert "migrate" in (caught.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.WatchJob(pb.WatchJobRequest(job_id="00000000-0000-0000-0000-000000000001")):
+                pass
+        assert "migrate" in (caught.value.details() or "")
+        # the background loops keep polling meanwhile: a few of their intervals pass
+        await asyncio.sleep(4 * settings.poll_interval_s)  # noqa: ASYNC251 - letting time pass is the point
+    tracebacks = [record for record in caplog.records if record.exc_info]
+    assert not tracebacks, [record.getMessage() for record in tracebacks]
+    behind = [record for record in caplog.records if "migrate" in record.getMessage()]
+    assert 1 <= len(behind) <= 3, [record.getMessage() for record in behind]
