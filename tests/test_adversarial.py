@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
-from tests.conftest import ACME_TOKEN, authed_channel, test_settings
 from storage.models import JobSpec, NewJob
+from tests.conftest import ACME_TOKEN, authed_channel, test_settings
 from tests.helpers import bad_fields, eventually, finished, status_details
 
 SERVICE = "/imagegen.v1.ImageGeneration/"
@@ -217,7 +217,7 @@ INWARD_HOSTS = [
     "127。0。0。1",
     "①②⑦.0.0.1",
     "%31%32%37.0.0.1",
-    "ｌｏｃａｌｈｏｓｔ",
+    "\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54",  # full-width "localhost"
     "127.1",
     "0x7f.0.0.1",
     "intranet",
@@ -432,7 +432,7 @@ async def test_an_unmigrated_database_answers_unavailable_saying_to_migrate(
                 pass
         assert "migrate" in (caught.value.details() or "")
         # the background loops keep polling meanwhile: a few of their intervals pass
-        await asyncio.sleep(4 * settings.poll_interval_s)  # noqa: ASYNC251 - letting time pass is the point
+        await asyncio.sleep(4 * settings.poll_interval_s)
     tracebacks = [record for record in caplog.records if record.exc_info]
     assert not tracebacks, [record.getMessage() for record in tracebacks]
     behind = [record for record in caplog.records if "migrate" in record.getMessage()]
