@@ -55,15 +55,38 @@ class WorkerPolicy:
 
 
 class _Checkpoint:
-    """providers.base.Checkpoint backed by the job row, fenced like every other write of the attempt."""
+    """providers.base.Checkpoint backed by the job row, fenced like every other write of the attempt.
 
-    def __init__(self, store: SqlJobStore, fence: Fence) -> None:
-        self._store, self._fence = store, fence
+    A save is retried through a database blip for as long as the lease lasts, as the final write is
+    (`Worker._durably`): what it records was paid for (BFL bills at submit), and an attempt that ended
+    without it would make the next one pay again. The adapter holds the state in memory meanwhile.
+    """
+
+    def __init__(self, store: SqlJobStore, fence: Fence, *, lease_s: float) -> None:
+        self._store, self._fence, self._lease_s = store, fence, lease_s
 
     async def save(self, state: Mapping[str, Any]) -> None:
-        # No shield: the statement runs in the store's group-commit writer, so cancelling the attempt
-        # leaves it to finish there rather than abandoning a connection in the middle of it.
-        await self._store.save_provider_state(self._fence, state)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._lease_s
+        delay = 0.1
+        while True:
+            try:
+                # No shield: the statement runs in the store's group-commit writer, so cancelling the
+                # attempt leaves it to finish there rather than abandoning a connection mid-statement.
+                await self._store.save_provider_state(self._fence, state)
+                return
+            except StoreUnavailable as exc:
+                if loop.time() + delay > give_up:
+                    raise
+                log.warning(
+                    "job %s attempt %s: checkpoint not saved (%s); retrying in %.1f s",
+                    self._fence.job_id,
+                    self._fence.attempt,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 class Worker:
@@ -310,7 +333,9 @@ class Worker:
         remaining = (job.deadline_at - now).total_seconds()
         try:
             async with asyncio.timeout(remaining):
-                result = await provider.generate(request, _Checkpoint(self._store, fence))
+                result = await provider.generate(
+                    request, _Checkpoint(self._store, fence, lease_s=self._policy.lease_s)
+                )
                 images = await self._store_images(job, result)
         except TimeoutError:
             await self._fail(

@@ -437,3 +437,66 @@ async def test_an_unmigrated_database_answers_unavailable_saying_to_migrate(
     assert not tracebacks, [record.getMessage() for record in tracebacks]
     behind = [record for record in caplog.records if "migrate" in record.getMessage()]
     assert 1 <= len(behind) <= 3, [record.getMessage() for record in behind]
+
+
+# ---------------------------------------------------------------- 12. a database blip after a BFL submit
+
+
+async def test_a_database_outage_between_bfl_submit_and_checkpoint_pays_once(
+    tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from providers.bfl import BflProvider
+    from providers.sandbox import Sandbox
+
+    database = make_url(database_url).database
+    admin = await asyncpg.connect(make_url(database_url).set(database="postgres").render_as_string(False))
+    began: list[bool] = []
+    outage: list[asyncio.Task[None]] = []
+
+    async def end_outage_once_a_save_failed() -> None:
+        try:
+            await eventually(lambda: "checkpoint not saved" in caplog.text, timeout=3)
+        except TimeoutError:
+            pass  # without the retry nothing says so; the database comes back all the same
+        finally:
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+
+    async def on_response(
+        _s: aiohttp.ClientSession, _ctx: object, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        # BFL has accepted (and billed) a task; the database goes away before the adapter saves it
+        if params.method == "POST" and params.url.path.endswith("/v1/flux-2-pro") and not began:
+            began.append(True)
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database
+            )
+            outage.append(asyncio.create_task(end_outage_once_a_save_failed()))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_response)
+    try:
+        async with (
+            Sandbox.running() as sandbox,
+            aiohttp.ClientSession(trace_configs=[trace]) as session,
+        ):
+            bfl = BflProvider(session, base_url=sandbox.base_url, api_key="sandbox", poll_interval_s=0.05)
+            settings = test_settings(tmp_path, database_url)
+            async with (
+                running_app(settings, providers={"flux_2_pro": bfl}) as app,
+                grpc.aio.insecure_channel(app.grpc_target) as channel,
+            ):
+                stub = pb_grpc.ImageGenerationStub(channel)
+                job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="p", num_variants=2))
+                done = await finished(stub, job.id, timeout=30)
+            assert outage, "the outage never happened"
+            await outage[0]
+            assert done.status == pb.JOB_STATUS_COMPLETED, done.error
+            assert done.attempt == 1
+            assert sandbox.counters["bfl.submit"] == 2  # each task paid for once
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
