@@ -281,7 +281,7 @@ async def running_app(
         readiness = Readiness(store, health_servicer, on_change=metrics.database_up.set)
         await readiness.check()
         sampler = QueueSampler(store, metrics, interval_s=max(1.0, settings.poll_interval_s))
-        reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3))
+        reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3), blobs=blobs)
         for background in (readiness.run(), sampler.run(), reaper.run()):
             task = asyncio.create_task(background)
             stack.callback(task.cancel)

@@ -6,6 +6,8 @@ import asyncio
 import logging
 
 from server.metrics import ServiceMetrics
+from server.worker import remove_other_attempts
+from storage.blobs import LocalBlobStore
 from storage.errors import SchemaBehind, StorageError
 from storage.jobs import SqlJobStore
 from storage.models import JobStatus
@@ -16,8 +18,16 @@ log = logging.getLogger(__name__)
 class Reaper:
     """Runs `SqlJobStore.reap` periodically; safe in any number of replicas (rows are taken SKIP LOCKED)."""
 
-    def __init__(self, store: SqlJobStore, metrics: ServiceMetrics, *, interval_s: float) -> None:
+    def __init__(
+        self,
+        store: SqlJobStore,
+        metrics: ServiceMetrics,
+        *,
+        interval_s: float,
+        blobs: LocalBlobStore | None = None,
+    ) -> None:
         self._store, self._metrics, self._interval_s = store, metrics, interval_s
+        self._blobs = blobs
 
     async def reap_once(self) -> int:
         """One pass; returns how many jobs it changed."""
@@ -33,6 +43,8 @@ class Reaper:
         for job in changed:
             if job.status is JobStatus.FAILED:
                 self._metrics.observe_finished(job)
+                if self._blobs is not None:
+                    await remove_other_attempts(self._blobs, job)
             log.info(
                 "job reaped",
                 extra={

@@ -362,6 +362,8 @@ class Worker:
             raise
         self._metrics.observe_finished(done)
         log.info("job completed", extra=_fields(done, "completed", images=len(images), cost_usd_micros=cost))
+        if done.attempt > 1:
+            await remove_other_attempts(self._blobs, done)
 
     async def _store_images(self, job: Job, result: GenerationResult) -> list[StoredImage]:
         spec = job.spec
@@ -477,6 +479,7 @@ class Worker:
         failed = await self._durably(fence, lambda: self._store.fail(fence, error))
         self._metrics.observe_finished(failed)
         log.info("job failed", extra=_fields(failed, "failed", code=error.code, error=error.message))
+        await remove_other_attempts(self._blobs, failed)
 
     async def _discard(self, job: Job, why: str) -> None:
         log.info("job result discarded", extra=_fields(job, "discarded", why=why))
@@ -484,6 +487,19 @@ class Worker:
             await self._blobs.delete_prefix(
                 attempt_prefix(job.account_id, job.spec.folder_id, job.id, job.attempt)
             )
+
+
+async def remove_other_attempts(blobs: LocalBlobStore, job: Job) -> None:
+    """Delete the images of every attempt of an ended job but the one it completed with.
+
+    An attempt killed mid-write, or one that stored part of its images and then failed, leaves files
+    that nothing references; whatever ends the job removes them.
+    """
+    keep = job.attempt if job.status is JobStatus.COMPLETED else None
+    for attempt in range(1, job.attempt + 1):
+        if attempt != keep:
+            with contextlib.suppress(OSError):
+                await blobs.delete_prefix(attempt_prefix(job.account_id, job.spec.folder_id, job.id, attempt))
 
 
 def _fields(job: Job, outcome: str, **extra: Any) -> dict[str, Any]:

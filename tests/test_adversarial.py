@@ -500,3 +500,35 @@ async def test_a_database_outage_between_bfl_submit_and_checkpoint_pays_once(
     finally:
         await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         await admin.close()
+
+
+# ---------------------------------------------------------------- 13. images of abandoned attempts
+
+
+@pytest.mark.parametrize(("prompt", "status"), [("p", "completed"), ("p [sandbox:moderated]", "failed")])
+async def test_ending_a_job_removes_the_images_of_its_other_attempts(
+    tmp_path: Path, database_url: str, prompt: str, status: str
+) -> None:
+    from storage.blobs import LocalBlobStore, image_key
+
+    # a replica claims the job, writes one image of its attempt and is killed before it completes
+    async with running_app(test_settings(tmp_path, database_url, role="api")) as api:
+        async with grpc.aio.insecure_channel(api.grpc_target) as channel:
+            job = await pb_grpc.ImageGenerationStub(channel).GenerateImage(
+                pb.GenerateImageRequest(prompt=prompt)
+            )
+        [claim] = await api.store.claim(owner="killed-replica", limit=1, lease_s=0.2)
+        assert claim.job.attempt == 1
+        blobs = LocalBlobStore(api.settings.blob_dir)
+        await blobs.put(image_key("default", "", claim.job.id, 1, 0, "image/png"), b"half of a result")
+    job_dir = blobs.path(f"default/root/{job.id}")
+    assert [p.name for p in job_dir.iterdir()] == ["1"]
+
+    # a live worker takes the job over (attempt 2) and ends it
+    async with running_app(test_settings(tmp_path, database_url)) as app:
+        async with grpc.aio.insecure_channel(app.grpc_target) as channel:
+            done = await finished(pb_grpc.ImageGenerationStub(channel), job.id)
+    assert pb.JobStatus.Name(done.status) == f"JOB_STATUS_{status.upper()}"
+    assert done.attempt == 2
+    left = sorted(p.name for p in job_dir.iterdir()) if job_dir.exists() else []
+    assert left == (["2"] if status == "completed" else [])
