@@ -415,28 +415,28 @@ class Undecodable:
     ("Unexpected <class 'DecodeError'>") and uncounted; a value lets the wrapper answer for every method.
     """
 
-    __slots__ = ()
+    __slots__ = ("message",)
 
-    @staticmethod
-    async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "the request is not a valid protobuf message of this method's request type",
-        )
+    def __init__(self, expected: str) -> None:
+        self.message = f"the request is not a valid {expected} (its protobuf encoding does not parse)"
 
-
-_UNDECODABLE = Undecodable()
+    async def refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """End the call INVALID_ARGUMENT."""
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.message)
 
 
 def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserialize is None:
         return None
+    # generated handlers pass the message class's FromString: its class names the type expected
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    undecodable = Undecodable(getattr(descriptor, "full_name", "request message"))
 
     def tolerant(data: bytes) -> Any:
         try:
             return deserialize(data)
         except Exception:  # DecodeError, and whatever else malformed bytes make a parser raise
-            return _UNDECODABLE
+            return undecodable
 
     return tolerant
 
