@@ -245,12 +245,15 @@ async def test_inward_and_impossible_hosts_are_refused_at_submit(secured: App, h
 @pytest.mark.parametrize(
     "address", ["64:ff9b::a00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "::127.0.0.1", "::ffff:0:a00:1"]
 )
-def test_the_connector_refuses_ipv6_forms_of_inward_ipv4(address: str) -> None:
-    from providers.references import PublicOnlyConnector
+async def test_the_connector_refuses_ipv6_forms_of_inward_ipv4(address: str) -> None:
+    from providers.references import ForbiddenAddress, PublicOnlyConnector
 
-    connector = PublicOnlyConnector.__new__(PublicOnlyConnector)  # no event loop needed to ask
-    connector._allow = ()
+    connector = PublicOnlyConnector()
     assert not connector.permitted(address)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        with pytest.raises(ForbiddenAddress):
+            async with http.get(f"http://[{address}]/latest/meta-data"):
+                pass
 
 
 def test_public_addresses_and_names_pass_the_guard() -> None:
