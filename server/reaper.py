@@ -9,18 +9,18 @@ from server.metrics import ServiceMetrics
 from server.worker import remove_other_attempts
 from storage.blobs import LocalBlobStore
 from storage.errors import SchemaBehind, StorageError
-from storage.jobs import SqlJobStore
 from storage.models import JobStatus
+from storage.port import JobQueue
 
 log = logging.getLogger(__name__)
 
 
 class Reaper:
-    """Runs `SqlJobStore.reap` periodically; safe in any number of replicas (rows are taken SKIP LOCKED)."""
+    """Runs `JobQueue.reap` periodically; safe in any number of replicas (rows are taken SKIP LOCKED)."""
 
     def __init__(
         self,
-        store: SqlJobStore,
+        store: JobQueue,
         metrics: ServiceMetrics,
         *,
         interval_s: float,

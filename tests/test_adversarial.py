@@ -18,8 +18,8 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
 from storage.models import JobSpec, NewJob
 from tests.conftest import ACME_TOKEN, authed_channel, test_settings
@@ -143,7 +143,7 @@ async def test_invalid_values_are_not_echoed_whole(secured: App) -> None:
 async def test_forged_page_token_out_of_range_is_invalid_argument(secured: App, when: str) -> None:
     # a token of the unfiltered listing: the filter digest is what the server would compute
     from server.servicer import _filter_digest
-    from storage.jobs import JobFilter
+    from storage.port import JobFilter
 
     data = {"t": when, "id": "00000000-0000-0000-0000-000000000001", "f": _filter_digest(JobFilter())}
     token = base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
@@ -492,7 +492,7 @@ async def test_a_database_outage_between_bfl_submit_and_checkpoint_pays_once(
     from sqlalchemy.engine import make_url
 
     from providers.bfl import BflProvider
-    from providers.sandbox import Sandbox
+    from sandbox import Sandbox
 
     url = make_url(database_url)
     relay = _CuttableRelay(url.host or "127.0.0.1", url.port or 5432)
