@@ -83,7 +83,9 @@ def resolver_host(raw: str) -> str:
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
     if ":" in text:
-        return str(ipaddress.IPv6Address(text))  # zone ids ("%eth0") are refused with the rest
+        if "%" in text:  # a zone id names one of our own interfaces, never a host elsewhere
+            raise ValueError(f"{raw!r} names a local interface")
+        return str(ipaddress.IPv6Address(text))
     try:
         host = idna.encode(text, uts46=True).decode("ascii")
     except (idna.IDNAError, UnicodeError):
