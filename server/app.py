@@ -294,6 +294,7 @@ async def running_app(
                     deadline_s=settings.job_deadline_s,
                     auth=authenticator,
                     max_watch_streams_per_caller=settings.max_watch_streams_per_caller,
+                    blobs=blobs,
                     admission=Admission(
                         max_pending=settings.max_pending_jobs,
                         max_pending_per_account=settings.max_pending_jobs_per_account,

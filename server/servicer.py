@@ -35,6 +35,8 @@ from server.validation import (
     normalise_folder,
     validate_generate,
 )
+from server.worker import remove_other_attempts
+from storage.blobs import LocalBlobStore
 from storage.models import EventKind, Job, JobEvent, JobStatus, NewJob, utcnow
 from storage.port import JobFilter, JobStore, JobSubmissions, PageCursor
 
@@ -107,6 +109,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
         max_watch_streams_per_caller: int = 0,
+        blobs: LocalBlobStore | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -119,6 +122,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._reference_allow = tuple(reference_allow)
         self._events = EventEncoder(signer)
         self._max_watches = max_watch_streams_per_caller
+        self._blobs = blobs
         #: open watch streams per caller, for the cap above
         self._watches: dict[str, int] = {}
 
@@ -187,6 +191,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         if not cancelled_now:
             return job_to_pb(job, self._signer)
         self._metrics.observe_finished(job)
+        if self._blobs is not None and job.attempt:
+            await remove_other_attempts(self._blobs, job)  # a running attempt discards its own as well
         log.info(
             "job cancelled",
             extra={

@@ -565,3 +565,21 @@ async def test_ending_a_job_removes_the_images_of_its_other_attempts(
     assert done.attempt == 2
     left = sorted(p.name for p in job_dir.iterdir()) if job_dir.exists() else []
     assert left == (["2"] if status == "completed" else [])
+
+
+async def test_cancelling_a_job_removes_the_images_of_its_attempts(tmp_path: Path, database_url: str) -> None:
+    from storage.blobs import LocalBlobStore, image_key
+
+    async with (
+        running_app(test_settings(tmp_path, database_url, role="api")) as api,
+        grpc.aio.insecure_channel(api.grpc_target) as channel,
+    ):
+        stub = pb_grpc.ImageGenerationStub(channel)
+        job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="p"))
+        [claim] = await api.store.claim(owner="killed-replica", limit=1, lease_s=60)
+        blobs = LocalBlobStore(api.settings.blob_dir)
+        await blobs.put(image_key("default", "", claim.job.id, 1, 0, "image/png"), b"half of a result")
+        cancelled = await stub.CancelJob(pb.CancelJobRequest(job_id=job.id))
+    assert cancelled.status == pb.JOB_STATUS_CANCELLED
+    job_dir = blobs.path(f"default/root/{job.id}")
+    assert not job_dir.exists() or not any(job_dir.iterdir())
