@@ -186,13 +186,14 @@ def _is_connection_error(exc: sqlalchemy.exc.DBAPIError) -> bool:
 def is_lost_connection(error: BaseException) -> bool:
     """Whether a driver error means "this connection is gone; try again later" rather than a bad statement.
 
-    PostgreSQL's SQLSTATE class 08 (connection exception) and 57P (operator intervention: admin shutdown,
-    terminated backend), socket errors and timeouts, and asyncpg's client-side state errors ("another
+    PostgreSQL's SQLSTATE class 08 (connection exception), 53 (insufficient resources: too many
+    connections, out of memory or disk) and 57P (operator intervention: admin shutdown, terminated
+    backend), socket errors and timeouts, and asyncpg's client-side state errors ("another
     operation is in progress", after a query was interrupted or its server connection cut): the
     connection is unusable, the database may be fine.
     """
     sqlstate = getattr(error, "sqlstate", None)
-    if isinstance(sqlstate, str) and sqlstate.startswith(("08", "57P")):
+    if isinstance(sqlstate, str) and sqlstate.startswith(("08", "53", "57P")):
         return True
     if isinstance(error, (OSError, TimeoutError, ConnectionError)):
         return True

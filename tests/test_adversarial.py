@@ -583,3 +583,44 @@ async def test_cancelling_a_job_removes_the_images_of_its_attempts(tmp_path: Pat
     assert cancelled.status == pb.JOB_STATUS_CANCELLED
     job_dir = blobs.path(f"default/root/{job.id}")
     assert not job_dir.exists() or not any(job_dir.iterdir())
+
+
+# ---------------------------------------------------------------- 7b. a database that turns connections away
+
+
+@pytest.fixture
+async def refused_url(pg_url: str) -> AsyncIterator[str]:
+    """A login role PostgreSQL turns away with "too many connections" (SQLSTATE 53300)."""
+    import uuid
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(pg_url).render_as_string(hide_password=False)
+    role = f"imagegen_full_{uuid.uuid4().hex[:8]}"
+    connection = await asyncpg.connect(admin, timeout=10)
+    try:
+        await connection.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
+        yield make_url(pg_url).set(username=role).render_as_string(hide_password=False)
+    finally:
+        await connection.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await connection.close()
+
+
+async def test_a_database_turning_connections_away_answers_unavailable(
+    tmp_path: Path, refused_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = test_settings(tmp_path, refused_url)
+    async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        for call in (
+            stub.GenerateImage(pb.GenerateImageRequest(prompt="p")),
+            stub.ListJobs(pb.ListJobsRequest()),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+    tracebacks = [
+        record for record in caplog.records if record.exc_info and "53300" in str(record.exc_info[1])
+    ]
+    assert not tracebacks, [record.getMessage() for record in tracebacks]
