@@ -23,7 +23,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from storage.errors import StorageError
+from storage.errors import SchemaBehind, StorageError
 from storage.models import JobEvent, JobNotice, JobStatus, utcnow
 from storage.port import JobEvents
 
@@ -263,7 +263,8 @@ class EventHub:
             notices = await self._store.versions(list(self._by_job))
             await self._deliver(notices, from_catch_up=True)
         except StorageError as exc:
-            log.warning("event hub catch-up failed: %s", exc)
+            if not isinstance(exc, SchemaBehind):  # the store logs that, once a minute
+                log.warning("event hub catch-up failed: %s", exc)
             return
         except Exception:
             log.exception("event hub catch-up failed unexpectedly")
