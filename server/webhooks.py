@@ -16,7 +16,6 @@ import contextlib
 import email.utils
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import random
@@ -28,7 +27,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from providers.references import IPNetwork, PublicOnlyConnector, is_public
+from providers.references import IPNetwork, PublicOnlyConnector, host_problem
 from server.metrics import ServiceMetrics
 from storage.errors import StorageError
 from storage.jobs import SqlJobStore
@@ -39,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: the longest wait between two attempts of one delivery
 MAX_BACKOFF_S = 3600.0
+#: the longest webhook URL accepted
+MAX_URL_CHARS = 2000
 #: deliveries one process has in flight at once
 SENDER_CONCURRENCY = 32
 
@@ -83,27 +84,24 @@ def payload(delivery: Delivery, event: JobEvent | None) -> str:
 
 
 def target_violation(url: str, allow: Sequence[IPNetwork]) -> str | None:
-    """Why a webhook URL may not be used (None: it may): https (or http to an allowed network), a
-    host, and no literal address outside the public internet or the allow-list. Names are checked
-    again, at each connection, by `PublicOnlyConnector`."""
+    """Why a webhook URL may not be used (None: it may): https (http only where the allow-list admits
+    addresses, i.e. tests), no credentials, and a host that passes the reference-URL address guard.
+    `PublicOnlyConnector` checks every address a name resolves to again, at each connection."""
+    if "\x00" in url or len(url) > MAX_URL_CHARS:
+        return f"must be a URL of at most {MAX_URL_CHARS} characters"
     try:
         parts = urlsplit(url)
-        port = parts.port
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
-        return "is not a URL"
-    del port
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "is not a valid URL"
+    if parts.scheme not in ("https", "http") or not host or (parts.scheme == "http" and not allow):
         return "must be an https URL"
-    if len(url) > 2000:
-        return "must be at most 2000 characters"
-    try:
-        address = ipaddress.ip_address(parts.hostname)
-    except ValueError:
-        address = None
-    if address is not None and not (is_public(address) or any(address in net for net in allow)):
-        return "must not point at a loopback, private, link-local or metadata address"
-    if parts.scheme == "http" and not allow:
-        return "must be an https URL"
+    if parts.username or parts.password:
+        return "must not carry credentials"
+    problem = host_problem(host, allow)
+    if problem is not None:
+        return f"must not point at a loopback, private, link-local or metadata address: {problem}"
     return None
 
 
