@@ -42,7 +42,7 @@ from server.worker import Worker, WorkerPolicy
 from storage import migrate
 from storage.blobs import LocalBlobStore
 from storage.db import is_postgres, make_engine
-from storage.errors import StorageError
+from storage.errors import SchemaBehind, StorageError
 from storage.jobs import SqlJobStore
 from storage.listener import PgListener
 from storage.models import utcnow
@@ -414,7 +414,8 @@ async def _prune_events(store: SqlJobStore, keep: timedelta) -> None:
         try:
             await store.prune_events(utcnow() - keep)
         except StorageError as exc:
-            log.warning("event retention could not reach the database: %s", exc)
+            if not isinstance(exc, SchemaBehind):  # the store logs that, once a minute
+                log.warning("event retention could not reach the database: %s", exc)
         except Exception:
             log.exception("event retention failed unexpectedly; it tries again later")
         await asyncio.sleep(min(300.0, keep.total_seconds() / 10))

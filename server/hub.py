@@ -223,7 +223,8 @@ class EventHub:
                 try:
                     await self._deliver_streams(accounts)
                 except StorageError as exc:
-                    log.warning("event hub could not read the account stream: %s", exc)
+                    if not isinstance(exc, SchemaBehind):  # the store logs that, once a minute
+                        log.warning("event hub could not read the account stream: %s", exc)
                     self._accounts_due |= accounts  # the catch-up loop wakes us to try again
                 except Exception:
                     log.exception("event hub stream delivery failed; the catch-up will repair it")
