@@ -77,7 +77,7 @@ class EventStream:
                         .values(last_sequence=last + len(ids))
                     )
             if len(ids) < SEQUENCE_BATCH:
-                return last + len(ids)
+                return int(last) + len(ids)
 
     async def stream_head(self) -> StreamHead:
         """The stream's newest sequence and its retention horizon."""

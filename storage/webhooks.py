@@ -336,7 +336,7 @@ class Webhooks:
     async def oldest_undelivered(self) -> datetime | None:
         """When the oldest pending delivery was made (None: nothing pending)."""
         async with self._db.connection() as conn:
-            oldest = (
+            oldest: datetime | str | None = (
                 await conn.execute(
                     select(func.min(webhook_deliveries.c.create_time)).where(
                         webhook_deliveries.c.status == "pending"
