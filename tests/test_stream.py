@@ -151,8 +151,8 @@ async def test_watch_jobs_resumes_at_another_replica_with_every_event_exactly_on
 
         # while it is gone: jobs submitted at the other replica run to their end, one is cancelled
         ids = [
-            (await stub_b.GenerateImage(pb.GenerateImageRequest(prompt=f"p{n}", width=256, height=256))).id
-            for n in range(4)
+            (await stub_b.GenerateImage(pb.GenerateImageRequest(prompt=prompt, width=256, height=256))).id
+            for prompt in ("p1", "p2", "p3", "cancelled [sandbox:slow=5]")
         ]
         await stub_b.CancelJob(pb.CancelJobRequest(job_id=ids[-1]))
         finals: dict[str, int] = {}
@@ -185,7 +185,9 @@ async def test_watch_jobs_resumes_at_another_replica_with_every_event_exactly_on
 async def test_resuming_before_the_retention_window_is_out_of_range_with_the_oldest_sequence(
     stub: pb_grpc.ImageGenerationStub, database_url: str
 ) -> None:
-    job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="x", width=256, height=256))
+    job = await stub.GenerateImage(
+        pb.GenerateImageRequest(prompt="x [sandbox:slow=5]", width=256, height=256)
+    )
     await stub.CancelJob(pb.CancelJobRequest(job_id=job.id))
     store = SqlJobStore(make_engine(database_url))
     try:

@@ -267,7 +267,8 @@ async def test_a_receiver_that_is_down_then_up_gets_every_delivery_and_redirects
         _, secret = await admin.add_endpoint("default", receiver.url)
         assert secret is not None
         receiver.secrets.append(secret)
-        ids = [(await hooked_stub.GenerateImage(_request(f"job {n}"))).id for n in range(5)]
+        ids = [(await hooked_stub.GenerateImage(_request(f"job {n}"))).id for n in range(4)]
+        ids.append((await hooked_stub.GenerateImage(_request("cancelled [sandbox:slow=5]"))).id)
         await hooked_stub.CancelJob(pb.CancelJobRequest(job_id=ids[-1]))
         for job_id in ids:
             await _terminal(hooked_stub, job_id)
