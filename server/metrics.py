@@ -18,6 +18,7 @@ import aiohttp
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from server import tracing
 from storage.errors import StorageError
 from storage.jobs import SqlJobStore
 from storage.models import Job, JobStatus, utcnow
@@ -276,6 +277,8 @@ class GrpcMetrics:
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method_path: str) -> grpc.RpcMethodHandler:
         service, _, method = method_path.lstrip("/").partition("/")
+        if tracing.enabled:  # decided once per method: with tracing off the handler is as it was
+            handler = tracing.traced_handler(handler, service, method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, self._counts(("unary", service, method), unary=True)),

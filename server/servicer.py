@@ -19,6 +19,7 @@ import grpc
 from providers.base import ImageProvider
 from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
 from providers.references import IPNetwork
+from server import tracing
 from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.auth import Authenticator
@@ -134,6 +135,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             estimated_cost_usd_micros=valid.estimated_cost_usd_micros,
             request_id=valid.request_id,
             deadline_s=self._deadline_s,
+            trace_context=tracing.current_traceparent() if tracing.enabled else None,
         )
         if request.validate_only:
             now = utcnow()
