@@ -159,6 +159,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             return message
         await self._admission.check(self._store, account)
         job, created = await self._store.create(new)
+        if tracing.enabled:
+            tracing.tag("imagegen.job.id", str(job.id))
         if created:
             self._metrics.observe_submitted(job)
             log.info(

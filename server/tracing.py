@@ -38,6 +38,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from storage.models import utcnow
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -205,6 +207,11 @@ def _traced_stream(
     return traced
 
 
+def tag(key: str, value: str) -> None:
+    """Set an attribute on the current span (the RPC's, in a handler)."""
+    trace.get_current_span().set_attribute(key, value)
+
+
 def current_traceparent() -> str | None:
     """The current span's context as a W3C `traceparent`, to be stored with a job (None: no span)."""
     carrier: dict[str, str] = {}
@@ -217,12 +224,8 @@ def current_traceparent() -> str | None:
 
 def start_attempt(job: Job) -> trace.Span:
     """A job attempt's span: a new trace, linked to the span that submitted the job."""
-    links = []
-    if job.trace_context:
-        submitted = trace.get_current_span(_propagator.extract({"traceparent": job.trace_context}))
-        if submitted.get_span_context().is_valid:
-            links.append(Link(submitted.get_span_context()))
-    attributes = {
+    due = max(job.create_time, job.next_attempt_at or job.create_time)
+    attributes: dict[str, Any] = {
         "messaging.system": "imagegen",
         "messaging.operation.type": "process",
         "messaging.operation.name": "process",
@@ -233,7 +236,15 @@ def start_attempt(job: Job) -> trace.Span:
         "imagegen.model": job.spec.provider,
         "imagegen.attempt": job.attempt,
         "imagegen.variants": job.spec.num_variants,
+        "imagegen.queue_wait_s": round(max(0.0, (utcnow() - due).total_seconds()), 6),
     }
+    links = []
+    if job.trace_context:
+        submitted = trace.get_current_span(_propagator.extract({"traceparent": job.trace_context}))
+        if submitted.get_span_context().is_valid:
+            links.append(Link(submitted.get_span_context()))
+            # backends search attributes more readily than links: the caller's trace id finds every attempt
+            attributes["imagegen.submit.trace_id"] = format(submitted.get_span_context().trace_id, "032x")
     return _tracer.start_span(
         "process jobs",
         context=otel_context.Context(),  # a root: the claim loop's context belongs to no job

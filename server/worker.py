@@ -64,7 +64,11 @@ class _Checkpoint:
     async def save(self, state: Mapping[str, Any]) -> None:
         # No shield: the statement runs in the store's group-commit writer, so cancelling the attempt
         # leaves it to finish there rather than abandoning a connection in the middle of it.
-        await self._store.save_provider_state(self._fence, state)
+        if tracing.enabled:  # the shared statement has no span of its own: the wait for it is the job's
+            with tracing.child_span("job checkpoint", {"imagegen.job.id": str(self._fence.job_id)}):
+                await self._store.save_provider_state(self._fence, state)
+        else:
+            await self._store.save_provider_state(self._fence, state)
 
 
 class Worker:

@@ -59,6 +59,9 @@ class Receiver:
     def where(self, **attributes: Any) -> list[trace_pb2.Span]:
         return [span for span in self.spans if all(attrs(span).get(k) == v for k, v in attributes.items())]
 
+    def attempts(self, job_id: str) -> list[trace_pb2.Span]:
+        return [span for span in self.where(**{"imagegen.job.id": job_id}) if span.kind == CONSUMER]
+
 
 def attrs(span: trace_pb2.Span) -> dict[str, Any]:
     """A span's attributes as plain values."""
@@ -151,11 +154,12 @@ async def test_a_job_is_one_trace_from_the_callers_submit_to_the_vendor(
         "rpc.service": "imagegen.v1.ImageGeneration",
         "rpc.method": "GenerateImage",
         "rpc.grpc.status_code": 0,
+        "imagegen.job.id": job.id,
     }
     assert submit.trace_state == "caller=1"
 
     # the attempt is a trace of its own, linked to the submit
-    (attempt,) = receiver.where(**{"imagegen.job.id": job.id})
+    (attempt,) = receiver.attempts(job.id)
     assert attempt.kind == CONSUMER
     assert attempt.trace_id.hex() != caller_trace
     assert [(link.trace_id.hex(), link.span_id) for link in attempt.links] == [(caller_trace, submit.span_id)]
@@ -166,7 +170,10 @@ async def test_a_job_is_one_trace_from_the_callers_submit_to_the_vendor(
         "imagegen.attempt": 1,
         "imagegen.variants": 1,
         "imagegen.outcome": "completed",
+        "imagegen.submit.trace_id": caller_trace,
+        "imagegen.queue_wait_s": attrs(attempt)["imagegen.queue_wait_s"],
     }
+    assert 0 <= attrs(attempt)["imagegen.queue_wait_s"] < 10
 
     # under it: each BFL request, the image write and the completing statement
     children = [span for span in receiver.spans if span.parent_span_id == attempt.span_id]
@@ -177,6 +184,7 @@ async def test_a_job_is_one_trace_from_the_callers_submit_to_the_vendor(
         ("bfl", "download"),
     }
     assert all(a["http.response.status_code"] == 200 for a in vendor)
+    assert [span.name for span in children if span.name == "job checkpoint"] == ["job checkpoint"]
     (blob,) = [span for span in children if span.name == "blob put"]
     assert attrs(blob)["imagegen.blob.bytes"] > 0
     statements = [attrs(span) for span in children if "db.system.name" in attrs(span)]
@@ -184,9 +192,7 @@ async def test_a_job_is_one_trace_from_the_callers_submit_to_the_vendor(
     assert all(a["db.system.name"] == "postgresql" for a in statements)
 
     # the vendor's 500 made the first attempt an error, retried; the second completed, both linked
-    flaky_attempts = sorted(
-        receiver.where(**{"imagegen.job.id": flaky.id}), key=lambda span: attrs(span)["imagegen.attempt"]
-    )
+    flaky_attempts = sorted(receiver.attempts(flaky.id), key=lambda span: attrs(span)["imagegen.attempt"])
     assert [attrs(span)["imagegen.outcome"] for span in flaky_attempts] == ["retry", "completed"]
     failed, succeeded = flaky_attempts
     assert failed.status.code == ERROR
