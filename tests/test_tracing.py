@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from aiohttp import web
@@ -27,6 +28,7 @@ from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import running_app
 from server.logs import JsonFormatter
+from server.metrics import endpoint_of
 from server.settings import Settings, tracing_wanted
 from tests.conftest import test_settings
 from tests.helpers import eventually, finished
@@ -264,3 +266,38 @@ async def test_without_tracing_a_job_carries_no_trace(app: Any) -> None:
         job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a lighthouse", width=256, height=256))
         stored = await app.store.get("default", uuid.UUID(job.id))
     assert stored.trace_context is None
+
+
+async def test_vendors_see_our_traceparent_only_when_a_setting_says_so(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    sent: list[str | None] = []
+
+    async def vendor(request: web.Request) -> web.Response:
+        sent.append(request.headers.get("traceparent"))
+        return web.json_response({"id": "task"})
+
+    app = web.Application()
+    app.router.add_post("/v1/flux-2-pro", vendor)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/flux-2-pro"  # type: ignore[union-attr]
+    try:
+        async with tracing.running():
+            for propagate in (False, True):
+                hooks = tracing.http_trace_config("bfl", propagate=propagate, endpoint_of=endpoint_of)
+                async with aiohttp.ClientSession(trace_configs=[hooks]) as session:
+                    with tracing._tracer.start_as_current_span("attempt"):
+                        async with session.post(url, json={}) as response:
+                            assert response.status == 200
+    finally:
+        await runner.cleanup()
+    assert sent[0] is None
+    assert sent[1] is not None and sent[1].startswith("00-")
+    (propagated,) = [
+        span for span in receiver.where(**{"imagegen.vendor": "bfl"}) if span.span_id.hex() in sent[1]
+    ]
+    assert attrs(propagated)["imagegen.vendor.endpoint"] == "submit"
