@@ -10,8 +10,8 @@ servers, and the global provider can be set only once per process.
 Spans:
 - an RPC: a SERVER span per call named `imagegen.v1.ImageGeneration/GenerateImage`, continuing the
   caller's W3C `traceparent` / `tracestate`. A server stream (WatchJob, WatchJobs, lasting minutes) has a
-  span up to its first message only (authorisation, the snapshot read and its send), so that it reads as
-  the latency a watcher waits for; later messages are not spanned;
+  span until it is open: its first message or its initial metadata (authorisation, WatchJob's snapshot
+  read and send), so that it reads as the latency a watcher waits for; later messages are not spanned;
 - a job attempt: a CONSUMER span per attempt in a new trace, linked to the submit's span (messaging
   conventions: a queued message is processed in a trace of its own), with the job id, model, attempt and
   outcome; vendor HTTP requests, image writes and database statements under it.
@@ -184,27 +184,49 @@ def _traced_stream(
     behaviour: Callable[..., Any], name: str, attributes: Mapping[str, Any]
 ) -> Callable[..., Any]:
     async def traced(request: Any, context: Any) -> AsyncIterator[Any]:
-        span: trace.Span | None = _start_server_span(name, attributes, context)
-        assert span is not None
-        token = otel_context.attach(trace.set_span_in_context(span))
-        messages = behaviour(request, context)
+        stream = _OpeningStream(context, _start_server_span(name, attributes, context))
+        token = otel_context.attach(trace.set_span_in_context(stream.span))
+        messages = behaviour(request, stream)
         try:
             try:
                 first = await anext(messages)
             finally:
                 otel_context.detach(token)  # before the first yield: the stream's later steps are not in it
         except StopAsyncIteration:
-            _end_server_span(span, context.code() or grpc.StatusCode.OK)
+            stream.opened(context.code() or grpc.StatusCode.OK)
             return
         except BaseException as exc:
-            _end_server_span(span, _code_of(exc, context))
+            stream.opened(_code_of(exc, context))
             raise
-        _end_server_span(span, grpc.StatusCode.OK)
+        stream.opened(grpc.StatusCode.OK)
         yield first
         async for message in messages:
             yield message
 
     return traced
+
+
+class _OpeningStream:
+    """A stream's servicer context, ending the stream's span once the stream is open: at its first
+    message, or when the handler sends its initial metadata (WatchJobs, whose first event may come
+    much later), or when it fails first."""
+
+    def __init__(self, context: Any, span: trace.Span) -> None:
+        self._context = context
+        self.span = span
+        self._open = False
+
+    def opened(self, code: Any) -> None:
+        if not self._open:
+            self._open = True
+            _end_server_span(self.span, code)
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        await self._context.send_initial_metadata(metadata)
+        self.opened(grpc.StatusCode.OK)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def tag(key: str, value: str) -> None:

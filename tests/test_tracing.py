@@ -215,7 +215,7 @@ async def test_a_job_is_one_trace_from_the_callers_submit_to_the_vendor(
     assert line["span_id"] == submit.span_id.hex()
 
 
-async def test_a_watch_stream_is_spanned_up_to_its_first_event(
+async def test_a_watch_stream_is_spanned_until_it_is_open(
     tmp_path: Path, database_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
@@ -237,12 +237,19 @@ async def test_a_watch_stream_is_spanned_up_to_its_first_event(
         await eventually(lambda: bool(receiver.where(**{"rpc.method": "WatchJob"})))
         assert not watch.done()
         watch.cancel()
+        # WatchJobs may wait long for its first event: it is open once its initial metadata is sent
+        panel = stub.WatchJobs(pb.WatchJobsRequest(folder_id="empty"), metadata=(("traceparent", header),))
+        await panel.initial_metadata()
+        await eventually(lambda: bool(receiver.where(**{"rpc.method": "WatchJobs"})))
+        assert not panel.done()
+        panel.cancel()
     (get,) = receiver.where(**{"rpc.method": "GetJob"})
     assert attrs(get)["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert get.status.code != ERROR  # the caller's mistake, not the server's
-    (stream,) = receiver.where(**{"rpc.method": "WatchJob"})
-    assert stream.trace_id.hex() == caller_trace
-    assert attrs(stream)["rpc.grpc.status_code"] == 0
+    for method in ("WatchJob", "WatchJobs"):
+        (stream,) = receiver.where(**{"rpc.method": method})
+        assert stream.trace_id.hex() == caller_trace
+        assert attrs(stream)["rpc.grpc.status_code"] == 0
 
 
 def test_tracing_is_on_only_when_the_otel_variables_name_an_exporter() -> None:
