@@ -113,7 +113,7 @@ async def _shutdown(provider: TracerProvider) -> None:
 
 
 def traced_handler(handler: grpc.RpcMethodHandler, service: str, method: str) -> grpc.RpcMethodHandler:
-    """`handler` with a server span around each call (unary) or up to its first message (streams)."""
+    """`handler` with a server span around each call (unary) or until the stream is open (streams)."""
     name = f"{service}/{method}"
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
     if handler.unary_unary is not None:

@@ -106,7 +106,8 @@ async def test_a_job_is_one_trace_from_the_callers_submit_to_the_vendor(
     handler.setFormatter(JsonFormatter())
     servicer_log = logging.getLogger("server.servicer")
     servicer_log.addHandler(handler)
-    level, servicer_log.level = servicer_log.level, logging.INFO
+    level = servicer_log.level
+    servicer_log.setLevel(logging.INFO)  # setLevel, not the attribute: it clears the loggers' level cache
     try:
         async with (
             running_app(test_settings(tmp_path, database_url, tracing=True)) as app,
