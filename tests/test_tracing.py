@@ -9,7 +9,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import secrets
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from server.settings import Settings, tracing_wanted
 from tests.conftest import test_settings
 from tests.helpers import eventually, finished
 
+ROOT = Path(__file__).resolve().parent.parent
 SERVER = trace_pb2.Span.SPAN_KIND_SERVER
 CONSUMER = trace_pb2.Span.SPAN_KIND_CONSUMER
 ERROR = trace_pb2.Status.STATUS_CODE_ERROR
@@ -309,3 +313,35 @@ async def test_vendors_see_our_traceparent_only_when_a_setting_says_so(
         span for span in receiver.where(**{"imagegen.vendor": "bfl"}) if span.span_id.hex() in sent[1]
     ]
     assert attrs(propagated)["imagegen.vendor.endpoint"] == "submit"
+
+
+def test_without_otel_variables_the_sdk_is_never_loaded(tmp_path: Path) -> None:
+    # a process of its own: this one may have loaded the SDK for the tests above
+    script = f"""
+import asyncio, sys
+from pathlib import Path
+import grpc
+from server.app import running_app
+from server.settings import Settings
+from server._gen.imagegen.v1 import imagegen_pb2 as pb, imagegen_pb2_grpc as pb_grpc
+
+async def main():
+    settings = Settings.from_env(
+        grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", sandbox="off",
+        data_dir=Path({str(tmp_path)!r}),
+    )
+    async with running_app(settings, migrate_schema=True, providers={{}}) as app:
+        async with grpc.aio.insecure_channel(app.grpc_target) as channel:
+            await pb_grpc.ImageGenerationStub(channel).ListProviders(pb.ListProvidersRequest())
+    loaded = sorted(name for name in sys.modules if name.startswith("opentelemetry.sdk"))
+    print("loaded:", loaded)
+    assert not loaded
+
+asyncio.run(main())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "IMAGEGEN_"))}
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "loaded: []" in run.stdout
