@@ -412,7 +412,8 @@ def _trace_configs(metrics: ServiceMetrics, settings: Settings, vendor: str) -> 
     """A vendor session's request hooks: its metrics, and its spans when tracing is on."""
     configs = [metrics.trace_config(vendor)]
     if tracing.enabled:
-        propagate = settings.trace_vendor_propagation
+        # callers' reference URLs are anyone's servers: they never see our trace ids
+        propagate = settings.trace_vendor_propagation and vendor != "references"
         configs.append(tracing.http_trace_config(vendor, propagate=propagate, endpoint_of=endpoint_of))
     return configs
 
