@@ -345,3 +345,21 @@ asyncio.run(main())
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "loaded: []" in run.stdout
+
+
+async def test_statements_are_spanned_on_sqlite_too(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    settings = test_settings(tmp_path, "", tracing=True)  # no URL: the embedded SQLite database
+    async with (
+        running_app(settings, migrate_schema=True) as app,
+        grpc.aio.insecure_channel(app.grpc_target) as channel,
+    ):
+        stub = pb_grpc.ImageGenerationStub(channel)
+        job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a lighthouse", width=256, height=256))
+        await stub.GetJob(pb.GetJobRequest(job_id=job.id))
+    (get,) = receiver.where(**{"rpc.method": "GetJob"})
+    statements = [attrs(span) for span in receiver.spans if span.parent_span_id == get.span_id]
+    assert [(a["db.system.name"], a["db.operation.name"]) for a in statements] == [("sqlite", "SELECT")]
+    assert "FROM jobs" in statements[0]["db.query.text"]
