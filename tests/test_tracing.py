@@ -26,12 +26,12 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from providers.vendors import endpoint_of
 from server import tracing
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import running_app
 from server.logs import JsonFormatter
-from server.metrics import endpoint_of
 from server.settings import Settings, tracing_wanted
 from tests.conftest import test_settings
 from tests.helpers import eventually, finished
@@ -323,7 +323,7 @@ from pathlib import Path
 import grpc
 from server.app import running_app
 from server.settings import Settings
-from server._gen.imagegen.v1 import imagegen_pb2 as pb, imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb, imagegen_pb2_grpc as pb_grpc
 
 async def main():
     settings = Settings.from_env(
