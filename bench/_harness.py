@@ -422,6 +422,8 @@ class RunContext:
     quick: bool
     #: record a py-spy profile of the server under test in each scenario
     profile: bool = False
+    #: the submit scenario also measures the service with tracing on
+    tracing: bool = True
     extra_databases: list[str] = field(default_factory=list)
 
     @contextlib.asynccontextmanager

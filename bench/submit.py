@@ -38,7 +38,7 @@ import contextlib
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -127,30 +127,25 @@ class _Target:
 
 
 async def _measure(
-    ctx: RunContext, echo: Child, server: Child, traced: Child, sizes: Sizes, *, profile: str = ""
-) -> tuple[_Measured, _Measured, _Measured]:
+    ctx: RunContext, servers: Sequence[Child], sizes: Sizes, *, profiled: Child, profile: str = ""
+) -> list[_Measured]:
     """The servers saturated in alternating windows, then each at half of its own maximum."""
-    async with (
-        grpc.aio.insecure_channel(echo.info["grpc_target"]) as echo_channel,
-        grpc.aio.insecure_channel(server.info["grpc_target"]) as server_channel,
-        grpc.aio.insecure_channel(traced.info["grpc_target"]) as traced_channel,
-    ):
-        targets = [
-            _Target(child, _generate(pb_grpc.ImageGenerationStub(channel)))
-            for child, channel in ((echo, echo_channel), (server, server_channel), (traced, traced_channel))
-        ]
+    async with contextlib.AsyncExitStack() as stack:
+        targets = []
+        for child in servers:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(child.info["grpc_target"]))
+            targets.append(_Target(child, _generate(pb_grpc.ImageGenerationStub(channel))))
         for target in targets:
             await closed_loop(
                 target.call, concurrency=sizes.concurrency, warmup_s=0, duration_s=sizes.warmup_s / 2
             )
-        async with ctx.profiling(server, profile) if profile else contextlib.nullcontext():
+        async with ctx.profiling(profiled, profile) if profile else contextlib.nullcontext():
             for round_ in range(ROUNDS):
                 for target in targets if round_ % 2 == 0 else targets[::-1]:
                     await _saturate(target, sizes)
         for target in targets:
             await _half_rate(target, sizes)
-    bare, real, with_tracing = (target.measured for target in targets)
-    return bare, real, with_tracing
+    return [target.measured for target in targets]
 
 
 async def _saturate(target: _Target, sizes: Sizes) -> None:
@@ -225,19 +220,26 @@ async def run(ctx: RunContext) -> ScenarioResult:
         started.append(echo)
         server = await start_server("submit-server", ctx, role="api")
         started.append(server)
-        sink = await start_child("submit-otlp-sink", "bench._otlp_sink", [], run_dir=ctx.run_dir)
-        started.append(sink)
-        traced_server = await start_server(
-            "submit-server-traced",
-            ctx,
-            role="api",
-            OTEL_EXPORTER_OTLP_ENDPOINT=sink.info["endpoint"],
-            OTEL_TRACES_SAMPLER="always_on",
-            OTEL_SERVICE_NAME="imagegen-bench",
-        )
-        started.append(traced_server)
-        bare, real, traced = await _measure(ctx, echo, server, traced_server, sizes, profile=NAME)
-        exported = await _exported(sink)
+        traced: _Measured | None = None
+        exported: dict[str, int] = {}
+        if ctx.tracing:
+            sink = await start_child("submit-otlp-sink", "bench._otlp_sink", [], run_dir=ctx.run_dir)
+            started.append(sink)
+            traced_server = await start_server(
+                "submit-server-traced",
+                ctx,
+                role="api",
+                OTEL_EXPORTER_OTLP_ENDPOINT=sink.info["endpoint"],
+                OTEL_TRACES_SAMPLER="always_on",
+                OTEL_SERVICE_NAME="imagegen-bench",
+            )
+            started.append(traced_server)
+            bare, real, traced = await _measure(
+                ctx, [echo, server, traced_server], sizes, profiled=server, profile=NAME
+            )
+            exported = await _exported(sink)
+        else:
+            bare, real = await _measure(ctx, [echo, server], sizes, profiled=server, profile=NAME)
         busy_echo = {}
         for busy_us in BUSY_LOOP_US:
             async with children() as busy_started:
@@ -318,7 +320,47 @@ async def run(ctx: RunContext) -> ScenarioResult:
             "%",
         ),
     ]
+    if traced is not None:
+        figures += _tracing_figures(bare, real, traced)
     figures += [
+        Figure(
+            NAME,
+            f"echo RPC/s, loop kept busy {busy_us} µs per iteration",
+            round(rate, 1),
+            "RPC/s",
+            baseline=round(bare.saturated.rate, 1),
+            baseline_label=label,
+        )
+        for busy_us, rate in busy_echo.items()
+    ]
+    details = {
+        "concurrency": sizes.concurrency,
+        "window_s": sizes.duration_s,
+        "half_rate_window_s": sizes.half_rate_s,
+        "rounds": ROUNDS,
+        # each round's service RPC/s over the echo's in the same round: the spread inside this run
+        "round_ratios": [
+            round(served / bare_rate, 3) if bare_rate else None
+            for served, bare_rate in zip(real.window_rates, bare.window_rates, strict=True)
+        ],
+        "server": _describe(real),
+        "echo": _describe(bare),
+    }
+    if traced is not None:
+        # the same with tracing on, every call sampled
+        details["round_ratios_traced"] = [
+            round(served / bare_rate, 3) if bare_rate else None
+            for served, bare_rate in zip(traced.window_rates, bare.window_rates, strict=True)
+        ]
+        details["traced_server"] = _describe(traced)
+        details["otlp_sink"] = exported
+    return ScenarioResult(figures, details)
+
+
+def _tracing_figures(bare: _Measured, real: _Measured, traced: _Measured) -> list[Figure]:
+    """The service with tracing on, beside the echo and beside itself with tracing off."""
+    label = "bare grpc.aio echo"
+    return [
         Figure(
             NAME,
             "GenerateImage RPC/s (saturated), tracing on, 100 % sampled",
@@ -352,38 +394,6 @@ async def run(ctx: RunContext) -> ScenarioResult:
             baseline_label="tracing off",
         ),
     ]
-    figures += [
-        Figure(
-            NAME,
-            f"echo RPC/s, loop kept busy {busy_us} µs per iteration",
-            round(rate, 1),
-            "RPC/s",
-            baseline=round(bare.saturated.rate, 1),
-            baseline_label=label,
-        )
-        for busy_us, rate in busy_echo.items()
-    ]
-    details = {
-        "concurrency": sizes.concurrency,
-        "window_s": sizes.duration_s,
-        "half_rate_window_s": sizes.half_rate_s,
-        "rounds": ROUNDS,
-        # each round's service RPC/s over the echo's in the same round: the spread inside this run
-        "round_ratios": [
-            round(served / bare_rate, 3) if bare_rate else None
-            for served, bare_rate in zip(real.window_rates, bare.window_rates, strict=True)
-        ],
-        # the same with tracing on, every call sampled
-        "round_ratios_traced": [
-            round(served / bare_rate, 3) if bare_rate else None
-            for served, bare_rate in zip(traced.window_rates, bare.window_rates, strict=True)
-        ],
-        "server": _describe(real),
-        "traced_server": _describe(traced),
-        "otlp_sink": exported,
-        "echo": _describe(bare),
-    }
-    return ScenarioResult(figures, details)
 
 
 async def _exported(sink: Child) -> dict[str, int]:
