@@ -91,6 +91,7 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         "update_time": created,
         "next_attempt_at": created,
         "callback_url": job.callback_url or None,
+        "trace_context": job.trace_context,
     }
 
 
@@ -127,6 +128,7 @@ def job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "create_time": job.create_time,
         "update_time": job.update_time,
         "callback_url": job.callback_url or None,
+        "trace_context": job.trace_context,
     }
 
 
@@ -192,6 +194,7 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         lease_expires_at=m["lease_expires_at"],
         provider_state=m["provider_state"],
         message=m["message"],
+        trace_context=m["trace_context"],
     )
 
 

@@ -140,6 +140,7 @@ class SqlJobStore(JobReads, Budgets, EventStream, Webhooks):
             next_attempt_at=now,
             message="accepted",
             callback_url=new.callback_url,
+            trace_context=new.trace_context,
         )
         return await self._creates.submit(Submit(job=job, request_hash=spec_hash(new.spec)))
 

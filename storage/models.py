@@ -138,6 +138,8 @@ class NewJob:
     deadline_s: float = 300.0
     #: where its terminal event is posted as a webhook ("" for nowhere)
     callback_url: str = ""
+    #: the submitting span's W3C traceparent, when the submit was traced
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +173,8 @@ class Job:
     message: str = ""
     #: where its terminal event is posted (as created; not read back, the outbox trigger reads the row)
     callback_url: str = ""
+    #: the submitting span's W3C traceparent (attempts link to it), or None
+    trace_context: str | None = None
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with some fields changed."""
