@@ -165,8 +165,8 @@ class GenerateImageRequest(_message.Message):
     validate_only: _builtins.bool
     """Validate and quote without creating a job: the returned Job has no id and status UNSPECIFIED."""
     callback_url: _builtins.str
-    """An https URL told of this job's terminal event by a signed webhook (Standard Webhooks), signed with
-    the account's webhook secret, which must exist (python -m server webhook rotate-secret ACCOUNT).
+    """An https URL sent this job's terminal event as a Standard Webhooks delivery, signed with the
+    account's webhook secret, which must exist (python -m server webhook rotate-secret ACCOUNT).
     """
     @_builtins.property
     def reference_image_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
