@@ -355,10 +355,9 @@ def freeze_startup_heap() -> None:
     """Put what the process built at start-up out of the cyclic collector's sight, for good.
 
     For a process that serves until it stops: modules, the gRPC server, pools and caches live as long as
-    it does, yet every full collection scanned them again, and under load those collections paused the
-    event loop 57 to 86 ms (measured in the submit benchmark, where they set the p99 at half the maximum
-    rate). Frozen, they are skipped; reference counting still frees them. Not for tests, which start
-    many apps in one process and need theirs collected.
+    it does, yet every full collection scans them again, and under load those collections pause the
+    event loop long enough to set the tail latency. Frozen, they are skipped; reference counting still
+    frees them. Not for tests, which start many apps in one process and need theirs collected.
     """
     gc.collect()
     gc.freeze()
@@ -371,11 +370,8 @@ class _Registrar:
     grpc.aio accepts each call of a *registered* method through `asyncio.wait` over one outstanding
     request per registered method (and one for the rest), each re-armed after its call: the cost of
     accepting every call grows with the methods registered. As generic handlers the same handlers
-    are found by name, and every call is accepted through a single outstanding request. With this
-    server's 11 (its own, health's and reflection's), counted with callgrind over 2,000 submits, the
-    server process spent 1,349k instructions per submit registered and 1,282k generic; two callgrind runs
-    of one version later differed by 4% (its batches are smaller than at saturation; see README), so
-    the count is a sign of the saving rather than its size. The echo alone counted 524k and 484k.
+    are found by name, and every call is accepted through a single outstanding request (this server
+    has 11 methods: its own, health's and reflection's).
     """
 
     def __init__(self, server: grpc.aio.Server, metrics: GrpcMetrics) -> None:

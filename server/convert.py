@@ -37,7 +37,7 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
         return None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    # What Timestamp.FromDatetime computes, at a third of its cost (it runs in Python, twice per Job)
+    # What Timestamp.FromDatetime computes, at a fraction of its cost (it runs in Python, twice per Job)
     since = value - _EPOCH
     return timestamp_pb2.Timestamp(
         seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1_000

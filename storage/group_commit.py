@@ -28,8 +28,6 @@ class Releasable(Protocol):
 GROUP_COMMIT_LINGER_S = 0.003
 #: how long a group commit's writer keeps its pooled connection with nothing to write
 GROUP_COMMIT_HOLD_S = 0.05
-#: the smallest pool a writer keeps a connection from: two writers then hold at most half of it
-HOLD_MIN_POOL_SIZE = 4
 #: the share of wall time the event loop's thread must lately have been runnable to count as saturated
 SATURATED_SHARE = 0.8
 
