@@ -158,7 +158,9 @@ async def running_app(
         stack.push_async_callback(engine.dispose)
         if migrate_schema:
             await migrate.upgrade(engine)
-        store = SqlJobStore(engine)
+        store = SqlJobStore(
+            engine, linger_s=settings.group_commit_linger_s, saturated_share=settings.saturated_share
+        )
         stack.push_async_callback(store.close)  # before the engine is disposed of: its writers' connections
         blobs = LocalBlobStore(settings.blob_dir)
         # Bind the HTTP port first: with port 0 the image URLs must name the port actually bound.

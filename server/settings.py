@@ -92,6 +92,12 @@ class Settings:
     bfl_poll_interval_s: float = 1.0
     #: BFL: polls one process makes a second at most, shared by its tasks (past it, each is polled less often)
     bfl_max_polls_per_s: float = 250.0
+    #: while a process's event loop is saturated, how long a submit waits for others to share its commit
+    #: (0: never; lower it where the tail at moderate load matters more than peak throughput)
+    group_commit_linger_s: float = 0.003
+    #: the share of wall time the event loop's thread must lately have been runnable (on a core or waiting
+    #: for one) to count as saturated, which starts the linger above
+    saturated_share: float = 0.8
     #: auto: serve vendors without a key from the in-process sandbox; off: leave them unconfigured
     sandbox: str = "auto"
     #: how long sandbox tasks take (so that PROCESSING is visible in a demo)
@@ -162,6 +168,10 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
+        if self.group_commit_linger_s < 0:
+            raise SettingsError(f"{PREFIX}GROUP_COMMIT_LINGER_S must not be negative")
+        if not 0 < self.saturated_share <= 1:
+            raise SettingsError(f"{PREFIX}SATURATED_SHARE must be in (0, 1]")
         self.vendor_caps()  # raises on a malformed value
 
     def _check_security(self) -> None:

@@ -25,10 +25,12 @@ class Releasable(Protocol):
 
 
 #: how long a group commit waits for more writes before it writes, while its event loop is saturated
+#: (the default of the setting IMAGEGEN_GROUP_COMMIT_LINGER_S)
 GROUP_COMMIT_LINGER_S = 0.003
 #: how long a group commit's writer keeps its pooled connection with nothing to write
 GROUP_COMMIT_HOLD_S = 0.05
 #: the share of wall time the event loop's thread must lately have been runnable to count as saturated
+#: (the default of the setting IMAGEGEN_SATURATED_SHARE)
 SATURATED_SHARE = 0.8
 
 
@@ -66,10 +68,12 @@ class ThreadLoad:
         self,
         *,
         period_s: float = 0.05,
+        saturated_share: float = SATURATED_SHARE,
         wall_clock: Callable[[], float] = time.monotonic,
         busy_clock: Callable[[], float] = thread_runnable_time,
     ) -> None:
         self._period_s = period_s
+        self._saturated_share = saturated_share
         self._wall_clock, self._busy_clock = wall_clock, busy_clock
         self._since: tuple[float, float] | None = None  # (wall, busy), taken by the thread that asks
         self._share = 0.0
@@ -86,8 +90,8 @@ class ThreadLoad:
         return self._share
 
     def saturated(self) -> bool:
-        """Whether the thread has lately been runnable `SATURATED_SHARE` of the time or more."""
-        return self.share() >= SATURATED_SHARE
+        """Whether the thread has lately been runnable `saturated_share` of the time or more."""
+        return self.share() >= self._saturated_share
 
 
 class GroupCommit(Generic[_T, _R]):

@@ -82,12 +82,19 @@ class SqlJobStore(JobReads, Budgets):
         *,
         on_commit: Callable[[Sequence[JobNotice]], None] | None = None,
         hold_s: float = GROUP_COMMIT_HOLD_S,
+        linger_s: float = GROUP_COMMIT_LINGER_S,
+        saturated_share: float = SATURATED_SHARE,
     ):
         self._dialect = dialect_for(engine)
         self._db: Connections = self._dialect.connections
         self._on_commit = on_commit
         self._creates = GroupCommit[Submit, tuple[Job, bool]](
-            self._create_batch, name="create-commit", held=self._dialect.create_conn, hold_s=hold_s
+            self._create_batch,
+            name="create-commit",
+            linger_s=linger_s,
+            saturated=ThreadLoad(saturated_share=saturated_share).saturated,
+            held=self._dialect.create_conn,
+            hold_s=hold_s,
         )
         # No linger for checkpoints: from a vendor accepting a task to the commit of its id, a crash pays
         # for the task twice, so that window stays as short as a commit (one per job; not the hot path).
