@@ -138,6 +138,11 @@ class GroupCommit(Generic[_T, _R]):
         #: set while a writer waits for more writes with its connection held; a submit wakes it
         self._idle: asyncio.Future[None] | None = None
 
+    @property
+    def queued(self) -> int:
+        """How many writes wait for a commit."""
+        return len(self._waiting)
+
     async def submit(self, item: _T) -> _R:
         """Queue `item` for the next commit and wait for its outcome."""
         future: asyncio.Future[_R] = asyncio.get_running_loop().create_future()

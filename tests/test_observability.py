@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App
-from tests.helpers import finished, first_event_with_status
+from tests.helpers import eventually, finished, first_event_with_status
 
 OPERATIONS = Path(__file__).resolve().parent.parent / "server" / "operations"
 
@@ -85,9 +85,8 @@ async def mixed_run(app: App) -> AsyncIterator[tuple[App, str]]:
         for job in (plain, retried, moderated):
             await finished(stub, job.id)
         assert app.worker is not None
-        async with asyncio.timeout(10):
-            while app.worker.in_flight:
-                await asyncio.sleep(0.01)
+        worker = app.worker
+        await eventually(lambda: not worker.in_flight)
         # the queue gauges come from the database; read them now rather than waiting for the sampler
         from server.metrics import QueueSampler
 
@@ -227,9 +226,11 @@ async def test_a_real_prometheus_scrape_sees_the_values(mixed_run: tuple[App, st
                 except aiohttp.ClientError:
                     return []
 
-            async with asyncio.timeout(30):
-                while not await query('imagegen_jobs_submitted_total{job="imagegen"}'):
-                    await asyncio.sleep(0.2)  # Prometheus scrapes on its own clock: poll its API
+            async def scraped() -> bool:
+                return bool(await query('imagegen_jobs_submitted_total{job="imagegen"}'))
+
+            # Prometheus scrapes on its own clock: poll its API
+            await eventually(scraped, timeout=30, interval=0.2)
             [up] = await query('up{job="imagegen"}')
             assert up["value"][1] == "1"
             [submitted] = await query('sum(imagegen_jobs_submitted_total{job="imagegen"})')

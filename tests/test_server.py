@@ -22,7 +22,7 @@ from server.settings import Settings, SettingsError
 from storage.db import make_engine
 from storage.jobs import SqlJobStore
 from storage.models import JobNotice, JobSpec, JobStatus, NewJob
-from tests.helpers import events_until_end, finished
+from tests.helpers import events_until_end, eventually, finished
 
 
 async def test_grpc_health_and_readyz_agree(app: App) -> None:
@@ -141,9 +141,7 @@ async def test_watch_jobs_streams_the_accounts_events(secured_stub, secured_app:
 
     for stream in (everything, in_folder, foreign):
         stream.cancel()
-    async with asyncio.timeout(5):
-        while secured_app.hub.open_subscriptions:
-            await asyncio.sleep(0.01)
+    await eventually(lambda: not secured_app.hub.open_subscriptions, timeout=5)
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in secured_stub.WatchJobs(pb.WatchJobsRequest(folder_id="../x")):
