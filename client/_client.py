@@ -7,7 +7,7 @@ import contextlib
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -254,7 +254,7 @@ class ImagegenClient:
         folder_id: str = "",
         page_size: int = 50,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[pb.ListJobsResponse]:
+    ) -> AsyncGenerator[pb.ListJobsResponse, None]:
         """The caller's jobs, newest first, one ListJobsResponse page at a time (fetched lazily)."""
         request = pb.ListJobsRequest(
             page_size=page_size,
@@ -300,7 +300,7 @@ class ImagegenClient:
 
     async def watch(
         self, job_id: str, *, after_version: int = 0, include_heartbeats: bool = False
-    ) -> AsyncIterator[pb.JobEvent]:
+    ) -> AsyncGenerator[pb.JobEvent, None]:
         """The job's events in version order until it reaches a terminal status, surviving dropped streams.
 
         With `after_version=0` the first event is a SNAPSHOT of the job; with N > 0 the events after

@@ -301,12 +301,12 @@ async def running_app(
                         pending_estimate=lambda: sampler.pending,
                     ),
                 ),
-                registrar,
+                registrar,  # type: ignore[arg-type]  # the generated function uses add_generic_rpc_handlers only
             )
             services.append(SERVICE_NAME)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)  # type: ignore[arg-type]
         # what `reflection.enable_server_reflection` does for a grpc.aio server, which `registrar` is not
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
             reflection.aio.ReflectionServicer(services), registrar
         )
         grpc_port = _listen(server, settings)

@@ -46,7 +46,7 @@ _EXACT_COUNT_MARGIN = 1_000
 #: a WatchJobs stream that falls this far behind is ended (the client reconnects)
 WATCH_JOBS_MAX_QUEUED = 10_000
 
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
 
 
@@ -290,6 +290,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     last = job if job.version == request.after_version else None
                     if last is None:  # events were not written for this range: cannot resume
                         raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, "no events to resume from")
+            assert last is not None  # each branch above found the job's latest state, or raised
             subscription.seen_version = last.version
             while not last.status.terminal:
                 item = await subscription.queue.get()

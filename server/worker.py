@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import socket
@@ -191,9 +192,7 @@ class Worker:
                     )
                     task = asyncio.create_task(self._execute(job), name=f"job-{job.id}")
                     self._running[job.id] = task
-                    task.add_done_callback(
-                        lambda _t, job_id=job.id, provider=job.spec.provider: self._finished(job_id, provider)
-                    )
+                    task.add_done_callback(functools.partial(self._finished, job.id, job.spec.provider))
             if claimed and len(claimed) == min(free, self._policy.claim_batch):
                 continue  # there may be more due jobs right now
             await self._idle(self._policy.poll_interval_s)
@@ -204,7 +203,7 @@ class Worker:
                 await self._wake.wait()
         self._wake.clear()
 
-    def _finished(self, job_id: uuid.UUID, provider: str) -> None:
+    def _finished(self, job_id: uuid.UUID, provider: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
         self._metrics.in_flight.labels(provider).dec()
         if not self._stopping:

@@ -98,7 +98,7 @@ def notice(job: Job) -> JobNotice:
     return JobNotice(job_id=job.id, version=job.version, status=job.status, account_id=job.account_id)
 
 
-def notice_from_row(row: Row[Any]) -> JobNotice:
+def notice_from_row(row: Row[Any, Any, Any, Any]) -> JobNotice:
     """`notice` from a row of (id, version, status, account_id)."""
     return JobNotice(
         job_id=row.id, version=row.version, status=JobStatus(row.status), account_id=row.account_id

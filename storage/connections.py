@@ -151,7 +151,9 @@ async def _discard_if_broken(conn: AsyncConnection, exc: sqlalchemy.exc.DBAPIErr
 
 
 def _is_connection_error(exc: sqlalchemy.exc.DBAPIError) -> bool:
-    cause = getattr(exc.orig, "__cause__", None)
+    if exc.orig is None:
+        return False
+    cause = exc.orig.__cause__
     return is_lost_connection(exc.orig) or (cause is not None and is_lost_connection(cause))
 
 

@@ -83,7 +83,7 @@ def _discard_confused_connections(engine: AsyncEngine) -> None:
     def is_disconnect_or_confused(error: Any, connection: Any, cursor: Any) -> bool:
         return is_disconnect(error, connection, cursor) or "another operation is in progress" in str(error)
 
-    dialect.is_disconnect = is_disconnect_or_confused  # type: ignore[method-assign]
+    dialect.is_disconnect = is_disconnect_or_confused  # type: ignore[method-assign,assignment]
 
 
 class _PrePing:

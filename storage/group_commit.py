@@ -178,7 +178,7 @@ class GroupCommit(Generic[_T, _R]):
         finally:
             # Leave in the step that found nothing waiting. A done callback would run steps later, and a
             # submit in between would count this writer as running and wait for the next submit's.
-            self._writers.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._writers.discard(asyncio.current_task())
 
     async def _more(self) -> bool:
         """Whether there is a write to make, waiting up to `hold_s` for one when the connection is held."""
