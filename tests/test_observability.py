@@ -94,7 +94,7 @@ async def mixed_run(app: App) -> AsyncIterator[tuple[App, str]]:
         yield app, await _scrape(app)
 
 
-def _metrics_of(app: App):  # type: ignore[no-untyped-def]
+def _metrics_of(app: App):
     assert app.worker is not None
     return app.worker._metrics  # the one ServiceMetrics of this app
 

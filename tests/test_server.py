@@ -29,7 +29,10 @@ async def test_grpc_health_and_readyz_agree(app: App) -> None:
     async with grpc.aio.insecure_channel(app.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "imagegen.v1.ImageGeneration"):
-            response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            # the health and reflection stubs are typed for sync channels only
+            response = await health.Check(  # type: ignore[attr-defined]
+                health_pb2.HealthCheckRequest(service=service)
+            )
             assert response.status == health_pb2.HealthCheckResponse.SERVING
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{app.http_url}/healthz") as response:
@@ -40,8 +43,8 @@ async def test_grpc_health_and_readyz_agree(app: App) -> None:
 
 async def test_reflection_lists_the_service(app: App) -> None:
     async with grpc.aio.insecure_channel(app.grpc_target) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]
+        responses = stub.ServerReflectionInfo(  # type: ignore[operator]
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])
         )
         async for response in responses:
