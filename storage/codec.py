@@ -90,6 +90,7 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         "create_time": created,
         "update_time": created,
         "next_attempt_at": created,
+        "trace_context": job.trace_context,
     }
 
 
@@ -125,6 +126,7 @@ def job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "reserved_usd_micros": job.reserved_usd_micros,
         "create_time": job.create_time,
         "update_time": job.update_time,
+        "trace_context": job.trace_context,
     }
 
 
@@ -190,6 +192,7 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         lease_expires_at=m["lease_expires_at"],
         provider_state=m["provider_state"],
         message=m["message"],
+        trace_context=m["trace_context"],
     )
 
 

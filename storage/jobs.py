@@ -144,6 +144,7 @@ class SqlJobStore(JobReads, Budgets):
             deadline_at=now + timedelta(seconds=new.deadline_s),
             next_attempt_at=now,
             message="accepted",
+            trace_context=new.trace_context,
         )
         return await self._creates.submit(Submit(job=job, request_hash=spec_hash(new.spec)))
 

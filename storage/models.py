@@ -136,6 +136,8 @@ class NewJob:
     request_id: str = ""
     #: how long the job may take overall, from its creation
     deadline_s: float = 300.0
+    #: the submitting span's W3C traceparent, when the submit was traced
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,6 +169,8 @@ class Job:
     provider_state: Mapping[str, Any] | None = None
     #: the message of the latest transition
     message: str = ""
+    #: the submitting span's W3C traceparent (attempts link to it), or None
+    trace_context: str | None = None
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with some fields changed."""
