@@ -314,12 +314,11 @@ class Catalog(Mapping[str, ModelSpec]):
         return Resolution(entry=entry, model=model)
 
     def vendor_models(self, vendor: str) -> dict[str, list[str]]:
-        """{vendor model id: product ids it serves directly} for one vendor."""
+        """{vendor model id: product ids it serves directly} for one vendor (a tiered id's default tier)."""
         found: dict[str, list[str]] = {}
         for spec in self._models.values():
             if not spec.alias_of and spec.vendor == vendor:
-                for model in {spec.vendor_model, *spec.tiers.values()}:
-                    found.setdefault(model, []).append(spec.id)
+                found.setdefault(spec.vendor_model, []).append(spec.id)
         return found
 
     def set_shutdown_date(self, product_id: str, shutdown: date | None, source: str) -> None:

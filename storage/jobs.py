@@ -462,7 +462,8 @@ class SqlJobStore:
             update_time=now,
             deadline_at=now + timedelta(seconds=new.deadline_s),
             next_attempt_at=now,
-            message="accepted",
+            message=f"accepted; {new.notice}" if new.notice else "accepted",
+            served_model=new.served_model,
         )
         return await self._creates.submit(_Submit(job=job, request_hash=spec_hash(new.spec)))
 
@@ -1628,7 +1629,6 @@ _CREATED_ALIKE = (
     "version",
     "attempt",
     "images",
-    "message",
     "cost_usd_micros",
     "reserved_usd_micros",
 )
@@ -1651,6 +1651,8 @@ def _created_row(job: Job, request_hash: str) -> dict[str, Any]:
         **_spec_values(job.spec),
         "deadline_at": job.deadline_at.isoformat(),
         "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
+        "message": job.message,
+        "served_model": job.served_model,
         "create_time": created,
         "update_time": created,
         "next_attempt_at": created,
@@ -1681,7 +1683,7 @@ _SNAPSHOT = f"""jsonb_build_object(
         'attempt', attempt, 'version', version,
         'create_time', {_iso_utc("create_time")}, 'update_time', {_iso_utc("update_time")},
         'start_time', {_iso_utc("start_time")}, 'end_time', {_iso_utc("end_time")},
-        'deadline_at', {_iso_utc("deadline_at")}, 'message', message)"""
+        'deadline_at', {_iso_utc("deadline_at")}, 'message', message, 'served_model', served_model)"""
 #: `JobNotice.encode` in SQL, over the same values
 _NOTICE_PAYLOAD = "id::text || ' ' || version::text || ' ' || status || ' ' || account_id"
 
@@ -1848,6 +1850,7 @@ def _job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
         "cost_usd_micros": 0,
         "reserved_usd_micros": job.reserved_usd_micros,
+        "served_model": job.served_model,
         "create_time": job.create_time,
         "update_time": job.update_time,
     }
@@ -1915,6 +1918,7 @@ def _job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         lease_expires_at=m["lease_expires_at"],
         provider_state=m["provider_state"],
         message=m["message"],
+        served_model=m["served_model"],
     )
 
 
@@ -1940,6 +1944,7 @@ def job_to_json(job: Job) -> dict[str, Any]:
         "end_time": job.end_time.isoformat() if job.end_time else None,
         "deadline_at": job.deadline_at.isoformat(),
         "message": job.message,
+        "served_model": job.served_model,
     }
 
 
@@ -1971,6 +1976,8 @@ def job_from_json(data: Mapping[str, Any]) -> Job:
         end_time=when("end_time"),
         deadline_at=datetime.fromisoformat(data["deadline_at"]),
         message=data["message"],
+        # events written before the column existed have none
+        served_model=data.get("served_model", ""),
     )
 
 
