@@ -429,9 +429,7 @@ _MODEL_KEYS = frozenset(
 )
 _ALIAS_KEYS = frozenset({"id", "alias_of", "display_name", "lifecycle"})
 _SIZE_KEYS = {
-    "multiple": frozenset(
-        {"rule", "step", "min_side", "min_pixels", "max_pixels", "max_side", "max_ratio"}
-    ),
+    "multiple": frozenset({"rule", "step", "min_side", "min_pixels", "max_pixels", "max_side", "max_ratio"}),
     "aspect_ratios": frozenset({"rule", "ratios", "tiers"}),
 }
 _PRICE_KEYS = {

@@ -1,4 +1,4 @@
-"""Google Gemini generateContent (Nano Banana / Nano Banana Pro) as the sandbox plays it.
+"""Google Gemini generateContent (Nano Banana 2 / Nano Banana Pro) as the sandbox plays it.
 
 Wire protocol: shared/provider-apis.md section 4.
 
@@ -6,14 +6,16 @@ API host (`Sandbox.base_url`):
 - `POST /v1beta/models/{model}:generateContent` with the key in `x-goog-api-key` (or `?key=`) and a
   camelCase (or snake_case: proto JSON accepts both) `GenerateContentRequest` body → HTTP 200 with
   `{"candidates": [...], "usageMetadata": {...}, "modelVersion", "responseId"}`, the image inline as base64.
-  Models: `gemini-2.5-flash-image` and `gemini-3-pro-image-preview`; any other answers 404 NOT_FOUND.
+  Models: `gemini-3.1-flash-image` and `gemini-3-pro-image` (GA 2026-05-28); any other answers 404
+  NOT_FOUND, as the retired `gemini-3-pro-image-preview`, `gemini-3.1-flash-image-preview` (2026-06-25)
+  and `gemini-2.5-flash-image` (2026-10-02) do (ai.google.dev/gemini-api/docs/deprecations).
   Synchronous: the answer comes after the sandbox's latency plus `[sandbox:slow=S]`.
 
-Output sizes are Google's tables: 2.5 Flash has one size per aspect ratio (about 1 MP); 3 Pro has 1K / 2K /
-4K, where 2K and 4K are exactly 2x and 4x the 1K size. The images are drawn at exactly that size, as PNG.
-Token counts: 2.5 Flash 1290 output tokens per image and 258 input tokens per reference image; 3 Pro 1120
-output tokens at 1K and 2K, 2000 at 4K, 560 input tokens per reference image (Vertex AI's model page), plus
-`thoughtsTokenCount`. Text is counted as one token per 4 characters, rounded up.
+Output sizes are Google's tables: both models have 1K / 2K / 4K, where 2K and 4K are exactly 2x and 4x the
+1K size (3.1 Flash is taken to share 3 Pro's 1K table). The images are drawn at exactly that size, as PNG.
+Token counts: 3 Pro 1120 output tokens at 1K and 2K, 2000 at 4K; 3.1 Flash 1120 / 1680 / 2520; 560 input
+tokens per reference image (Vertex AI's model page), plus `thoughtsTokenCount`. Text is counted as one
+token per 4 characters, rounded up.
 
 For tests: `GeminiApi.calls` keeps the latest requests whose key was accepted (model, parsed body, headers,
 and the `usageMetadata` answered); `Sandbox.counters` counts "gemini.generate" (answered 200),
@@ -37,8 +39,7 @@ mid-JSON), `no-image` (finishReason STOP with text only), `disconnect` (the conn
 `no-credits`, `error`.
 
 Choices where the real API is unverified (adapters must tolerate the other reading):
-- `imageSize` sent to 2.5 Flash is refused (400 INVALID_ARGUMENT); the real model may ignore it instead.
-  A lower-case "2k" is refused (documented as rejected; the exact message is not). The messages for an
+- A lower-case "2k" `imageSize` is refused (documented as rejected; the exact message is not). The messages for an
   unsupported aspect ratio or image size, and for `candidateCount` above 1, are the sandbox's own words.
 - 3 Pro's output is PNG here; whether the real model sends PNG or JPEG is unverified (read `mimeType`).
 - 3 Pro answers always carry its thinking: a thought text part and an interim image (`"thought": true`, a
@@ -107,19 +108,6 @@ VENDOR = "gemini"
 #: the aspect ratios `imageConfig.aspectRatio` accepts
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
 
-# Google's image-generation docs, "Gemini 2.5 Flash Image" table.
-_FLASH_SIZES: Mapping[str, tuple[int, int]] = {
-    "1:1": (1024, 1024),
-    "2:3": (832, 1248),
-    "3:2": (1248, 832),
-    "3:4": (864, 1184),
-    "4:3": (1184, 864),
-    "4:5": (896, 1152),
-    "5:4": (1152, 896),
-    "9:16": (768, 1344),
-    "16:9": (1344, 768),
-    "21:9": (1536, 672),
-}
 # Google's "Gemini 3 Pro Image" table at 1K; its 2K and 4K columns are these times 2 and 4.
 _PRO_1K_SIZES: Mapping[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
@@ -184,15 +172,15 @@ MODELS: Mapping[str, GeminiModel] = {
     model.id: model
     for model in (
         GeminiModel(
-            id="gemini-2.5-flash-image",
-            image_sizes={},
-            base_sizes=_FLASH_SIZES,
-            image_tokens={None: 1290},
-            input_image_tokens=258,
-            thinks=False,
+            id="gemini-3.1-flash-image",
+            image_sizes=_PRO_SCALES,
+            base_sizes=_PRO_1K_SIZES,
+            image_tokens={"1K": 1120, "2K": 1680, "4K": 2520},
+            input_image_tokens=560,
+            thinks=True,
         ),
         GeminiModel(
-            id="gemini-3-pro-image-preview",
+            id="gemini-3-pro-image",
             image_sizes=_PRO_SCALES,
             base_sizes=_PRO_1K_SIZES,
             image_tokens={"1K": 1120, "2K": 1120, "4K": 2000},
