@@ -127,10 +127,10 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         valid = validate_generate(request, reference_allow=self._reference_allow, catalog=self._catalog)
         if valid.refusal is not None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, valid.refusal)
-        if valid.model.id not in self._providers:
+        if valid.spec.provider not in self._providers:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"provider {valid.model.id} is not configured on this server (set its API key)",
+                f"provider {valid.spec.provider} is not configured on this server (set its API key)",
             )
         new = NewJob(
             account_id=account,

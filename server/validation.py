@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
@@ -113,6 +113,8 @@ def validate_generate(
         bad.append(FieldViolation("provider", f"unknown provider {provider!r}; one of {', '.join(catalog)}"))
         # keep checking the other fields against the default's limits
         entry = model = catalog[catalog.default]
+    # An alias is checked against what serves it, and its errors name the id the caller sent.
+    limits = replace(model, id=entry.id) if entry.alias_of else model
     prompt, negative = request.prompt.strip(), request.negative_prompt.strip()
     width, height = request.width or DEFAULT_SIDE, request.height or DEFAULT_SIDE
     variants = request.num_variants or 1
@@ -122,14 +124,14 @@ def validate_generate(
     options = (
         json_format.MessageToDict(request.provider_options) if request.HasField("provider_options") else {}
     )
-    options, option_violations = _check_options(model, options) if options else ({}, [])
+    options, option_violations = _check_options(limits, options) if options else ({}, [])
     labels = dict(request.labels)
 
     bad += _text_violations(request.prompt, prompt, negative)
-    bad += _shape_violations(model, width, height, variants)
-    bad += _feature_violations(model, seed, request.output_format, output_format)
+    bad += _shape_violations(limits, width, height, variants)
+    bad += _feature_violations(limits, seed, request.output_format, output_format)
     if references:  # most requests have none, nor options or labels: their checks are skipped
-        bad += _reference_violations(model, references, reference_allow)
+        bad += _reference_violations(limits, references, reference_allow)
     bad += option_violations
     if (violation := folder_violation(request.folder_id)) is not None:
         bad.append(violation)

@@ -40,7 +40,8 @@ mid-JSON), `no-image` (finishReason STOP with text only), `disconnect` (the conn
 
 Choices where the real API is unverified (adapters must tolerate the other reading):
 - A lower-case "2k" `imageSize` is refused (documented as rejected; the exact message is not). The
-  messages for an unsupported aspect ratio or image size, and for `candidateCount` above 1, are the sandbox's own words.
+  messages for an unsupported aspect ratio or image size, and for `candidateCount` above 1, are the
+  sandbox's own words.
 - 3 Pro's output is PNG here; whether the real model sends PNG or JPEG is unverified (read `mimeType`).
 - 3 Pro answers always carry its thinking: a thought text part and an interim image (`"thought": true`, a
   quarter of the final size) before the final image, which has a `thoughtSignature`. The real API may
