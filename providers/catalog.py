@@ -287,31 +287,36 @@ class Catalog(Mapping[str, ModelSpec]):
     def resolve(self, product_id: str, today: date) -> Resolution:
         """How a submit for `product_id` is served on `today`, or why it is refused."""
         entry = self._models[product_id]
-        model = self.serving(product_id)
-        life = entry.lifecycle
-        gone_model = life.vendor_model or entry.vendor_model
-        vendor = _VENDOR_NAMES.get(model.vendor, model.vendor)
         if entry.alias_of:
+            served = self.resolve(entry.alias_of, today)
+            life = entry.lifecycle
             when = f" on {life.shutdown_date.isoformat()}" if life.shutdown_date else ""
+            gone = "retired" if _past(life, today) else "retires"
+            vendor = _VENDOR_NAMES.get(served.model.vendor, served.model.vendor)
             notice = (
-                f"{entry.id} is served by {model.id} ({model.vendor_model}): "
-                f"{vendor} {'retired' if _past(life, today) else 'retires'} {gone_model}{when}"
+                f"{entry.id} is served by {served.model.id} ({served.model.vendor_model}): "
+                f"{vendor} {gone} {life.vendor_model or 'its former model'}{when}"
             )
-            return Resolution(entry=entry, model=model, notice=notice)
+            if served.refusal is not None:
+                return Resolution(entry=entry, model=served.model, refusal=f"{notice}; and {served.refusal}")
+            return Resolution(
+                entry=entry, model=served.model, notice="; ".join(filter(None, (notice, served.notice)))
+            )
+        life = entry.lifecycle
+        vendor = _VENDOR_NAMES.get(entry.vendor, entry.vendor)
+        when = f" on {life.shutdown_date.isoformat()}" if life.shutdown_date else ""
         if _past(life, today):
-            when = f" on {life.shutdown_date.isoformat()}" if life.shutdown_date else ""
             instead = f"; use {life.replacement} instead" if life.replacement else ""
             return Resolution(
                 entry=entry,
-                model=model,
-                refusal=f"{entry.id} is retired: {vendor} shut down {gone_model}{when}{instead}",
+                model=entry,
+                refusal=f"{entry.id} is retired: {vendor} shut down {entry.vendor_model}{when}{instead}",
             )
         if life.shutdown_date is not None or life.state == "deprecated":
-            when = f" on {life.shutdown_date.isoformat()}" if life.shutdown_date else ""
             instead = f"; move to {life.replacement}" if life.replacement else ""
-            notice = f"{entry.id} is deprecated: {vendor} shuts down {gone_model}{when}{instead}"
-            return Resolution(entry=entry, model=model, notice=notice)
-        return Resolution(entry=entry, model=model)
+            notice = f"{entry.id} is deprecated: {vendor} shuts down {entry.vendor_model}{when}{instead}"
+            return Resolution(entry=entry, model=entry, notice=notice)
+        return Resolution(entry=entry, model=entry)
 
     def vendor_models(self, vendor: str) -> dict[str, list[str]]:
         """{vendor model id: product ids it serves directly} for one vendor (a tiered id's default tier)."""
