@@ -675,17 +675,17 @@ def _size(size: str) -> str:
     width, sep, height = size.partition("x")
     problem = None
     if not sep or not width.isdigit() or not height.isdigit() or not int(width) or not int(height):
-        problem = "expected 'auto' or WIDTHxHEIGHT"
+        problem = "Expected 'auto' or WIDTHxHEIGHT"
     else:
         w, h = int(width), int(height)
         if w % _SIZE_STEP or h % _SIZE_STEP:
-            problem = f"both sides must be multiples of {_SIZE_STEP}"
+            problem = f"Both sides must be multiples of {_SIZE_STEP}"
         elif max(w, h) > _MAX_SIDE:
-            problem = f"no side may exceed {_MAX_SIDE} px"
+            problem = f"No side may exceed {_MAX_SIDE} px"
         elif max(w, h) > _MAX_RATIO * min(w, h):
-            problem = f"the long side may be at most {_MAX_RATIO} times the short side"
+            problem = f"The long side may be at most {_MAX_RATIO} times the short side"
         elif not _MIN_PIXELS <= w * h <= _MAX_PIXELS:
-            problem = f"the image must have {_MIN_PIXELS} to {_MAX_PIXELS} pixels"
+            problem = f"The image must have {_MIN_PIXELS} to {_MAX_PIXELS} pixels"
     if problem is not None:
         raise ApiError(400, f"Invalid value: '{size}'. {problem}.", param="size", code="invalid_value")
     return size
