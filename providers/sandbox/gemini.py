@@ -43,7 +43,8 @@ Choices where the real API is unverified (adapters must tolerate the other readi
   messages for an unsupported aspect ratio or image size, and for `candidateCount` above 1, are the
   sandbox's own words.
 - 3 Pro's output is PNG here; whether the real model sends PNG or JPEG is unverified (read `mimeType`).
-- 3 Pro answers always carry its thinking: a thought text part and an interim image (`"thought": true`, a
+- 3.1 Flash answers carry no thinking (its thinking levels are not played). 3 Pro answers always carry
+  its thinking: a thought text part and an interim image (`"thought": true`, a
   quarter of the final size) before the final image, which has a `thoughtSignature`. The real API may
   return thought parts only when `thinkingConfig.includeThoughts` is set; interim images are not billed.
 - With `responseModalities` unset or containing TEXT, a short text part precedes the image (and its tokens
@@ -178,7 +179,7 @@ MODELS: Mapping[str, GeminiModel] = {
             base_sizes=_PRO_1K_SIZES,
             image_tokens={"1K": 1120, "2K": 1680, "4K": 2520},
             input_image_tokens=560,
-            thinks=True,
+            thinks=False,
         ),
         GeminiModel(
             id="gemini-3-pro-image",
