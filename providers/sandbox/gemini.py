@@ -3,9 +3,9 @@
 Wire protocol: shared/provider-apis.md section 4.
 
 API host (`Sandbox.base_url`):
-- `POST /v1beta/models/{model}:generateContent` with the key in `x-goog-api-key` (or `?key=`) and a
-  camelCase (or snake_case: proto JSON accepts both) `GenerateContentRequest` body → HTTP 200 with
-  `{"candidates": [...], "usageMetadata": {...}, "modelVersion", "responseId"}`, the image inline as base64.
+- `POST /v1beta/models/{model}:generateContent` (or `/v1/…`) with the key in `x-goog-api-key` (or
+  `?key=`) and a camelCase (or snake_case: proto JSON accepts both) `GenerateContentRequest` body → HTTP
+  200 with `{"candidates": [...], "usageMetadata": {...}, "modelVersion", "responseId"}`, the image inline as base64.
   Models: `gemini-3.1-flash-image` and `gemini-3-pro-image` (GA 2026-05-28); any other answers 404
   NOT_FOUND, as the retired `gemini-3-pro-image-preview`, `gemini-3.1-flash-image-preview` (2026-06-25)
   and `gemini-2.5-flash-image` (2026-10-02) do (ai.google.dev/gemini-api/docs/deprecations).
@@ -233,7 +233,11 @@ class GeminiApi:
 
     def api_routes(self) -> list[web.RouteDef]:
         """Routes served on the sandbox's API host."""
-        return [web.post("/v1beta/models/{target}", self._generate_content)]
+        # v1 is what google-genai 3.x calls by default; v1beta what the REST docs show: both are served.
+        return [
+            web.post("/v1beta/models/{target}", self._generate_content),
+            web.post("/v1/models/{target}", self._generate_content),
+        ]
 
     async def _generate_content(self, request: web.Request) -> web.StreamResponse:
         response = await self._answer(request)
@@ -269,7 +273,8 @@ class GeminiApi:
             return _error(
                 404,
                 "NOT_FOUND",
-                f"models/{call.model} is not found for API version v1beta, or is not supported for "
+                f"models/{call.model} is not found for API version "
+                f"{request.path.split('/')[1]}, or is not supported for "
                 "generateContent. Call ListModels to see the list of available models and their supported "
                 "methods.",
             )
