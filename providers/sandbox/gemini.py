@@ -5,7 +5,8 @@ Wire protocol: shared/provider-apis.md section 4.
 API host (`Sandbox.base_url`):
 - `POST /v1beta/models/{model}:generateContent` (or `/v1/…`) with the key in `x-goog-api-key` (or
   `?key=`) and a camelCase (or snake_case: proto JSON accepts both) `GenerateContentRequest` body → HTTP
-  200 with `{"candidates": [...], "usageMetadata": {...}, "modelVersion", "responseId"}`, the image inline as base64.
+  200 with `{"candidates": [...], "usageMetadata": {...}, "modelVersion", "responseId"}`, the image inline
+  as base64.
   Models: `gemini-3.1-flash-image` and `gemini-3-pro-image` (GA 2026-05-28); any other answers 404
   NOT_FOUND, as the retired `gemini-3-pro-image-preview`, `gemini-3.1-flash-image-preview` (2026-06-25)
   and `gemini-2.5-flash-image` (2026-10-02) do (ai.google.dev/gemini-api/docs/deprecations).
