@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from google.protobuf import json_format
 
+from imagegen.v1 import imagegen_pb2 as pb
 from providers.catalog import (
     CATALOG,
     MAX_PROMPT_CHARS,
@@ -21,7 +22,6 @@ from providers.catalog import (
     ModelSpec,
 )
 from providers.references import IPNetwork, is_public
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from storage.models import ROOT_FOLDER, JobSpec, utcnow
 
 DEFAULT_SIDE = 1024

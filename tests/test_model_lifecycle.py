@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.catalog import SHIPPED_CATALOG_FILE, CatalogError, load_catalog
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import running_app
 from storage.models import utcnow
 from tests.conftest import test_settings

@@ -17,7 +17,7 @@ from google.genai import types
 from openai import AsyncOpenAI, NotFoundError
 from PIL import Image
 
-from providers.sandbox import Sandbox
+from sandbox import Sandbox
 
 # google-genai subclasses aiohttp's ClientSession when aiohttp is installed, which aiohttp warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
