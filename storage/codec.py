@@ -92,6 +92,7 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         "create_time": created,
         "update_time": created,
         "next_attempt_at": created,
+        "trace_context": job.trace_context,
     }
 
 
@@ -128,6 +129,7 @@ def job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "served_model": job.served_model,
         "create_time": job.create_time,
         "update_time": job.update_time,
+        "trace_context": job.trace_context,
     }
 
 
@@ -194,6 +196,7 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         provider_state=m["provider_state"],
         message=m["message"],
         served_model=m["served_model"],
+        trace_context=m["trace_context"],
     )
 
 

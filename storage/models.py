@@ -140,6 +140,8 @@ class NewJob:
     served_model: str = ""
     #: said in the job's first event (an alias or a deprecation of the id asked for), after "accepted"
     notice: str = ""
+    #: the submitting span's W3C traceparent, when the submit was traced
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +175,8 @@ class Job:
     message: str = ""
     #: the vendor model the job is sent to, recorded at submit ("" for jobs from before it was recorded)
     served_model: str = ""
+    #: the submitting span's W3C traceparent (attempts link to it), or None
+    trace_context: str | None = None
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with some fields changed."""
