@@ -138,7 +138,6 @@ class SqlJobStore(JobReads, Budgets):
             next_attempt_at=now,
             message=f"accepted; {new.notice}" if new.notice else "accepted",
             served_model=new.served_model,
-            message="accepted",
             trace_context=new.trace_context,
         )
         return await self._creates.submit(Submit(job=job, request_hash=spec_hash(new.spec)))
