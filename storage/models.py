@@ -136,6 +136,10 @@ class NewJob:
     request_id: str = ""
     #: how long the job may take overall, from its creation
     deadline_s: float = 300.0
+    #: the vendor model the job is sent to, as the catalog resolved it at submit
+    served_model: str = ""
+    #: said in the job's first event (an alias or a deprecation of the id asked for), after "accepted"
+    notice: str = ""
     #: the submitting span's W3C traceparent, when the submit was traced
     trace_context: str | None = None
 
@@ -169,6 +173,8 @@ class Job:
     provider_state: Mapping[str, Any] | None = None
     #: the message of the latest transition
     message: str = ""
+    #: the vendor model the job is sent to, recorded at submit ("" for jobs from before it was recorded)
+    served_model: str = ""
     #: the submitting span's W3C traceparent (attempts link to it), or None
     trace_context: str | None = None
 
