@@ -65,7 +65,6 @@ CREATED_ALIKE = (
     "version",
     "attempt",
     "images",
-    "message",
     "cost_usd_micros",
     "reserved_usd_micros",
 )
@@ -87,6 +86,8 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         **spec_values(job.spec),
         "deadline_at": job.deadline_at.isoformat(),
         "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
+        "message": job.message,
+        "served_model": job.served_model,
         "create_time": created,
         "update_time": created,
         "next_attempt_at": created,
@@ -123,6 +124,7 @@ def job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
         "cost_usd_micros": 0,
         "reserved_usd_micros": job.reserved_usd_micros,
+        "served_model": job.served_model,
         "create_time": job.create_time,
         "update_time": job.update_time,
     }
@@ -190,6 +192,7 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         lease_expires_at=m["lease_expires_at"],
         provider_state=m["provider_state"],
         message=m["message"],
+        served_model=m["served_model"],
     )
 
 
@@ -215,6 +218,7 @@ def job_to_json(job: Job) -> dict[str, Any]:
         "end_time": job.end_time.isoformat() if job.end_time else None,
         "deadline_at": job.deadline_at.isoformat(),
         "message": job.message,
+        "served_model": job.served_model,
     }
 
 
@@ -246,6 +250,8 @@ def job_from_json(data: Mapping[str, Any]) -> Job:
         end_time=when("end_time"),
         deadline_at=datetime.fromisoformat(data["deadline_at"]),
         message=data["message"],
+        # events written before the column existed have none
+        served_model=data.get("served_model", ""),
     )
 
 

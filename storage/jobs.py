@@ -136,7 +136,8 @@ class SqlJobStore(JobReads, Budgets):
             update_time=now,
             deadline_at=now + timedelta(seconds=new.deadline_s),
             next_attempt_at=now,
-            message="accepted",
+            message=f"accepted; {new.notice}" if new.notice else "accepted",
+            served_model=new.served_model,
         )
         return await self._creates.submit(Submit(job=job, request_hash=spec_hash(new.spec)))
 

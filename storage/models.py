@@ -136,6 +136,10 @@ class NewJob:
     request_id: str = ""
     #: how long the job may take overall, from its creation
     deadline_s: float = 300.0
+    #: the vendor model the job is sent to, as the catalog resolved it at submit
+    served_model: str = ""
+    #: said in the job's first event (an alias or a deprecation of the id asked for), after "accepted"
+    notice: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,6 +171,8 @@ class Job:
     provider_state: Mapping[str, Any] | None = None
     #: the message of the latest transition
     message: str = ""
+    #: the vendor model the job is sent to, recorded at submit ("" for jobs from before it was recorded)
+    served_model: str = ""
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with some fields changed."""
