@@ -22,6 +22,7 @@ from providers.base import ImageProvider
 from providers.catalog import CATALOG, Catalog, CostQuery
 from providers.references import IPNetwork
 from server.auth import Authenticator
+from server.breakers import Breakers
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, EventEncoder, event_to_pb, job_to_pb, timestamp
 from server.errors import Overloaded, ServiceError, abort_with, status_for
 from server.files import UrlSigner
@@ -106,7 +107,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         admission: Admission | None = None,
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
+        breakers: Breakers | None = None,
     ) -> None:
+        self._breakers = breakers
         self._store = store
         self._hub = hub
         self._signer = signer
@@ -127,11 +130,12 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         valid = validate_generate(request, reference_allow=self._reference_allow, catalog=self._catalog)
         if valid.refusal is not None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, valid.refusal)
-        if valid.spec.provider not in self._providers:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"provider {valid.spec.provider} is not configured on this server (set its API key)",
-            )
+        for name in valid.spec.chain:
+            if name not in self._providers:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"provider {name} is not configured on this server (set its API key)",
+                )
         new = NewJob(
             account_id=account,
             spec=valid.spec,
@@ -155,6 +159,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                 update_time=now,
                 deadline_at=now,
                 served_model=valid.served_model,
+                active_provider=valid.spec.provider,
             )
             message = job_to_pb(preview, self._signer)
             message.ClearField("id")
@@ -272,9 +277,20 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     served_model=model.vendor_model,
                     alias_of=entry.alias_of or "",
                     lifecycle_source=life.source,
+                    **self._health(model.vendor),
                 )
             )
         return pb.ListProvidersResponse(providers=providers)
+
+    def _health(self, vendor: str) -> dict[str, Any]:
+        """The Provider fields of the vendor's circuit breaker, as this replica last read it."""
+        if self._breakers is None:
+            return {"breaker_state": "closed"}
+        state = self._breakers.state(vendor)
+        health: dict[str, Any] = {"breaker_state": state.state, "failure_ratio": state.failure_ratio}
+        if state.state != "closed" and state.probe_at is not None:
+            health["breaker_probe_time"] = timestamp(state.probe_at)
+        return health
 
     # ------------------------------------------------------------ streams
 

@@ -72,7 +72,7 @@ async def database_url(pg_url: str) -> str:
     """The run's PostgreSQL database, emptied for this test."""
     connection = await asyncpg.connect(make_url(pg_url).render_as_string(hide_password=False), timeout=10)
     try:
-        await connection.execute("TRUNCATE jobs, job_events, accounts, ledger")
+        await connection.execute("TRUNCATE jobs, job_events, accounts, ledger, provider_breakers")
     finally:
         await connection.close()
     return pg_url
