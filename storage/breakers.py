@@ -2,7 +2,8 @@
 
 closed → open when, within one window, at least `min_requests` requests were counted and the failed
 share reached `failure_ratio`; open → half_open after `cooldown_s`, when the first of `probes` probe
-slots is claimed; half_open → closed once that many probes succeeded, → open again on a failed one.
+slots is claimed; once every probe of the round answered, half_open → closed if all succeeded, → open
+again (another cooldown) if any failed.
 Every change happens under the row's lock (SELECT ... FOR UPDATE on PostgreSQL; SQLite serialises its
 writers), so probe slots are given out exactly `probes` times across all replicas. A probe slot not
 answered within a cooldown (its replica died) is given out again.
@@ -100,52 +101,44 @@ class SqlBreakers:
             if state == CLOSED:
                 return True
             due = probe_at is None or probe_at <= now
-            if state == OPEN and not due:
-                return False
-            if state == HALF_OPEN and not due:
-                if row["probes_claimed"] >= self.policy.probes:
+            if not due:
+                if state == OPEN or row["probes_claimed"] >= self.policy.probes:
                     return False
                 await _write(conn, vendor, {"probes_claimed": row["probes_claimed"] + 1}, now)
                 return True
-            # the cooldown has passed (or the last probes went unanswered for one): a new round of probes
+            if state == HALF_OPEN and row["probes_failed"]:
+                # a round that was not fully answered in time, with a failure: open again
+                await _write(conn, vendor, self._opened(now), now)
+                return False
+            if state == HALF_OPEN and row["probes_succeeded"]:
+                await _write(conn, vendor, _closed(now), now)
+                return True
+            # the cooldown has passed, or a round's probes all went unanswered: a new round of probes
             values = {
                 "state": HALF_OPEN,
                 "probes_claimed": 1,
                 "probes_succeeded": 0,
+                "probes_failed": 0,
                 "probe_at": now + timedelta(seconds=self.policy.cooldown_s),
             }
             await _write(conn, vendor, values, now)
             return True
 
     async def probe_result(self, vendor: str, ok: bool, now: datetime) -> None:
-        """A probe's outcome: enough successes close the breaker, a failure opens it again."""
+        """A probe's outcome. Once every probe of the round has answered: all well closes the breaker, any
+        failure opens it again for another cooldown."""
         async with self._db.transaction() as conn:
             row = await _locked(conn, vendor, now)
             if row["state"] != HALF_OPEN:
                 return
-            if not ok:
+            succeeded = row["probes_succeeded"] + ok
+            failed = row["probes_failed"] + (not ok)
+            if succeeded + failed < self.policy.probes:
+                await _write(conn, vendor, {"probes_succeeded": succeeded, "probes_failed": failed}, now)
+            elif failed:
                 await _write(conn, vendor, self._opened(now), now)
-            elif row["probes_succeeded"] + 1 >= self.policy.probes:
-                closed = {
-                    "state": CLOSED,
-                    "window_start": now,
-                    "requests": 0,
-                    "failures": 0,
-                    "opened_at": None,
-                    "probe_at": None,
-                    "probes_claimed": 0,
-                    "probes_succeeded": 0,
-                }
-                await _write(conn, vendor, closed, now)
             else:
-                await _write(conn, vendor, {"probes_succeeded": row["probes_succeeded"] + 1}, now)
-
-    async def reset(self, vendor: str, now: datetime) -> None:
-        """Close the vendor's breaker (an operator's override)."""
-        async with self._db.transaction() as conn:
-            await _locked(conn, vendor, now)
-            values = {"state": CLOSED, "window_start": now, "requests": 0, "failures": 0}
-            await _write(conn, vendor, {**values, "opened_at": None, "probe_at": None}, now)
+                await _write(conn, vendor, _closed(now), now)
 
     def _opened(self, now: datetime) -> dict[str, Any]:
         return {
@@ -154,7 +147,22 @@ class SqlBreakers:
             "probe_at": now + timedelta(seconds=self.policy.cooldown_s),
             "probes_claimed": 0,
             "probes_succeeded": 0,
+            "probes_failed": 0,
         }
+
+
+def _closed(now: datetime) -> dict[str, Any]:
+    return {
+        "state": CLOSED,
+        "window_start": now,
+        "requests": 0,
+        "failures": 0,
+        "opened_at": None,
+        "probe_at": None,
+        "probes_claimed": 0,
+        "probes_succeeded": 0,
+        "probes_failed": 0,
+    }
 
 
 async def _locked(conn: AsyncConnection, vendor: str, now: datetime) -> Mapping[str, Any]:

@@ -197,5 +197,6 @@ provider_breakers = Table(
     Column("probe_at", UtcDateTime, nullable=True),
     Column("probes_claimed", Integer, nullable=False, server_default=text("0")),
     Column("probes_succeeded", Integer, nullable=False, server_default=text("0")),
+    Column("probes_failed", Integer, nullable=False, server_default=text("0")),
     Column("update_time", UtcDateTime, nullable=False),
 )

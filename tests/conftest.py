@@ -153,6 +153,7 @@ def test_settings(data_dir: Path, database_url: str, *, secured: bool = False, *
         "sandbox_latency_s": 0.0,
         "bfl_poll_interval_s": 0.05,
         "db_pool_size": 5,
+        "breaker_refresh_s": 0.1,
     }
     if secured:
         values["auth_tokens_file"] = write_tokens_file(data_dir)

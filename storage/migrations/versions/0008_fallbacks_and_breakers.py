@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("probe_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("probes_claimed", sa.Integer, nullable=False, server_default=sa.text("0")),
         sa.Column("probes_succeeded", sa.Integer, nullable=False, server_default=sa.text("0")),
+        sa.Column("probes_failed", sa.Integer, nullable=False, server_default=sa.text("0")),
         sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
     )
 
