@@ -314,7 +314,8 @@ class Worker:
             await self._cannot_run(job, fence, error, "model_unavailable")
             return
         admission = GO
-        if self._breakers is not None:
+        # A job holding a vendor task (a checkpoint) resumes it whatever the breaker says: it was paid for.
+        if self._breakers is not None and not job.provider_state:
             vendor = self._catalog.serving(active).vendor
             admission = await self._breakers.admit(vendor)  # a dict lookup while the breaker is closed
             if admission.wait_until is not None:
