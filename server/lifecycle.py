@@ -21,6 +21,8 @@ from server.metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 
 _MAX_LIST_BYTES = 8 * 1024 * 1024
+# The first read runs before the server starts serving: an unreachable vendor must not hold it up for long.
+_READ_TIMEOUT_S = 15.0
 
 
 class LifecycleWatcher:
@@ -52,7 +54,8 @@ class LifecycleWatcher:
     async def refresh_logged(self) -> None:
         """`refresh`, where a failed read is a log line and the dates known are kept."""
         try:
-            await self.refresh()
+            async with asyncio.timeout(_READ_TIMEOUT_S):
+                await self.refresh()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning(
                 "could not read OpenAI's model list at %s (%s); keeping the dates known", self._url, exc

@@ -104,6 +104,7 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         **spec_values(job.spec),
         "deadline_at": job.deadline_at.isoformat(),
         "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
+        # per job: an alias's or a deprecation's notice rides on its first event
         "message": job.message,
         "served_model": job.served_model,
         "active_provider": job.active_provider,

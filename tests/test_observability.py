@@ -181,7 +181,7 @@ async def test_promtool_accepts_the_exposition_and_the_rules(mixed_run: tuple[Ap
 
 
 def test_promtool_unit_tests_of_the_model_alerts() -> None:
-    # alerts_test.yml: the shutdown alert is quiet 31 days before a date, fires from 30 days before (once
+    # alerts_test.yml: the shutdown alert is quiet 30 days and 1 hour before a date, fires from 30 days (once
     # per provider, whatever the replicas), stays quiet for a far date; MODEL_UNAVAILABLE pages at once.
     tested = subprocess.run(
         [_tool("promtool"), "test", "rules", "alerts_test.yml"],
