@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from providers.base import ProviderError, RetryReason
 from server.metrics import ServiceMetrics
 from storage.breakers import CLOSED, HALF_OPEN, OPEN, BreakerState, SqlBreakers
-from storage.errors import StorageError
+from storage.errors import SchemaBehind, StorageError
 from storage.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class Breakers:
             try:
                 await self.refresh()
             except StorageError as exc:
-                log.warning("could not refresh the circuit breakers (%s); keeping the last state", exc)
+                if not isinstance(exc, SchemaBehind):  # the store logs that, once a minute
+                    log.warning("could not refresh the circuit breakers (%s); keeping the last state", exc)
             except Exception:
                 log.exception("refreshing the circuit breakers failed unexpectedly")
