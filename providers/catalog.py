@@ -318,6 +318,11 @@ class Catalog(Mapping[str, ModelSpec]):
             return Resolution(entry=entry, model=entry, notice=notice)
         return Resolution(entry=entry, model=entry)
 
+    def state(self, product_id: str, today: date) -> str:
+        """An id's lifecycle state on `today`: "retired" once its shutdown date has passed."""
+        life = self._models[product_id].lifecycle
+        return "retired" if _past(life, today) else life.state
+
     def vendor_models(self, vendor: str) -> dict[str, list[str]]:
         """{vendor model id: product ids it serves directly} for one vendor (a tiered id's default tier)."""
         found: dict[str, list[str]] = {}

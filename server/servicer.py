@@ -257,6 +257,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
     ) -> pb.ListProvidersResponse:
         self._account(context)  # the catalog says which vendors are configured: callers only
         providers = []
+        today = utcnow().date()
         for entry in self._catalog.values():
             # An alias shows its own id and lifecycle with the limits, options and price of what serves it.
             model = self._catalog.serving(entry.id)
@@ -283,7 +284,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     price_1024_usd_micros=model.estimate_usd_micros(
                         CostQuery(width=1024, height=1024, num_variants=1)
                     ),
-                    lifecycle_state=life.state,
+                    lifecycle_state=self._catalog.state(entry.id, today),
                     shutdown_date=life.shutdown_date.isoformat() if life.shutdown_date else "",
                     replacement=life.replacement or "",
                     served_model=model.vendor_model,

@@ -20,7 +20,7 @@ from providers.catalog import SHIPPED_CATALOG_FILE, CatalogError, load_catalog
 from server.app import running_app
 from storage.models import utcnow
 from tests.conftest import test_settings
-from tests.helpers import events_until_end
+from tests.helpers import events_until_end, eventually
 
 SHIPPED = SHIPPED_CATALOG_FILE.read_text()
 
@@ -130,8 +130,11 @@ async def test_a_model_its_vendor_retired_fails_at_once_free_and_counted(
         assert done.attempt == 1  # not retried: another attempt gets the same answer
         assert done.cost_usd_micros == 0 and done.cost_cents == 0
         assert app.sandbox is not None and app.sandbox.counters[refused] == 1
+        # counted by the worker once its write committed, which watchers may see first
         labels = {"provider": provider, "served_model": vendor_model}
-        assert app.registry.get_sample_value("imagegen_model_unavailable_total", labels) == 1
+        await eventually(
+            lambda: app.registry.get_sample_value("imagegen_model_unavailable_total", labels) == 1
+        )
         finished = {"provider": provider, "status": "failed", "code": "MODEL_UNAVAILABLE"}
         assert app.registry.get_sample_value("imagegen_jobs_finished_total", finished) == 1
 
@@ -258,6 +261,8 @@ async def test_openais_shutdown_dates_win_over_the_catalogs(
     # The date passes: the id, and the alias it serves, are refused before anything is paid for
     app.sandbox.openai.shutdown_dates["gpt-image-2.6-sunburst"] = date(2026, 1, 1).isoformat()
     assert await app.lifecycle.refresh() == ["gpt_image_2_6"]
+    listed = {p.id: p for p in (await stub.ListProviders(pb.ListProvidersRequest())).providers}
+    assert listed["gpt_image_2_6"].lifecycle_state == "retired"
     for provider in ("gpt_image_2_6", "gpt_image_1_5"):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GenerateImage(pb.GenerateImageRequest(prompt="SALE", provider=provider))
