@@ -144,7 +144,8 @@ async def test_three_replicas_send_the_dead_vendor_only_the_probes(
     overrides = {
         "max_attempts": 50,
         "breaker_min_requests": 2,
-        "breaker_cooldown_s": 1.0,
+        # long enough that the test sees the breaker open again before another round of probes
+        "breaker_cooldown_s": 3.0,
         "breaker_probes": probes,
     }
     async with contextlib.AsyncExitStack() as stack:
