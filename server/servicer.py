@@ -22,6 +22,7 @@ from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.base import ImageProvider
 from providers.catalog import CATALOG, Catalog, CostQuery
 from providers.references import IPNetwork
+from server import tracing
 from server.auth import Authenticator
 from server.breakers import Breakers
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, EventEncoder, event_to_pb, job_to_pb, timestamp
@@ -153,6 +154,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             deadline_s=self._deadline_s,
             served_model=valid.served_model,
             notice=valid.notice,
+            trace_context=tracing.current_traceparent() if tracing.enabled else None,
         )
         if request.validate_only:
             now = utcnow()
@@ -178,6 +180,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             return message
         await self._admission.check(self._store, account)
         job, created = await self._store.create(new)
+        if tracing.enabled:
+            tracing.tag("imagegen.job.id", str(job.id))
         if created:
             self._metrics.observe_submitted(job)
             log.info(

@@ -111,6 +111,7 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         "create_time": created,
         "update_time": created,
         "next_attempt_at": created,
+        "trace_context": job.trace_context,
     }
 
 
@@ -149,6 +150,7 @@ def job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "attempt_base": job.attempt_base,
         "create_time": job.create_time,
         "update_time": job.update_time,
+        "trace_context": job.trace_context,
     }
 
 
@@ -223,6 +225,7 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         served_model=m["served_model"],
         active_provider=m["active_provider"],
         attempt_base=m["attempt_base"],
+        trace_context=m["trace_context"],
     )
 
 

@@ -139,6 +139,7 @@ class SqlJobStore(JobReads, Budgets):
             message=f"accepted; {new.notice}" if new.notice else "accepted",
             served_model=new.served_model,
             active_provider=new.spec.provider,
+            trace_context=new.trace_context,
         )
         return await self._creates.submit(Submit(job=job, request_hash=spec_hash(new.spec)))
 

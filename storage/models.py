@@ -158,6 +158,8 @@ class NewJob:
     served_model: str = ""
     #: said in the job's first event (an alias or a deprecation of the id asked for), after "accepted"
     notice: str = ""
+    #: the submitting span's W3C traceparent, when the submit was traced
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +199,8 @@ class Job:
     #: attempts spent on the chain's earlier models, or waiting out an open breaker: `attempt` minus this
     #: is the attempt on `serving_provider`
     attempt_base: int = 0
+    #: the submitting span's W3C traceparent (attempts link to it), or None
+    trace_context: str | None = None
 
     @property
     def serving_provider(self) -> str:

@@ -111,6 +111,8 @@ jobs = Table(
     Column("update_time", UtcDateTime, nullable=False),
     Column("start_time", UtcDateTime, nullable=True),
     Column("end_time", UtcDateTime, nullable=True),
+    # the submit's W3C traceparent, when it was traced: each attempt's span links to it
+    Column("trace_context", String(64), nullable=True),
     # the claim scans only these small partial indexes
     Index(
         "ix_jobs_pending",

@@ -1,7 +1,7 @@
 """fallback chains on jobs, and the vendors' circuit breakers
 
 Revision ID: 0008
-Revises: 0004
+Revises: 0006
 Create Date: 2026-12-06
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0008"
-down_revision = "0004"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
