@@ -195,6 +195,8 @@ class ImagegenClient:
         reference_image_urls: Sequence[str] = (),
         provider_options: Mapping[str, Any] | None = None,
         labels: Mapping[str, str] | None = None,
+        fallback_providers: Sequence[str] = (),
+        fallback_on_moderation: bool = False,
         request_id: str | None = None,
         validate_only: bool = False,
         timeout_s: float | None = None,
@@ -214,6 +216,8 @@ class ImagegenClient:
             negative_prompt=negative_prompt,
             reference_image_urls=list(reference_image_urls),
             labels=dict(labels or {}),
+            fallback_providers=list(fallback_providers),
+            fallback_on_moderation=fallback_on_moderation,
             validate_only=validate_only,
         )
         if seed is not None:

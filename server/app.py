@@ -25,6 +25,7 @@ from providers.vendors import VENDORS, endpoint_of
 from sandbox import Sandbox
 from server import tracing
 from server.auth import LOCAL_ACCOUNT, Authenticator
+from server.breakers import Breakers
 from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness
 from server.http import http_routes
@@ -39,7 +40,9 @@ from server.settings import Settings, split_address
 from server.worker import Worker, WorkerPolicy
 from storage import migrate
 from storage.blobs import LocalBlobStore
+from storage.breakers import BreakerPolicy, SqlBreakers
 from storage.db import is_postgres, make_engine
+from storage.errors import StorageError
 from storage.jobs import SqlJobStore
 from storage.listener import PgListener
 from storage.port import ConcurrencyCap, JobStore
@@ -67,6 +70,7 @@ class App:
     readiness: Readiness
     catalog: Catalog
     lifecycle: LifecycleWatcher | None = None
+    breakers: Breakers | None = None
 
     @property
     def grpc_target(self) -> str:
@@ -238,6 +242,21 @@ async def running_app(
         if providers is None:
             providers = build_providers(settings, session_for, sandbox, references, catalog)
 
+        breakers = Breakers(
+            SqlBreakers(
+                engine,
+                BreakerPolicy(
+                    failure_ratio=settings.breaker_failure_ratio,
+                    min_requests=settings.breaker_min_requests,
+                    window_s=settings.breaker_window_s,
+                    cooldown_s=settings.breaker_cooldown_s,
+                    probes=settings.breaker_probes,
+                ),
+            ),
+            VENDORS,
+            metrics,
+            refresh_s=settings.breaker_refresh_s,
+        )
         worker: Worker | None = None
         if settings.role in ("all", "worker"):
             worker = Worker(
@@ -246,6 +265,7 @@ async def running_app(
                 providers,
                 metrics,
                 catalog=catalog,
+                breakers=breakers,
                 policy=WorkerPolicy(
                     concurrency=settings.worker_concurrency,
                     lease_s=settings.lease_s,
@@ -284,7 +304,9 @@ async def running_app(
         sampler = QueueSampler(store, metrics, interval_s=max(1.0, settings.poll_interval_s))
         reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3), blobs=blobs)
         lifecycle = _lifecycle_watcher(settings, catalog, metrics, session_for, sandbox)
-        backgrounds = [readiness.run(), sampler.run(), reaper.run()]
+        with contextlib.suppress(StorageError):  # unreachable: readiness says so; the loop retries
+            await breakers.refresh()
+        backgrounds = [readiness.run(), sampler.run(), reaper.run(), breakers.run()]
         if lifecycle is not None:
             # At start, before the API serves: the vendor's dates decide the first submits too.
             await lifecycle.refresh_logged()
@@ -313,6 +335,7 @@ async def running_app(
                     providers,
                     metrics,
                     catalog=catalog,
+                    breakers=breakers,
                     reference_allow=parse_networks(settings.reference_allow_networks),
                     deadline_s=settings.job_deadline_s,
                     auth=authenticator,
@@ -355,6 +378,7 @@ async def running_app(
             readiness=readiness,
             catalog=catalog,
             lifecycle=lifecycle,
+            breakers=breakers,
         )
         log.info(
             "serving gRPC on %s and HTTP on %s (role %s, database %s)",

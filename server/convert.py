@@ -73,7 +73,14 @@ def job_to_pb(job: Job, signer: UrlSigner) -> pb.Job:
         update_time=timestamp(job.update_time),
         account_id=job.account_id,
         served_model=job.served_model,
+        served_provider=job.serving_provider,
     )
+    if spec.fallback_providers:
+        message.fallback_providers.extend(spec.fallback_providers)
+        message.fallback_on_moderation = spec.fallback_on_moderation
+        for name, fallback_options in spec.fallback_options.items():
+            if fallback_options:
+                json_format.ParseDict(dict(fallback_options), message.fallback_provider_options[name])
     if spec.labels:  # building a protobuf map costs even when empty: most jobs have no labels
         message.labels.update(spec.labels)
     if spec.provider_options:

@@ -126,6 +126,19 @@ class ServiceMetrics:
             ["provider"],
             registry=registry,
         )
+        self.breaker_state = Gauge(
+            "imagegen_provider_breaker_state",
+            "Each vendor's circuit breaker, shared by the replicas: 0 closed, 1 half-open (probing), 2 open.",
+            ["vendor"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "imagegen_fallbacks",
+            "Jobs moved to the next model of their fallback chain (reason: breaker_open, attempts_spent, "
+            "model_unavailable, provider_auth, content_moderated).",
+            ["provider", "fallback", "reason"],
+            registry=registry,
+        )
         self.provider_requests = Counter(
             "imagegen_provider_requests",
             "HTTP requests to vendor APIs (outcome: 2xx, 4xx, 429, 5xx, timeout, connection_error).",
@@ -186,7 +199,7 @@ class ServiceMetrics:
 
     def observe_finished(self, job: Job) -> None:
         """A job reached a terminal status."""
-        provider = job.spec.provider
+        provider = job.serving_provider
         code = job.error.code if job.error is not None and job.status is JobStatus.FAILED else ""
         self.jobs_finished.labels(provider, job.status.value, code).inc()
         if code == "MODEL_UNAVAILABLE":

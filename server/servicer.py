@@ -24,6 +24,7 @@ from providers.catalog import CATALOG, Catalog, CostQuery
 from providers.references import IPNetwork
 from server import tracing
 from server.auth import Authenticator
+from server.breakers import Breakers
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, EventEncoder, event_to_pb, job_to_pb, timestamp
 from server.errors import Overloaded, ServiceError, abort_with, status_for
 from server.files import UrlSigner
@@ -110,9 +111,11 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         admission: Admission | None = None,
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
+        breakers: Breakers | None = None,
         max_watch_streams_per_caller: int = 0,
         blobs: LocalBlobStore | None = None,
     ) -> None:
+        self._breakers = breakers
         self._store = store
         self._hub = hub
         self._signer = signer
@@ -137,11 +140,12 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         valid = validate_generate(request, reference_allow=self._reference_allow, catalog=self._catalog)
         if valid.refusal is not None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, valid.refusal)
-        if valid.spec.provider not in self._providers:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"provider {valid.spec.provider} is not configured on this server (set its API key)",
-            )
+        for name in valid.spec.chain:
+            if name not in self._providers:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"provider {name} is not configured on this server (set its API key)",
+                )
         new = NewJob(
             account_id=account,
             spec=valid.spec,
@@ -166,6 +170,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                 update_time=now,
                 deadline_at=now,
                 served_model=valid.served_model,
+                active_provider=valid.spec.provider,
             )
             message = job_to_pb(preview, self._signer)
             message.ClearField("id")
@@ -289,9 +294,20 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     served_model=model.vendor_model,
                     alias_of=entry.alias_of or "",
                     lifecycle_source=life.source,
+                    **self._health(model.vendor),
                 )
             )
         return pb.ListProvidersResponse(providers=providers)
+
+    def _health(self, vendor: str) -> dict[str, Any]:
+        """The Provider fields of the vendor's circuit breaker, as this replica last read it."""
+        if self._breakers is None:
+            return {"breaker_state": "closed"}
+        state = self._breakers.state(vendor)
+        health: dict[str, Any] = {"breaker_state": state.state, "failure_ratio": state.failure_ratio}
+        if state.state != "closed" and state.probe_at is not None:
+            health["breaker_probe_time"] = timestamp(state.probe_at)
+        return health
 
     # ------------------------------------------------------------ streams
 

@@ -145,6 +145,7 @@ class SqlJobStore(JobReads, Budgets):
             next_attempt_at=now,
             message=f"accepted; {new.notice}" if new.notice else "accepted",
             served_model=new.served_model,
+            active_provider=new.spec.provider,
             trace_context=new.trace_context,
         )
         return await self._creates.submit(Submit(job=job, request_hash=spec_hash(new.spec)))
@@ -413,6 +414,50 @@ class SqlJobStore(JobReads, Budgets):
                 "next_attempt_at": at,
                 "lease_owner": None,
                 "lease_expires_at": None,
+            },
+            utcnow(),
+        )
+
+    async def switch_model(
+        self, fence: Fence, *, provider: str, served_model: str, error: JobError | None, message: str
+    ) -> Job:
+        """PROCESSING → PENDING at once on the next model of the chain, with a fresh count of attempts.
+
+        The previous vendor's checkpoint is dropped: its task ids mean nothing to the next vendor.
+        """
+        now = utcnow()
+        values: dict[str, Any] = {
+            "active_provider": provider,
+            "served_model": served_model,
+            "attempt_base": fence.attempt,
+            "provider_state": None,
+            "next_attempt_at": now,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        if error is not None:
+            values.update(error_code=error.code, error_message=error.message, error_retryable=error.retryable)
+        # the general path: a switch is rare, and it writes a column the one-statement path does not map
+        unclaimed = Fence(job_id=fence.job_id, attempt=fence.attempt, owner=fence.owner)
+        return await self._fenced_transition(unclaimed, JobStatus.PENDING, message, values, now)
+
+    async def wait_for_vendor(
+        self, fence: Fence, *, at: datetime, error: JobError, message: str, attempt_base: int
+    ) -> Job:
+        """PROCESSING → PENDING until `at` without spending an attempt (the vendor's breaker is open):
+        `attempt_base` is the job's, plus one for the claim that did not run."""
+        return await self._fenced_transition(
+            fence,
+            JobStatus.PENDING,
+            message,
+            {
+                "error_code": error.code,
+                "error_message": error.message,
+                "error_retryable": error.retryable,
+                "next_attempt_at": at,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "attempt_base": attempt_base,
             },
             utcnow(),
         )

@@ -72,7 +72,7 @@ async def database_url(pg_url: str) -> str:
     """The run's PostgreSQL database, emptied for this test."""
     connection = await asyncpg.connect(make_url(pg_url).render_as_string(hide_password=False), timeout=10)
     try:
-        await connection.execute("TRUNCATE jobs, job_events, accounts, ledger")
+        await connection.execute("TRUNCATE jobs, job_events, accounts, ledger, provider_breakers")
     finally:
         await connection.close()
     return pg_url
@@ -153,6 +153,10 @@ def test_settings(data_dir: Path, database_url: str, *, secured: bool = False, *
         "sandbox_latency_s": 0.0,
         "bfl_poll_interval_s": 0.05,
         "db_pool_size": 5,
+        "breaker_refresh_s": 0.1,
+        # tests of one fault each fail many requests on purpose: a breaker opening across them would make
+        # their outcomes depend on timing (tests/test_fallbacks.py sets its own thresholds)
+        "breaker_min_requests": 1000,
     }
     if secured:
         values["auth_tokens_file"] = write_tokens_file(data_dir)

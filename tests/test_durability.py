@@ -437,6 +437,8 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateImageRequest:
                 st.one_of(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True), _TEXT), _TEXT, max_size=3
             )
         ),
+        fallback_providers=draw(st.lists(_PROVIDERS, max_size=3)),
+        fallback_on_moderation=draw(st.booleans()),
     )
     if draw(st.booleans()):
         request.seed = draw(st.integers(-(2**40), 2**40))
@@ -468,6 +470,7 @@ async def test_every_request_makes_one_valid_job_or_a_precise_error_and_nothing_
     assert 1 <= len(job.prompt) <= 2000 and job.prompt == job.prompt.strip()
     assert 256 <= job.width <= 2048 and 256 <= job.height <= 2048 and 1 <= job.num_variants <= 4
     assert job.provider == (request.provider or "flux_2_pro")
+    assert list(job.fallback_providers) == list(request.fallback_providers)  # each checked, none dropped
     assert job.estimated_cost_usd_micros > 0
 
 
