@@ -7,7 +7,7 @@ import contextlib
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -195,6 +195,8 @@ class ImagegenClient:
         reference_image_urls: Sequence[str] = (),
         provider_options: Mapping[str, Any] | None = None,
         labels: Mapping[str, str] | None = None,
+        fallback_providers: Sequence[str] = (),
+        fallback_on_moderation: bool = False,
         request_id: str | None = None,
         validate_only: bool = False,
         callback_url: str = "",
@@ -216,6 +218,8 @@ class ImagegenClient:
             negative_prompt=negative_prompt,
             reference_image_urls=list(reference_image_urls),
             labels=dict(labels or {}),
+            fallback_providers=list(fallback_providers),
+            fallback_on_moderation=fallback_on_moderation,
             validate_only=validate_only,
             callback_url=callback_url,
         )
@@ -257,7 +261,7 @@ class ImagegenClient:
         folder_id: str = "",
         page_size: int = 50,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[pb.ListJobsResponse]:
+    ) -> AsyncGenerator[pb.ListJobsResponse, None]:
         """The caller's jobs, newest first, one ListJobsResponse page at a time (fetched lazily)."""
         request = pb.ListJobsRequest(
             page_size=page_size,
@@ -303,7 +307,7 @@ class ImagegenClient:
 
     async def watch(
         self, job_id: str, *, after_version: int = 0, include_heartbeats: bool = False
-    ) -> AsyncIterator[pb.JobEvent]:
+    ) -> AsyncGenerator[pb.JobEvent, None]:
         """The job's events in version order until it reaches a terminal status, surviving dropped streams.
 
         With `after_version=0` the first event is a SNAPSHOT of the job; with N > 0 the events after

@@ -230,8 +230,9 @@ async def _generate(client: ImagegenClient, args: argparse.Namespace, ui: Ui) ->
     if args.no_wait:
         ui.result(to_dict(job) if ui.json else job.id)
         return EXIT_OK
+    served = f" on {job.served_model}" if job.served_model else ""
     ui.note(
-        f"submitted job {job.id}: {job.provider} {job.width}x{job.height} x{job.num_variants}, "
+        f"submitted job {job.id}: {job.provider}{served} {job.width}x{job.height} x{job.num_variants}, "
         f"estimated {usd(job.estimated_cost_usd_micros)}"
     )
     try:
@@ -484,6 +485,18 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
         help="provider option (repeatable); VALUE is parsed as JSON when it can be",
     )
     parser.add_argument(
+        "--fallback",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="model to continue on if the provider cannot serve the job (repeatable, in order)",
+    )
+    parser.add_argument(
+        "--fallback-on-moderation",
+        action="store_true",
+        help="also fall back when a model's moderation refuses the prompt or image",
+    )
+    parser.add_argument(
         "--label",
         action="append",
         default=[],
@@ -515,6 +528,8 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         "reference_image_urls": args.ref,
         "provider_options": dict(args.option),
         "labels": dict(args.label),
+        "fallback_providers": args.fallback,
+        "fallback_on_moderation": args.fallback_on_moderation,
         "callback_url": args.callback_url,
     }
 

@@ -11,6 +11,7 @@ import sys
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 
+from providers.catalog import CatalogError
 from providers.references import parse_networks
 from server.app import freeze_startup_heap, running_app
 from server.auth import AuthConfigError, caller_entry, new_token
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_webhook(settings, args))
     try:
         asyncio.run(_serve(settings, migrate_schema=args.migrate))
-    except AuthConfigError as exc:
+    except (AuthConfigError, CatalogError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -133,10 +134,10 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             print(f"{args.account}: ${balance / 1e6:.6f}")
         elif args.action == "show":
-            balance = await store.budget(args.account)
+            current = await store.budget(args.account)
             print(
                 f"{args.account}: "
-                + ("unlimited (no budget)" if balance is None else f"${balance / 1e6:.6f}")
+                + ("unlimited (no budget)" if current is None else f"${current / 1e6:.6f}")
             )
         elif args.action == "remove":
             removed = await store.remove_budget(args.account)

@@ -22,16 +22,18 @@ from prometheus_client import CollectorRegistry
 
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.base import ImageProvider
-from providers.catalog import CATALOG
+from providers.catalog import SHIPPED_CATALOG_FILE, Catalog, load_catalog
 from providers.references import PublicOnlyConnector, parse_networks
 from providers.vendors import VENDORS, endpoint_of
 from sandbox import Sandbox
 from server import tracing
 from server.auth import LOCAL_ACCOUNT, Authenticator
+from server.breakers import Breakers
 from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness
 from server.http import http_routes
 from server.hub import EventHub
+from server.lifecycle import LifecycleWatcher
 from server.metrics import GrpcMetrics, QueueSampler, ServiceMetrics
 from server.reaper import Reaper
 from server.reflection import SERVICE_NAMES as REFLECTION_SERVICES
@@ -42,6 +44,7 @@ from server.webhooks import WebhookSender
 from server.worker import Worker, WorkerPolicy
 from storage import migrate
 from storage.blobs import LocalBlobStore
+from storage.breakers import BreakerPolicy, SqlBreakers
 from storage.db import is_postgres, make_engine
 from storage.errors import SchemaBehind, StorageError
 from storage.jobs import SqlJobStore
@@ -70,6 +73,9 @@ class App:
     sandbox: Sandbox | None
     providers: Mapping[str, ImageProvider]
     readiness: Readiness
+    catalog: Catalog
+    lifecycle: LifecycleWatcher | None = None
+    breakers: Breakers | None = None
 
     @property
     def grpc_target(self) -> str:
@@ -89,8 +95,10 @@ def build_providers(
     session_for: Callable[[str], aiohttp.ClientSession],
     sandbox: Sandbox | None,
     references: aiohttp.ClientSession | None = None,
+    catalog: Catalog | None = None,
 ) -> dict[str, ImageProvider]:
-    """An adapter per model: the vendor's real API when its key is set, else the sandbox (when running)."""
+    """An adapter per product id: the vendor's real API when its key is set, else the sandbox, if running."""
+    catalog = catalog or load_catalog(settings.catalog_file or SHIPPED_CATALOG_FILE)
     providers: dict[str, ImageProvider] = {}
     for vendor, info in VENDORS.items():
         configured = settings.vendor(vendor)
@@ -117,19 +125,19 @@ def build_providers(
             )
         else:
             continue
-        for model in CATALOG.values():
-            if model.vendor == vendor:
-                providers[model.id] = adapter
+        for product_id in catalog:
+            if catalog.serving(product_id).vendor == vendor:
+                providers[product_id] = adapter
     return providers
 
 
-def vendor_caps(settings: Settings) -> tuple[ConcurrencyCap, ...]:
-    """IMAGEGEN_VENDOR_CONCURRENCY as claim-time caps over each vendor's models."""
+def vendor_caps(settings: Settings, catalog: Catalog) -> tuple[ConcurrencyCap, ...]:
+    """IMAGEGEN_VENDOR_CONCURRENCY as claim-time caps over each vendor's models (aliases included)."""
     return tuple(
         ConcurrencyCap(
             name=vendor,
             max_tasks=limit,
-            providers=frozenset(model.id for model in CATALOG.values() if model.vendor == vendor),
+            providers=frozenset(pid for pid in catalog if catalog.serving(pid).vendor == vendor),
         )
         for vendor, limit in settings.vendor_caps().items()
     )
@@ -145,6 +153,8 @@ async def running_app(
     settings: Settings, *, providers: Mapping[str, ImageProvider] | None = None, migrate_schema: bool = False
 ) -> AsyncIterator[App]:
     """Start everything the settings ask for; stop it all, in order, when the block exits."""
+    # First: a bad catalog entry stops the server before anything listens (CatalogError names it).
+    catalog = load_catalog(settings.catalog_file or SHIPPED_CATALOG_FILE)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     assert settings.blob_dir is not None
     if settings.auth_tokens_file is not None:
@@ -158,7 +168,9 @@ async def running_app(
         )
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
-    metrics.initialise(CATALOG)
+    metrics.initialise(catalog)
+    metrics.initialise_models({pid: catalog.serving(pid).vendor_model for pid in catalog})
+    metrics.set_shutdown_dates(catalog.shutdown_dates())
     engine = make_engine(
         settings.database_url, pool_size=settings.db_pool_size, statement_timeout_s=settings.db_timeout_s
     )
@@ -169,7 +181,9 @@ async def running_app(
             tracing.instrument_engine(engine)
         if migrate_schema:
             await migrate.upgrade(engine)
-        store = SqlJobStore(engine)
+        store = SqlJobStore(
+            engine, linger_s=settings.group_commit_linger_s, saturated_share=settings.saturated_share
+        )
         stack.push_async_callback(store.close)  # before the engine is disposed of: its writers' connections
         blobs = LocalBlobStore(settings.blob_dir)
         # Bind the HTTP port first: with port 0 the image URLs must name the port actually bound.
@@ -231,8 +245,23 @@ async def running_app(
         )
         stack.push_async_callback(references.close)
         if providers is None:
-            providers = build_providers(settings, session_for, sandbox, references)
+            providers = build_providers(settings, session_for, sandbox, references, catalog)
 
+        breakers = Breakers(
+            SqlBreakers(
+                engine,
+                BreakerPolicy(
+                    failure_ratio=settings.breaker_failure_ratio,
+                    min_requests=settings.breaker_min_requests,
+                    window_s=settings.breaker_window_s,
+                    cooldown_s=settings.breaker_cooldown_s,
+                    probes=settings.breaker_probes,
+                ),
+            ),
+            VENDORS,
+            metrics,
+            refresh_s=settings.breaker_refresh_s,
+        )
         worker: Worker | None = None
         if settings.role in ("all", "worker"):
             worker = Worker(
@@ -240,6 +269,8 @@ async def running_app(
                 blobs,
                 providers,
                 metrics,
+                catalog=catalog,
+                breakers=breakers,
                 policy=WorkerPolicy(
                     concurrency=settings.worker_concurrency,
                     lease_s=settings.lease_s,
@@ -247,7 +278,7 @@ async def running_app(
                     max_attempts=settings.max_attempts,
                     retry_base_s=settings.retry_base_s,
                     retry_max_s=settings.retry_max_s,
-                    caps=vendor_caps(settings),
+                    caps=vendor_caps(settings, catalog),
                     per_account=settings.max_in_flight_per_account,
                 ),
             )
@@ -289,7 +320,15 @@ async def running_app(
             retry_base_s=settings.webhook_retry_base_s,
         )
         retention = _prune_events(store, timedelta(hours=settings.event_retention_hours))
-        for background in (readiness.run(), sampler.run(), reaper.run(), sender.run(), retention):
+        lifecycle = _lifecycle_watcher(settings, catalog, metrics, session_for, sandbox)
+        with contextlib.suppress(StorageError):  # unreachable: readiness says so; the loop retries
+            await breakers.refresh()
+        backgrounds = [readiness.run(), sampler.run(), reaper.run(), breakers.run(), sender.run(), retention]
+        if lifecycle is not None:
+            # At start, before the API serves: the vendor's dates decide the first submits too.
+            await lifecycle.refresh_logged()
+            backgrounds.append(lifecycle.run())
+        for background in backgrounds:
             task = asyncio.create_task(background)
             stack.callback(task.cancel)
 
@@ -312,6 +351,8 @@ async def running_app(
                     signer,
                     providers,
                     metrics,
+                    catalog=catalog,
+                    breakers=breakers,
                     reference_allow=parse_networks(settings.reference_allow_networks),
                     webhook_allow=parse_networks(settings.webhook_allow_networks),
                     deadline_s=settings.job_deadline_s,
@@ -325,10 +366,10 @@ async def running_app(
                         pending_estimate=lambda: sampler.pending,
                     ),
                 ),
-                registrar,
+                registrar,  # type: ignore[arg-type]  # the generated function uses add_generic_rpc_handlers only
             )
             services.append(SERVICE_NAME)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)  # type: ignore[arg-type]
         add_reflection(services, registrar)
         grpc_port = _listen(server, settings)
         if grpc_port == 0:
@@ -353,6 +394,9 @@ async def running_app(
             sandbox=sandbox,
             providers=providers,
             readiness=readiness,
+            catalog=catalog,
+            lifecycle=lifecycle,
+            breakers=breakers,
         )
         log.info(
             "serving gRPC on %s and HTTP on %s (role %s, database %s)",
@@ -374,14 +418,38 @@ async def running_app(
                 await worker.stop(settings.shutdown_grace_s)
 
 
+def _lifecycle_watcher(
+    settings: Settings,
+    catalog: Catalog,
+    metrics: ServiceMetrics,
+    session_for: Callable[[str], aiohttp.ClientSession],
+    sandbox: Sandbox | None,
+) -> LifecycleWatcher | None:
+    """OpenAI's lifecycle reader, when OpenAI (or the sandbox standing in for it) is reachable."""
+    configured = settings.vendor("openai")
+    if configured.api_key:
+        base_url, api_key = configured.base_url or VENDORS["openai"].production_url, configured.api_key
+    elif sandbox is not None:
+        base_url, api_key = configured.base_url or sandbox.base_url, "sandbox"
+    else:
+        return None
+    return LifecycleWatcher(
+        catalog,
+        metrics,
+        session_for("openai"),
+        base_url=base_url,
+        api_key=api_key,
+        interval_s=settings.lifecycle_refresh_s,
+    )
+
+
 def freeze_startup_heap() -> None:
     """Put what the process built at start-up out of the cyclic collector's sight, for good.
 
     For a process that serves until it stops: modules, the gRPC server, pools and caches live as long as
-    it does, yet every full collection scanned them again, and under load those collections paused the
-    event loop 57 to 86 ms (measured in the submit benchmark, where they set the p99 at half the maximum
-    rate). Frozen, they are skipped; reference counting still frees them. Not for tests, which start
-    many apps in one process and need theirs collected.
+    it does, yet every full collection scans them again, and under load those collections pause the
+    event loop long enough to set the tail latency. Frozen, they are skipped; reference counting still
+    frees them. Not for tests, which start many apps in one process and need theirs collected.
     """
     gc.collect()
     gc.freeze()
@@ -394,11 +462,8 @@ class _Registrar:
     grpc.aio accepts each call of a *registered* method through `asyncio.wait` over one outstanding
     request per registered method (and one for the rest), each re-armed after its call: the cost of
     accepting every call grows with the methods registered. As generic handlers the same handlers
-    are found by name, and every call is accepted through a single outstanding request. With this
-    server's 11 (its own, health's and reflection's), counted with callgrind over 2,000 submits, the
-    server process spent 1,349k instructions per submit registered and 1,282k generic; two callgrind runs
-    of one version later differed by 4% (its batches are smaller than at saturation; see README), so
-    the count is a sign of the saving rather than its size. The echo alone counted 524k and 484k.
+    are found by name, and every call is accepted through a single outstanding request (this server
+    has 11 methods: its own, health's and reflection's).
     """
 
     def __init__(self, server: grpc.aio.Server, metrics: GrpcMetrics) -> None:

@@ -20,10 +20,11 @@ import grpc
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.base import ImageProvider
-from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
+from providers.catalog import CATALOG, Catalog, CostQuery
 from providers.references import IPNetwork
 from server import tracing
 from server.auth import Authenticator
+from server.breakers import Breakers
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, EventEncoder, event_to_pb, job_to_pb, timestamp
 from server.errors import Overloaded, ServiceError, StreamOutOfRange, abort_with, status_for
 from server.files import UrlSigner
@@ -51,7 +52,7 @@ _EXACT_COUNT_MARGIN = 1_000
 #: a WatchJobs stream that falls this far behind is ended (the client reconnects)
 WATCH_JOBS_MAX_QUEUED = 10_000
 
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
 
 
@@ -107,19 +108,23 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         metrics: ServiceMetrics,
         *,
         deadline_s: float,
+        catalog: Catalog = CATALOG,
         admission: Admission | None = None,
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
         webhook_allow: Sequence[IPNetwork] = (),
+        breakers: Breakers | None = None,
         max_watch_streams_per_caller: int = 0,
         blobs: LocalBlobStore | None = None,
     ) -> None:
+        self._breakers = breakers
         self._store = store
         self._hub = hub
         self._signer = signer
         self._providers = providers
         self._metrics = metrics
         self._deadline_s = deadline_s
+        self._catalog = catalog
         self._admission = admission or Admission()
         self._auth = auth or Authenticator.local()
         self._reference_allow = tuple(reference_allow)
@@ -135,12 +140,15 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
     @_unary
     async def GenerateImage(self, request: pb.GenerateImageRequest, context: Context) -> pb.Job:
         account = self._account(context)
-        valid = validate_generate(request, reference_allow=self._reference_allow)
-        if valid.model.id not in self._providers:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"provider {valid.model.id} is not configured on this server (set its API key)",
-            )
+        valid = validate_generate(request, reference_allow=self._reference_allow, catalog=self._catalog)
+        if valid.refusal is not None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, valid.refusal)
+        for name in valid.spec.chain:
+            if name not in self._providers:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"provider {name} is not configured on this server (set its API key)",
+                )
         if request.callback_url:
             await self._check_callback(account, request.callback_url)
         new = NewJob(
@@ -149,6 +157,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             estimated_cost_usd_micros=valid.estimated_cost_usd_micros,
             request_id=valid.request_id,
             deadline_s=self._deadline_s,
+            served_model=valid.served_model,
+            notice=valid.notice,
             callback_url=request.callback_url,
             trace_context=tracing.current_traceparent() if tracing.enabled else None,
         )
@@ -165,6 +175,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                 create_time=now,
                 update_time=now,
                 deadline_at=now,
+                served_model=valid.served_model,
+                active_provider=valid.spec.provider,
             )
             message = job_to_pb(preview, self._signer)
             message.ClearField("id")
@@ -225,7 +237,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         statuses, status_violation = _statuses(request.statuses, "statuses")
         if status_violation:
             bad.append(status_violation)
-        if request.provider and request.provider not in CATALOG:
+        if request.provider and request.provider not in self._catalog:
             bad.append(FieldViolation("provider", f"unknown provider {request.provider!r}"))
         if (violation := folder_violation(request.folder_id)) is not None:
             bad.append(violation)
@@ -255,11 +267,15 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
     ) -> pb.ListProvidersResponse:
         self._account(context)  # the catalog says which vendors are configured: callers only
         providers = []
-        for model in CATALOG.values():
+        today = utcnow().date()
+        for entry in self._catalog.values():
+            # An alias shows its own id and lifecycle with the limits, options and price of what serves it.
+            model = self._catalog.serving(entry.id)
+            life = entry.lifecycle
             providers.append(
                 pb.Provider(
-                    id=model.id,
-                    display_name=model.display_name,
+                    id=entry.id,
+                    display_name=entry.display_name,
                     vendor=model.vendor,
                     strengths=model.strengths,
                     min_width=model.min_width,
@@ -273,14 +289,31 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     output_formats=[FORMAT_TO_PB[f] for f in model.output_formats],
                     provider_option_keys=sorted(model.option_values),
                     price_summary=model.price_summary,
-                    price_table_version=PRICE_TABLE_VERSION,
-                    configured=model.id in self._providers,
+                    price_table_version=self._catalog.version,
+                    configured=entry.id in self._providers,
                     price_1024_usd_micros=model.estimate_usd_micros(
                         CostQuery(width=1024, height=1024, num_variants=1)
                     ),
+                    lifecycle_state=self._catalog.state(entry.id, today),
+                    shutdown_date=life.shutdown_date.isoformat() if life.shutdown_date else "",
+                    replacement=life.replacement or "",
+                    served_model=model.vendor_model,
+                    alias_of=entry.alias_of or "",
+                    lifecycle_source=life.source,
+                    **self._health(model.vendor),
                 )
             )
         return pb.ListProvidersResponse(providers=providers)
+
+    def _health(self, vendor: str) -> dict[str, Any]:
+        """The Provider fields of the vendor's circuit breaker, as this replica last read it."""
+        if self._breakers is None:
+            return {"breaker_state": "closed"}
+        state = self._breakers.state(vendor)
+        health: dict[str, Any] = {"breaker_state": state.state, "failure_ratio": state.failure_ratio}
+        if state.state != "closed" and state.probe_at is not None:
+            health["breaker_probe_time"] = timestamp(state.probe_at)
+        return health
 
     # ------------------------------------------------------------ streams
 
@@ -313,6 +346,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     last = job if job.version == request.after_version else None
                     if last is None:  # events were not written for this range: cannot resume
                         raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, "no events to resume from")
+            assert last is not None  # each branch above found the job's latest state, or raised
             subscription.seen_version = last.version
             while not last.status.terminal:
                 item = await subscription.queue.get()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,20 +14,21 @@ from google.protobuf import json_format
 from imagegen.v1 import imagegen_pb2 as pb
 from providers.catalog import (
     CATALOG,
-    DEFAULT_MODEL,
     MAX_PROMPT_CHARS,
     MAX_VARIANTS,
+    Catalog,
     CostQuery,
     ModelSpec,
 )
 from providers.references import IPNetwork, host_problem
-from storage.models import ROOT_FOLDER, JobSpec
+from storage.models import ROOT_FOLDER, JobSpec, utcnow
 
 DEFAULT_SIDE = 1024
 MAX_REQUEST_ID = 128
 MAX_LABELS = 32
 MAX_URL_CHARS = 2048
 MAX_SEED = 2**32 - 1
+MAX_FALLBACKS = 4
 
 #: PostgreSQL text (and JSON) cannot hold NUL; nobody's prompt needs one
 _NUL = "must not contain NUL characters"
@@ -63,9 +65,16 @@ class ValidatedRequest:
     """A GenerateImage request that passed validation."""
 
     spec: JobSpec
+    #: the catalog model that serves the request (for an alias, the model it is an alias of)
     model: ModelSpec
     estimated_cost_usd_micros: int
     request_id: str
+    #: the vendor model the job is sent to
+    served_model: str = ""
+    #: what the job's first event says about the id (alias, deprecation), or ""
+    notice: str = ""
+    #: why the id is refused (its vendor model is retired and nothing serves it), or None
+    refusal: str | None = None
 
 
 def normalise_folder(folder_id: str) -> str:
@@ -83,15 +92,29 @@ def folder_violation(folder_id: str, field: str = "folder_id") -> FieldViolation
 
 
 def validate_generate(
-    request: pb.GenerateImageRequest, *, reference_allow: Sequence[IPNetwork] = ()
+    request: pb.GenerateImageRequest,
+    *,
+    reference_allow: Sequence[IPNetwork] = (),
+    catalog: Catalog = CATALOG,
+    today: date | None = None,
 ) -> ValidatedRequest:
-    """Check every field of a GenerateImage request; raise InvalidRequest naming all bad fields."""
-    provider = request.provider.strip() or DEFAULT_MODEL
-    model = CATALOG.get(provider)
+    """Check every field of a GenerateImage request; raise InvalidRequest naming all bad fields.
+
+    A known id whose vendor model is retired passes, with `refusal` saying why it cannot run.
+    """
+    provider = request.provider.strip() or catalog.default
     bad: list[FieldViolation] = []
-    if model is None:
-        bad.append(FieldViolation("provider", f"unknown provider {provider!r}; one of {', '.join(CATALOG)}"))
-        model = CATALOG[DEFAULT_MODEL]  # keep checking the other fields against the default's limits
+    notice, refusal = "", None
+    if provider in catalog:
+        resolution = catalog.resolve(provider, today or utcnow().date())
+        entry, model = resolution.entry, resolution.model
+        notice, refusal = resolution.notice, resolution.refusal
+    else:
+        bad.append(FieldViolation("provider", f"unknown provider {provider!r}; one of {', '.join(catalog)}"))
+        # keep checking the other fields against the default's limits
+        entry = model = catalog[catalog.default]
+    # An alias is checked against what serves it, and its errors name the id the caller sent.
+    limits = replace(model, id=entry.id) if entry.alias_of else model
     prompt, negative = request.prompt.strip(), request.negative_prompt.strip()
     width, height = request.width or DEFAULT_SIDE, request.height or DEFAULT_SIDE
     variants = request.num_variants or 1
@@ -101,14 +124,17 @@ def validate_generate(
     options = (
         json_format.MessageToDict(request.provider_options) if request.HasField("provider_options") else {}
     )
-    options, option_violations = _check_options(model, options) if options else ({}, [])
+    fallback_ids = [name.strip() for name in request.fallback_providers]
+    # a key naming a fallback holds that fallback's own options, not one of the primary's
+    own_options = {key: options.pop(key) for key in fallback_ids if isinstance(options.get(key), dict)}
+    options, option_violations = _check_options(limits, options) if options else ({}, [])
     labels = dict(request.labels)
 
     bad += _text_violations(request.prompt, prompt, negative)
-    bad += _shape_violations(model, width, height, variants)
-    bad += _feature_violations(model, seed, request.output_format, output_format)
+    bad += _shape_violations(limits, width, height, variants)
+    bad += _feature_violations(limits, seed, request.output_format, output_format)
     if references:  # most requests have none, nor options or labels: their checks are skipped
-        bad += _reference_violations(model, references, reference_allow)
+        bad += _reference_violations(limits, references, reference_allow)
     bad += option_violations
     if (violation := folder_violation(request.folder_id)) is not None:
         bad.append(violation)
@@ -116,12 +142,28 @@ def validate_generate(
         bad.append(FieldViolation("request_id", f"must be 1-{MAX_REQUEST_ID} printable ASCII characters"))
     if labels:
         bad += _label_violations(labels)
+    shape = _Shape(
+        width=width,
+        height=height,
+        variants=variants,
+        seed=seed,
+        format_value=request.output_format,
+        output_format=output_format,
+        references=len(references),
+        options=options,
+    )
+    fallbacks: list[tuple[ModelSpec, ModelSpec, dict[str, Any]]] = []
+    if fallback_ids:
+        fallbacks, fallback_violations = _check_fallbacks(
+            catalog, entry.id, fallback_ids, own_options, shape, today or utcnow().date()
+        )
+        bad += fallback_violations
     if bad:
         raise InvalidRequest(bad)
 
     spec = JobSpec(
         prompt=prompt,
-        provider=model.id,
+        provider=entry.id,
         width=width,
         height=height,
         num_variants=variants,
@@ -132,19 +174,110 @@ def validate_generate(
         reference_image_urls=references,
         provider_options=options,
         labels=labels,
+        fallback_providers=tuple(fb_entry.id for fb_entry, _, _ in fallbacks),
+        fallback_on_moderation=request.fallback_on_moderation and bool(fallbacks),
+        fallback_options={fb_entry.id: fb_options for fb_entry, _, fb_options in fallbacks},
     )
-    estimate = model.estimate_usd_micros(
+    # A budget reserves the most expensive model of the chain; the job is billed at the one that served it.
+    estimate = max(
+        quote(chain_model, shape, chain_options)
+        for chain_model, chain_options in [(model, options), *((m, o) for _, m, o in fallbacks)]
+    )
+    return ValidatedRequest(
+        spec=spec,
+        model=model,
+        estimated_cost_usd_micros=estimate,
+        request_id=request.request_id,
+        served_model=model.vendor_model_for(options),
+        notice=notice,
+        refusal=refusal,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Shape:
+    """What a request asks of whichever model serves it."""
+
+    width: int
+    height: int
+    variants: int
+    seed: int | None
+    format_value: int
+    output_format: str | None
+    references: int
+    options: dict[str, Any]
+
+
+def quote(model: ModelSpec, shape: _Shape, options: dict[str, Any]) -> int:
+    """The model's quote for the request, in USD micros."""
+    return model.estimate_usd_micros(
         CostQuery(
-            width=width,
-            height=height,
-            num_variants=variants,
-            reference_images=len(references),
+            width=shape.width,
+            height=shape.height,
+            num_variants=shape.variants,
+            reference_images=shape.references,
             options=options,
         )
     )
-    return ValidatedRequest(
-        spec=spec, model=model, estimated_cost_usd_micros=estimate, request_id=request.request_id
-    )
+
+
+def _check_fallbacks(
+    catalog: Catalog,
+    primary: str,
+    names: list[str],
+    own_options: dict[str, Any],
+    shape: _Shape,
+    today: date,
+) -> tuple[list[tuple[ModelSpec, ModelSpec, dict[str, Any]]], list[FieldViolation]]:
+    """Each fallback as (catalog entry, model serving it, its options), and why any cannot take the request.
+
+    A fallback must honour the whole request: nothing it cannot do is dropped or changed on the way.
+    """
+    bad: list[FieldViolation] = []
+    chain: list[tuple[ModelSpec, ModelSpec, dict[str, Any]]] = []
+    if len(names) > MAX_FALLBACKS:
+        bad.append(FieldViolation("fallback_providers", f"at most {MAX_FALLBACKS} fallbacks"))
+    seen = {primary}
+    for index, name in enumerate(names):
+        field = f"fallback_providers[{index}]"
+        if name not in catalog:
+            bad.append(FieldViolation(field, f"unknown provider {name!r}; one of {', '.join(catalog)}"))
+            continue
+        resolution = catalog.resolve(name, today)
+        entry, model = resolution.entry, resolution.model
+        if entry.id in seen:
+            bad.append(FieldViolation(field, f"{entry.id} is already in the chain"))
+            continue
+        seen.add(entry.id)
+        if resolution.refusal is not None:
+            bad.append(FieldViolation(field, resolution.refusal))
+            continue
+        limits = replace(model, id=entry.id) if entry.alias_of else model
+        own = own_options.get(name)
+        options, option_bad = _check_options(limits, dict(own if own is not None else shape.options))
+        problems = [
+            *_shape_violations(limits, shape.width, shape.height, shape.variants),
+            *_feature_violations(limits, shape.seed, shape.format_value, shape.output_format),
+        ]
+        if shape.references > limits.max_reference_images:
+            problems.append(
+                FieldViolation(
+                    "reference_image_urls",
+                    f"{entry.id} takes no reference images"
+                    if limits.max_reference_images == 0
+                    else f"{entry.id} takes at most {limits.max_reference_images} reference images, "
+                    f"got {shape.references}",
+                )
+            )
+        for problem in option_bad:
+            hint = "" if own is not None else f" (give its own options as provider_options.{entry.id})"
+            problems.append(FieldViolation(problem.field, problem.description + hint))
+        bad += [
+            FieldViolation(field, f"{entry.id} cannot take this request's {p.field}: {p.description}")
+            for p in problems
+        ]
+        chain.append((entry, model, options))
+    return chain, bad
 
 
 def _text_violations(raw_prompt: str, prompt: str, negative: str) -> list[FieldViolation]:

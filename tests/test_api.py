@@ -120,7 +120,7 @@ async def test_unconfigured_provider_is_a_failed_precondition(tmp_path, database
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GenerateImage(pb.GenerateImageRequest(prompt="a poster", provider="gpt_image_1_5"))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "gpt_image_1_5" in caught.value.details()
+        assert "gpt_image_1_5" in (caught.value.details() or "")
         listed = await stub.ListProviders(pb.ListProvidersRequest())
         assert not any(provider.configured for provider in listed.providers)
         assert await _count_rows(app) == (0, 0)
@@ -154,7 +154,7 @@ async def test_request_id_makes_submit_idempotent(secured_stub, secured_app) -> 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="a dog", request_id="req-1"))
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert first.id in caught.value.details()
+    assert first.id in (caught.value.details() or "")
 
     # request ids are per account: another account's identical key is a different job
     other = await secured_stub.GenerateImage(
@@ -256,9 +256,13 @@ async def test_list_providers_publishes_the_catalog(stub) -> None:
     providers = {p.id: p for p in response.providers}
     assert set(providers) == {
         "flux_2_pro",
+        "flux_2_max",
+        "gpt_image_2_6",
         "gpt_image_1_5",
         "seedream_4",
         "seedream_4_5",
+        "seedream_5",
+        "nano_banana_2",
         "nano_banana",
         "nano_banana_pro",
     }
@@ -269,13 +273,25 @@ async def test_list_providers_publishes_the_catalog(stub) -> None:
     assert "safety_tolerance" in flux.provider_option_keys
     assert all(provider.configured for provider in providers.values())  # the sandbox serves every vendor
     assert not providers["gpt_image_1_5"].supports_seed
+    # the seed's options still pass, and the model serving it adds its own
     assert set(providers["gpt_image_1_5"].provider_option_keys) == {
         "quality",
         "background",
         "moderation",
         "input_fidelity",
+        "complexity",
+        "tier",
     }
     assert providers["nano_banana_pro"].price_1024_usd_micros == 134_400
+    # every id is served by a live vendor model; the seed's retired ones are aliases of their successors
+    served = {p.id: (p.served_model, p.lifecycle_state, p.alias_of) for p in providers.values()}
+    assert served["gpt_image_1_5"] == ("gpt-image-2.6-sunburst", "retired", "gpt_image_2_6")
+    assert served["nano_banana"] == ("gemini-3.1-flash-image", "retired", "nano_banana_2")
+    assert served["nano_banana_pro"] == ("gemini-3-pro-image", "active", "")
+    assert providers["gpt_image_1_5"].shutdown_date == "2026-12-01"
+    assert providers["gpt_image_1_5"].replacement == "gpt_image_2_6"
+    assert "openai.com" in providers["gpt_image_1_5"].lifecycle_source
+    assert all(p.lifecycle_state == "active" for p in providers.values() if not p.alias_of)
 
 
 async def test_store_outage_answers_unavailable_with_retry_info(tmp_path, database_url) -> None:
