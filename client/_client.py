@@ -371,7 +371,7 @@ class ImagegenClient:
         folder_id: str = "",
         statuses: Sequence[pb.JobStatus.ValueType | str] = (),
         include_heartbeats: bool = False,
-    ) -> AsyncIterator[pb.JobEvent]:
+    ) -> AsyncGenerator[pb.JobEvent, None]:
         """Every event of the account's jobs, in sequence order, for as long as the caller iterates.
 
         With `after_sequence=0` the events from now on; with N > 0 those after the event of sequence N

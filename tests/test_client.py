@@ -361,7 +361,7 @@ async def test_watch_all_resumes_by_itself_after_a_restart_and_misses_nothing(
             if event.job.status == COMPLETED:
                 first_done.set()
 
-    overrides = {"shutdown_grace_s": 0.2, "sandbox_latency_s": 0.05}
+    overrides: dict[str, Any] = {"shutdown_grace_s": 0.2, "sandbox_latency_s": 0.05}
     async with contextlib.AsyncExitStack() as stack:
         async with running_app(test_settings(tmp_path, database_url, **overrides)) as app:
             port = app.grpc_port

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -124,7 +125,7 @@ async def _events_until(
     async with asyncio.timeout(timeout):
         while not done(events):
             event = await stream.read()
-            assert event is not grpc.aio.EOF, "the stream ended early"
+            assert isinstance(event, pb.JobEvent), "the stream ended early"
             if event.kind != pb.JOB_EVENT_KIND_HEARTBEAT:
                 events.append(event)
     return events
@@ -133,14 +134,17 @@ async def _events_until(
 async def test_watch_jobs_resumes_at_another_replica_with_every_event_exactly_once(
     tmp_path: Path, database_url: str
 ) -> None:
-    fast = {"sandbox_latency_s": 0.05}
+    fast: dict[str, Any] = {"sandbox_latency_s": 0.05}
     async with (
         running_app(test_settings(tmp_path / "a", database_url, **fast)) as a,
         running_app(test_settings(tmp_path / "b", database_url, **fast)) as b,
         grpc.aio.insecure_channel(a.grpc_target) as channel_a,
         grpc.aio.insecure_channel(b.grpc_target) as channel_b,
     ):
-        stub_a, stub_b = pb_grpc.ImageGenerationStub(channel_a), pb_grpc.ImageGenerationStub(channel_b)
+        stub_a, stub_b = (
+            pb_grpc.ImageGenerationAsyncStub(channel_a),
+            pb_grpc.ImageGenerationAsyncStub(channel_b),
+        )
         stream = stub_a.WatchJobs(pb.WatchJobsRequest())
         await stream.initial_metadata()
         first = await stub_a.GenerateImage(pb.GenerateImageRequest(prompt="one", width=256, height=256))
@@ -183,7 +187,7 @@ async def test_watch_jobs_resumes_at_another_replica_with_every_event_exactly_on
 
 
 async def test_resuming_before_the_retention_window_is_out_of_range_with_the_oldest_sequence(
-    stub: pb_grpc.ImageGenerationStub, database_url: str
+    stub: pb_grpc.ImageGenerationAsyncStub, database_url: str
 ) -> None:
     job = await stub.GenerateImage(
         pb.GenerateImageRequest(prompt="x [sandbox:slow=5]", width=256, height=256)
@@ -200,7 +204,7 @@ async def test_resuming_before_the_retention_window_is_out_of_range_with_the_old
         async for _ in stub.WatchJobs(pb.WatchJobsRequest(after_sequence=newest - 1)):
             pass
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
-    assert f"the oldest available is {newest + 1}" in caught.value.details()
+    assert f"the oldest available is {newest + 1}" in (caught.value.details() or "")
     info = error_details_pb2.ErrorInfo()
     assert status_details(caught.value).details[0].Unpack(info)
     assert info.metadata["oldest_sequence"] == str(newest + 1)

@@ -38,7 +38,7 @@ from tests.test_durability import _replica_env, _start_replica, _start_sandbox
 
 LOOPBACK = "127.0.0.0/8"
 SPEC = JobSpec(prompt="a lighthouse", provider="flux_2_pro", width=256, height=256, num_variants=1)
-FAST_WEBHOOKS = {
+FAST_WEBHOOKS: dict[str, Any] = {
     "webhook_allow_networks": LOOPBACK,
     "webhook_retry_base_s": 0.05,
     "sandbox_latency_s": 0.05,
@@ -118,9 +118,9 @@ async def hooked_app(tmp_path: Path, database_url: str) -> AsyncIterator[App]:
 
 
 @pytest.fixture
-async def hooked_stub(hooked_app: App) -> AsyncIterator[pb_grpc.ImageGenerationStub]:
+async def hooked_stub(hooked_app: App) -> AsyncIterator[pb_grpc.ImageGenerationAsyncStub]:
     async with grpc.aio.insecure_channel(hooked_app.grpc_target) as channel:
-        yield pb_grpc.ImageGenerationStub(channel)
+        yield pb_grpc.ImageGenerationAsyncStub(channel)
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def _request(prompt: str, **fields: Any) -> pb.GenerateImageRequest:
     return pb.GenerateImageRequest(prompt=prompt, width=256, height=256, **fields)
 
 
-async def _terminal(stub: pb_grpc.ImageGenerationStub, job_id: str, **kwargs: Any) -> pb.Job:
+async def _terminal(stub: pb_grpc.ImageGenerationAsyncStub, job_id: str, **kwargs: Any) -> pb.Job:
     found: list[pb.Job] = []
 
     async def done() -> bool:
@@ -160,7 +160,7 @@ async def _terminal(stub: pb_grpc.ImageGenerationStub, job_id: str, **kwargs: An
 
 
 async def test_deliveries_verify_with_standardwebhooks_before_during_and_after_a_rotation(
-    hooked_stub: pb_grpc.ImageGenerationStub, admin: SqlJobStore, database_url: str
+    hooked_stub: pb_grpc.ImageGenerationAsyncStub, admin: SqlJobStore, database_url: str
 ) -> None:
     receiver = Receiver(secrets=[])
     await receiver.start()
@@ -211,7 +211,7 @@ async def test_deliveries_verify_with_standardwebhooks_before_during_and_after_a
 
 
 async def test_no_endpoint_and_no_callback_url_write_no_outbox_rows(
-    hooked_stub: pb_grpc.ImageGenerationStub, admin: SqlJobStore, database_url: str
+    hooked_stub: pb_grpc.ImageGenerationAsyncStub, admin: SqlJobStore, database_url: str
 ) -> None:
     receiver = Receiver(secrets=[])
     await receiver.start()
@@ -233,7 +233,7 @@ async def test_no_endpoint_and_no_callback_url_write_no_outbox_rows(
 
 
 async def test_a_callback_url_gets_the_terminal_event_and_is_checked_first(
-    hooked_stub: pb_grpc.ImageGenerationStub, admin: SqlJobStore
+    hooked_stub: pb_grpc.ImageGenerationAsyncStub, admin: SqlJobStore
 ) -> None:
     receiver = Receiver(secrets=[])
     await receiver.start()
@@ -241,7 +241,7 @@ async def test_a_callback_url_gets_the_terminal_event_and_is_checked_first(
         with pytest.raises(grpc.aio.AioRpcError) as caught:  # no secret to sign with yet
             await hooked_stub.GenerateImage(_request("x", callback_url=receiver.url))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "webhook rotate-secret" in caught.value.details()
+        assert "webhook rotate-secret" in (caught.value.details() or "")
         receiver.secrets.append(await admin.rotate_secret("default", overlap=timedelta(hours=1)))
         for bad in ("http://169.254.169.254/latest/meta-data", "ftp://example.com/x", "http://10.0.0.1/x"):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -258,7 +258,7 @@ async def test_a_callback_url_gets_the_terminal_event_and_is_checked_first(
 
 
 async def test_a_receiver_that_is_down_then_up_gets_every_delivery_and_redirects_are_not_followed(
-    hooked_app: App, hooked_stub: pb_grpc.ImageGenerationStub, admin: SqlJobStore, database_url: str
+    hooked_app: App, hooked_stub: pb_grpc.ImageGenerationAsyncStub, admin: SqlJobStore, database_url: str
 ) -> None:
     # down for a while (503s, a refused redirect, Retry-After honoured), then up
     receiver = Receiver(secrets=[], answers=[503, 307, 500, 503, 502, 503, 429], retry_after="0")
@@ -290,7 +290,7 @@ async def test_a_receiver_that_is_down_then_up_gets_every_delivery_and_redirects
 
 
 async def test_410_gone_disables_the_endpoint(
-    hooked_stub: pb_grpc.ImageGenerationStub, admin: SqlJobStore, database_url: str
+    hooked_stub: pb_grpc.ImageGenerationAsyncStub, admin: SqlJobStore, database_url: str
 ) -> None:
     receiver = Receiver(secrets=[], answers=[410])
     await receiver.start()
