@@ -142,8 +142,8 @@ async def test_watch_jobs_resumes_at_another_replica_with_every_event_exactly_on
         grpc.aio.insecure_channel(b.grpc_target) as channel_b,
     ):
         stub_a, stub_b = (
-            pb_grpc.ImageGenerationAsyncStub(channel_a),
-            pb_grpc.ImageGenerationAsyncStub(channel_b),
+            pb_grpc.ImageGenerationStub(channel_a),
+            pb_grpc.ImageGenerationStub(channel_b),
         )
         stream = stub_a.WatchJobs(pb.WatchJobsRequest())
         await stream.initial_metadata()

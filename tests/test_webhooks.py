@@ -120,7 +120,7 @@ async def hooked_app(tmp_path: Path, database_url: str) -> AsyncIterator[App]:
 @pytest.fixture
 async def hooked_stub(hooked_app: App) -> AsyncIterator[pb_grpc.ImageGenerationAsyncStub]:
     async with grpc.aio.insecure_channel(hooked_app.grpc_target) as channel:
-        yield pb_grpc.ImageGenerationAsyncStub(channel)
+        yield pb_grpc.ImageGenerationStub(channel)
 
 
 @pytest.fixture
