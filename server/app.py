@@ -28,6 +28,7 @@ from providers.references import PublicOnlyConnector, parse_networks
 from providers.sandbox import Sandbox
 from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.auth import LOCAL_ACCOUNT, Authenticator
+from server.blobs import MeasuredBlobStore, image_urls
 from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness
 from server.http import http_routes
@@ -38,7 +39,7 @@ from server.servicer import Admission, ImageGenerationServicer
 from server.settings import Settings, split_address
 from server.worker import Worker, WorkerPolicy
 from storage import migrate
-from storage.blobs import LocalBlobStore
+from storage.blobs import LocalBlobStore, S3Options, open_blob_store
 from storage.db import is_postgres, make_engine
 from storage.jobs import ConcurrencyCap, SqlJobStore
 from storage.listener import PgListener
@@ -175,7 +176,8 @@ async def running_app(
             await migrate.upgrade(engine)
         store = SqlJobStore(engine)
         stack.push_async_callback(store.close)  # before the engine is disposed of: its writers' connections
-        blobs = LocalBlobStore(settings.blob_dir)
+        blobs = MeasuredBlobStore(open_blob_store(settings.blob_url, s3=s3_options(settings)), metrics)
+        stack.push_async_callback(blobs.close)
         # Bind the HTTP port first: with port 0 the image URLs must name the port actually bound.
         http_host, http_port = split_address(settings.http_address)
         http_socket = stack.enter_context(
@@ -190,6 +192,7 @@ async def running_app(
             base_url=public_base_url,
             ttl_s=settings.url_ttl_s,
         )
+        urls = image_urls(blobs, signer, settings.url_ttl_s)
 
         sandbox: Sandbox | None = None
         if providers is None and needs_sandbox(settings):
@@ -277,7 +280,13 @@ async def running_app(
             stack.push_async_callback(listener.close)
 
         health_servicer = health.aio.HealthServicer()
-        readiness = Readiness(store, health_servicer, on_change=metrics.database_up.set)
+        readiness = Readiness(
+            store,
+            health_servicer,
+            on_change=metrics.database_up.set,
+            blobs=blobs,
+            on_blob_change=metrics.blob_store_up.set,
+        )
         await readiness.check()
         sampler = QueueSampler(store, metrics, interval_s=max(1.0, settings.poll_interval_s))
         reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3))
@@ -301,7 +310,7 @@ async def running_app(
                 ImageGenerationServicer(
                     store,
                     hub,
-                    signer,
+                    urls,
                     providers,
                     metrics,
                     reference_allow=parse_networks(settings.reference_allow_networks),
@@ -326,7 +335,7 @@ async def running_app(
         if grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {settings.grpc_address}")
 
-        http_runner = web.AppRunner(_http_app(registry, readiness, blobs, signer), access_log=None)
+        http_runner = web.AppRunner(_http_app(registry, readiness, blobs.local, signer), access_log=None)
         await http_runner.setup()
         stack.push_async_callback(http_runner.cleanup)
         await web.SockSite(http_runner, http_socket).start()
@@ -405,11 +414,24 @@ class _Registrar:
 
 
 def _http_app(
-    registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlobStore, signer: UrlSigner
+    registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlobStore | None, signer: UrlSigner
 ) -> web.Application:
     app = web.Application()
     app.add_routes(http_routes(registry, readiness, blobs, signer))
     return app
+
+
+def s3_options(settings: Settings) -> S3Options:
+    """The S3 client settings (used only when IMAGEGEN_BLOB_URL is s3://…)."""
+    return S3Options(
+        endpoint=settings.s3_endpoint,
+        public_endpoint=settings.s3_public_endpoint,
+        region=settings.aws_region,
+        access_key_id=settings.aws_access_key_id,
+        secret_access_key=settings.aws_secret_access_key,
+        session_token=settings.aws_session_token,
+        timeout_s=settings.s3_timeout_s,
+    )
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:

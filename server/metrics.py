@@ -111,6 +111,28 @@ class ServiceMetrics:
             "1 while the database answers and its schema is current.",
             registry=registry,
         )
+        self.blob_store_up = Gauge(
+            "imagegen_blob_store_up", "1 while the blob store answers (readiness checks).", registry=registry
+        )
+        self.blob_latency = Histogram(
+            "imagegen_blob_operation_seconds",
+            "Duration of blob store operations (op: put, get, delete_prefix, ping; store: file, s3).",
+            ["store", "op"],
+            buckets=_RPC_BUCKETS,
+            registry=registry,
+        )
+        self.blob_bytes = Counter(
+            "imagegen_blob_bytes",
+            "Bytes written to and read from the blob store.",
+            ["store", "op"],
+            registry=registry,
+        )
+        self.blob_errors = Counter(
+            "imagegen_blob_errors",
+            "Blob store operations that failed because the store was down or refused (not missing keys).",
+            ["store", "op"],
+            registry=registry,
+        )
         self.provider_requests = Counter(
             "imagegen_provider_requests",
             "HTTP requests to vendor APIs (outcome: 2xx, 4xx, 429, 5xx, timeout, connection_error).",

@@ -24,7 +24,7 @@ from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.auth import Authenticator
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, EventEncoder, event_to_pb, job_to_pb, timestamp
 from server.errors import Overloaded, ServiceError, abort_with, status_for
-from server.files import UrlSigner
+from server.files import ImageUrls
 from server.hub import Closed, EventHub, Subscription
 from server.metrics import ServiceMetrics
 from server.validation import (
@@ -97,7 +97,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self,
         store: SqlJobStore,
         hub: EventHub,
-        signer: UrlSigner,
+        signer: ImageUrls,
         providers: Mapping[str, ImageProvider],
         metrics: ServiceMetrics,
         *,
