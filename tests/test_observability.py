@@ -177,7 +177,7 @@ async def test_promtool_accepts_the_exposition_and_the_rules(mixed_run: tuple[Ap
         timeout=30,
     )
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 8 rules found" in rules.stdout
+    assert "SUCCESS: 9 rules found" in rules.stdout
 
 
 async def test_rules_and_dashboard_only_use_exported_metrics(mixed_run: tuple[App, str]) -> None:
