@@ -37,12 +37,14 @@ from server.metrics import GrpcMetrics, QueueSampler, ServiceMetrics
 from server.reaper import Reaper
 from server.servicer import Admission, ImageGenerationServicer
 from server.settings import Settings, split_address
+from server.sweeper import Sweeper
 from server.worker import Worker, WorkerPolicy
 from storage import migrate
 from storage.blobs import LocalBlobStore, S3Options, open_blob_store
 from storage.db import is_postgres, make_engine
 from storage.jobs import ConcurrencyCap, SqlJobStore
 from storage.listener import PgListener
+from storage.retention import JobDeleter
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,7 @@ async def running_app(
         stack.push_async_callback(store.close)  # before the engine is disposed of: its writers' connections
         blobs = MeasuredBlobStore(open_blob_store(settings.blob_url, s3=s3_options(settings)), metrics)
         stack.push_async_callback(blobs.close)
+        deleter = JobDeleter(engine, blobs)
         # Bind the HTTP port first: with port 0 the image URLs must name the port actually bound.
         http_host, http_port = split_address(settings.http_address)
         http_socket = stack.enter_context(
@@ -290,7 +293,8 @@ async def running_app(
         await readiness.check()
         sampler = QueueSampler(store, metrics, interval_s=max(1.0, settings.poll_interval_s))
         reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3))
-        for background in (readiness.run(), sampler.run(), reaper.run()):
+        sweeper = Sweeper(deleter, blobs, metrics, interval_s=settings.sweep_interval_s)
+        for background in (readiness.run(), sampler.run(), reaper.run(), sweeper.run()):
             task = asyncio.create_task(background)
             stack.callback(task.cancel)
 
@@ -316,6 +320,8 @@ async def running_app(
                     reference_allow=parse_networks(settings.reference_allow_networks),
                     deadline_s=settings.job_deadline_s,
                     auth=authenticator,
+                    deleter=deleter,
+                    retention_s=settings.retention_days * 86_400 or None,
                     admission=Admission(
                         max_pending=settings.max_pending_jobs,
                         max_pending_per_account=settings.max_pending_jobs_per_account,

@@ -72,6 +72,7 @@ def job_to_pb(job: Job, signer: ImageUrls) -> pb.Job:
         end_time=timestamp(job.end_time),
         update_time=timestamp(job.update_time),
         account_id=job.account_id,
+        expire_time=timestamp(job.expire_time),
     )
     if spec.labels:  # building a protobuf map costs even when empty: most jobs have no labels
         message.labels.update(spec.labels)

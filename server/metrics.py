@@ -111,6 +111,14 @@ class ServiceMetrics:
             "1 while the database answers and its schema is current.",
             registry=registry,
         )
+        self.jobs_deleted = Counter(
+            "imagegen_jobs_deleted",
+            "Jobs deleted with their images (reason: requested by DeleteJob, expired by retention).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("requested", "expired"):
+            self.jobs_deleted.labels(reason)
         self.blob_store_up = Gauge(
             "imagegen_blob_store_up", "1 while the blob store answers (readiness checks).", registry=registry
         )

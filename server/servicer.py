@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import empty_pb2
 
 from providers.base import ImageProvider
 from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
@@ -36,6 +37,7 @@ from server.validation import (
 )
 from storage.jobs import JobFilter, PageCursor, SqlJobStore
 from storage.models import EventKind, Job, JobEvent, JobStatus, NewJob, utcnow
+from storage.retention import JobDeleter
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         admission: Admission | None = None,
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
+        deleter: JobDeleter | None = None,
+        retention_s: float | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -115,6 +119,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._admission = admission or Admission()
         self._auth = auth or Authenticator.local()
         self._reference_allow = tuple(reference_allow)
+        self._deleter = deleter
+        self._retention_s = retention_s
         self._events = EventEncoder(signer)
 
     # ------------------------------------------------------------ unary
@@ -134,6 +140,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             estimated_cost_usd_micros=valid.estimated_cost_usd_micros,
             request_id=valid.request_id,
             deadline_s=self._deadline_s,
+            expire_after_s=valid.ttl_s or self._retention_s,
         )
         if request.validate_only:
             now = utcnow()
@@ -148,6 +155,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                 create_time=now,
                 update_time=now,
                 deadline_at=now,
+                expire_time=now + timedelta(seconds=new.expire_after_s) if new.expire_after_s else None,
             )
             message = job_to_pb(preview, self._signer)
             message.ClearField("id")
@@ -193,6 +201,17 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             },
         )
         return job_to_pb(job, self._signer)
+
+    @_unary
+    async def DeleteJob(self, request: pb.DeleteJobRequest, context: Context) -> empty_pb2.Empty:
+        account = self._account(context)
+        job_id = _job_id(request.job_id)
+        if self._deleter is None:
+            raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "this server does not delete jobs")
+        await self._deleter.delete(account, job_id)
+        self._metrics.jobs_deleted.labels("requested").inc()
+        log.info("job deleted", extra={"job_id": str(job_id), "account": account, "outcome": "deleted"})
+        return empty_pb2.Empty()
 
     @_unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 
 from providers.catalog import (
     CATALOG,
@@ -28,6 +28,7 @@ MAX_REQUEST_ID = 128
 MAX_LABELS = 32
 MAX_URL_CHARS = 2048
 MAX_SEED = 2**32 - 1
+MAX_TTL_S = 3650 * 86_400
 
 #: PostgreSQL text (and JSON) cannot hold NUL; nobody's prompt needs one
 _NUL = "must not contain NUL characters"
@@ -67,6 +68,8 @@ class ValidatedRequest:
     model: ModelSpec
     estimated_cost_usd_micros: int
     request_id: str
+    #: the request's ttl in seconds; None when unset (the server's retention applies)
+    ttl_s: float | None = None
 
 
 def normalise_folder(folder_id: str) -> str:
@@ -117,6 +120,11 @@ def validate_generate(
         bad.append(FieldViolation("request_id", f"must be 1-{MAX_REQUEST_ID} printable ASCII characters"))
     if labels:
         bad += _label_violations(labels)
+    ttl_s = None
+    if request.HasField("ttl"):
+        ttl_s, ttl_problem = _ttl(request.ttl)
+        if ttl_problem:
+            bad.append(FieldViolation("ttl", ttl_problem))
     if bad:
         raise InvalidRequest(bad)
 
@@ -144,8 +152,26 @@ def validate_generate(
         )
     )
     return ValidatedRequest(
-        spec=spec, model=model, estimated_cost_usd_micros=estimate, request_id=request.request_id
+        spec=spec,
+        model=model,
+        estimated_cost_usd_micros=estimate,
+        request_id=request.request_id,
+        ttl_s=ttl_s,
     )
+
+
+def _ttl(ttl: duration_pb2.Duration) -> tuple[float, str]:
+    """The ttl in seconds, and what is wrong with it ("" when nothing)."""
+    if not -999_999_999 <= ttl.nanos <= 999_999_999 or (
+        ttl.seconds and ttl.nanos and (ttl.seconds > 0) != (ttl.nanos > 0)
+    ):
+        return 0.0, "is not a valid google.protobuf.Duration"
+    seconds = ttl.seconds + ttl.nanos / 1e9
+    if seconds <= 0:
+        return 0.0, "must be positive (leave it unset for the server's retention)"
+    if seconds > MAX_TTL_S:
+        return 0.0, f"must be at most {MAX_TTL_S // 86_400} days"
+    return seconds, ""
 
 
 def _text_violations(raw_prompt: str, prompt: str, negative: str) -> list[FieldViolation]:

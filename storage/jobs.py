@@ -463,6 +463,7 @@ class SqlJobStore:
             deadline_at=now + timedelta(seconds=new.deadline_s),
             next_attempt_at=now,
             message="accepted",
+            expire_time=now + timedelta(seconds=new.expire_after_s) if new.expire_after_s else None,
         )
         return await self._creates.submit(_Submit(job=job, request_hash=spec_hash(new.spec)))
 
@@ -1654,6 +1655,7 @@ def _created_row(job: Job, request_hash: str) -> dict[str, Any]:
         "create_time": created,
         "update_time": created,
         "next_attempt_at": created,
+        "expire_time": job.expire_time.isoformat() if job.expire_time else None,
     }
 
 
@@ -1681,7 +1683,8 @@ _SNAPSHOT = f"""jsonb_build_object(
         'attempt', attempt, 'version', version,
         'create_time', {_iso_utc("create_time")}, 'update_time', {_iso_utc("update_time")},
         'start_time', {_iso_utc("start_time")}, 'end_time', {_iso_utc("end_time")},
-        'deadline_at', {_iso_utc("deadline_at")}, 'message', message)"""
+        'deadline_at', {_iso_utc("deadline_at")}, 'message', message,
+        'expire_time', {_iso_utc("expire_time")})"""
 #: `JobNotice.encode` in SQL, over the same values
 _NOTICE_PAYLOAD = "id::text || ' ' || version::text || ' ' || status || ' ' || account_id"
 
@@ -1850,6 +1853,7 @@ def _job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "reserved_usd_micros": job.reserved_usd_micros,
         "create_time": job.create_time,
         "update_time": job.update_time,
+        "expire_time": job.expire_time,
     }
 
 
@@ -1915,6 +1919,7 @@ def _job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         lease_expires_at=m["lease_expires_at"],
         provider_state=m["provider_state"],
         message=m["message"],
+        expire_time=m.get("expire_time"),
     )
 
 
@@ -1940,6 +1945,7 @@ def job_to_json(job: Job) -> dict[str, Any]:
         "end_time": job.end_time.isoformat() if job.end_time else None,
         "deadline_at": job.deadline_at.isoformat(),
         "message": job.message,
+        "expire_time": job.expire_time.isoformat() if job.expire_time else None,
     }
 
 
@@ -1971,6 +1977,7 @@ def job_from_json(data: Mapping[str, Any]) -> Job:
         end_time=when("end_time"),
         deadline_at=datetime.fromisoformat(data["deadline_at"]),
         message=data["message"],
+        expire_time=when("expire_time") if "expire_time" in data else None,
     )
 
 

@@ -136,6 +136,8 @@ class NewJob:
     request_id: str = ""
     #: how long the job may take overall, from its creation
     deadline_s: float = 300.0
+    #: how long after its creation the job is deleted (request ttl or server retention); None: never
+    expire_after_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,6 +169,8 @@ class Job:
     provider_state: Mapping[str, Any] | None = None
     #: the message of the latest transition
     message: str = ""
+    #: when the retention sweeper deletes the job (once it is terminal); None: kept until DeleteJob
+    expire_time: datetime | None = None
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with some fields changed."""
