@@ -16,8 +16,8 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app, s3_options
 from server.settings import Settings
 from storage.blobs import BlobStore, LocalBlobStore, attempt_prefix, image_key, open_blob_store

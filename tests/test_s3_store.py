@@ -13,8 +13,8 @@ import aiohttp
 import grpc
 import pytest
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import running_app
 from storage.blobs import S3BlobStore
 from tests.conftest import test_settings

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2 as pb
 from storage.blobs import S3BlobStore
 from tests.helpers import finished
 from tests.s3_server import BUCKET, SeaweedS3
