@@ -253,3 +253,24 @@ async def test_replicas_sweeping_together_delete_each_expired_job_once(
     finally:
         await store.close()
         await engine.dispose()
+
+
+async def test_the_background_sweeper_deletes_expired_jobs(tmp_path: Path, database_url: str) -> None:
+    settings = test_settings(tmp_path, database_url, sweep_interval_s=0.2)
+    async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        job = await stub.GenerateImage(
+            pb.GenerateImageRequest(prompt="a second", ttl=duration_pb2.Duration(seconds=1))
+        )
+        assert (await finished(stub, job.id)).status == pb.JOB_STATUS_COMPLETED
+
+        async def gone() -> bool:
+            try:
+                await stub.GetJob(pb.GetJobRequest(job_id=job.id))
+            except grpc.aio.AioRpcError as error:
+                return error.code() == grpc.StatusCode.NOT_FOUND
+            return False
+
+        await eventually(gone, timeout=10, interval=0.1)  # expiry is a time: there is no event to await
+        assert not (app.settings.data_dir / "blobs" / "default" / "root" / job.id).exists()
+        assert app.registry.get_sample_value("imagegen_jobs_deleted_total", {"reason": "expired"}) == 1

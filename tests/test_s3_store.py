@@ -127,6 +127,12 @@ async def test_a_store_down_past_the_deadline_fails_the_job_storage_unavailable_
         assert done.cost_usd_micros == 0 and done.cost_cents == 0
         assert app.sandbox is not None and app.sandbox.counters["bfl.submit"] == 1
 
+        # deleting needs the store: the job stays whole until the images can go
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.DeleteJob(pb.DeleteJobRequest(job_id=job.id))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (await stub.GetJob(pb.GetJobRequest(job_id=job.id))).status == pb.JOB_STATUS_FAILED
+
         assert not await app.readiness.check()
         assert "blob store" in app.readiness.reason
         assert app.registry.get_sample_value("imagegen_blob_store_up") == 0
