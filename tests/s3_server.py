@@ -100,6 +100,11 @@ class SeaweedS3:
         self._config = config
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    @property
     def endpoint(self) -> str:
         """The S3 API's base URL."""
         return f"http://127.0.0.1:{self._ports['s3.port']}"

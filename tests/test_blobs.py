@@ -8,6 +8,8 @@ that is down answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import os
 import time
 import uuid
@@ -161,3 +163,33 @@ async def test_temporary_files_a_crash_left_are_removed(tmp_path: Path) -> None:
 
     assert await blobs.remove_temporaries(older_than_s=600) == 1
     assert not stale.exists() and fresh.exists() and blobs.path(key).read_bytes() == b"kept"
+
+
+def test_the_s3_server_listens_on_loopback_only(s3_server: SeaweedS3) -> None:
+    listening = _listening_addresses(s3_server.pid)
+    assert len(listening) >= 5, listening  # master, volume, filer, S3, admin (and their gRPC ports)
+    assert all(ipaddress.ip_address(host).is_loopback for host, _port in listening), listening
+
+
+def _listening_addresses(pid: int | None) -> list[tuple[str, int]]:
+    """The TCP addresses process `pid` listens on, from its socket descriptors and /proc/net/tcp{,6}."""
+    assert pid is not None
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            address, port = local.split(":")
+            raw = bytes.fromhex(address)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, size, 4))
+            found.append((str(ipaddress.ip_address(packed)), int(port, 16)))
+    return found
