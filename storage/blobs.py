@@ -299,8 +299,15 @@ class S3BlobStore:
         """PUT with If-None-Match: *; BlobExists when the key is taken."""
         check_key(key)
         async with self._errors(key):
+            # one PUT, however large the image: it is atomic, and every S3 store honours If-None-Match on
+            # it (on a multipart upload only some check it, at completion)
             await obstore.put_async(
-                self._store, key, data, mode="create", attributes={"Content-Type": content_type}
+                self._store,
+                key,
+                data,
+                mode="create",
+                attributes={"Content-Type": content_type},
+                use_multipart=False,
             )
 
     async def get(self, key: str) -> bytes:

@@ -61,12 +61,14 @@ async def test_variants_land_under_their_attempt_and_read_back(blobs: BlobStore)
             await blobs.get(key)
 
 
-async def test_writes_are_create_only(blobs: BlobStore) -> None:
+@pytest.mark.parametrize("size", [5, 7 * 1024 * 1024])  # and past S3 clients' multipart threshold
+async def test_writes_are_create_only(blobs: BlobStore, size: int) -> None:
     key = image_key("acct", "f1", uuid.uuid4(), 1, 0, "image/jpeg")
-    await blobs.put(key, b"first", content_type="image/jpeg")
+    first = os.urandom(size)
+    await blobs.put(key, first, content_type="image/jpeg")
     with pytest.raises(BlobExists):
-        await blobs.put(key, b"second", content_type="image/jpeg")
-    assert await blobs.get(key) == b"first"
+        await blobs.put(key, os.urandom(size), content_type="image/jpeg")
+    assert await blobs.get(key) == first
 
 
 async def test_an_attempt_discarding_its_images_leaves_another_attempts_alone(blobs: BlobStore) -> None:
