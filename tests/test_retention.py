@@ -20,9 +20,10 @@ from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app, s3_options
 from server.settings import Settings
+from storage import migrate
 from storage.blobs import BlobStore, LocalBlobStore, attempt_prefix, image_key, open_blob_store
 from storage.db import make_engine
-from storage.errors import BlobNotFound
+from storage.errors import BlobNotFound, InvalidTransition, JobNotFound
 from storage.jobs import SqlJobStore
 from storage.models import JobSpec, JobStatus, NewJob, utcnow
 from storage.retention import JobDeleter
@@ -274,3 +275,54 @@ async def test_the_background_sweeper_deletes_expired_jobs(tmp_path: Path, datab
         await eventually(gone, timeout=10, interval=0.1)  # expiry is a time: there is no event to await
         assert not (app.settings.data_dir / "blobs" / "default" / "root" / job.id).exists()
         assert app.registry.get_sample_value("imagegen_jobs_deleted_total", {"reason": "expired"}) == 1
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def job_store(
+    request: pytest.FixtureRequest, tmp_path: Path, database_url: str
+) -> AsyncIterator[SqlJobStore]:
+    """A migrated, empty store on each supported database."""
+    if request.param == "postgresql":
+        engine = make_engine(database_url)
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+        await migrate.upgrade(engine)
+    store = SqlJobStore(engine)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await engine.dispose()
+
+
+async def test_deleting_and_sweeping_on_each_database(job_store: SqlJobStore, tmp_path: Path) -> None:
+    spec = JobSpec(prompt="kept a while", provider="flux_2_pro", width=256, height=256, num_variants=1)
+    expiring, _ = await job_store.create(
+        NewJob(account_id="acme", spec=spec, estimated_cost_usd_micros=0, expire_after_s=60)
+    )
+    forever, _ = await job_store.create(NewJob(account_id="acme", spec=spec, estimated_cost_usd_micros=0))
+    assert expiring.expire_time == expiring.create_time + timedelta(seconds=60)
+    assert forever.expire_time is None
+    assert (await job_store.get("acme", expiring.id)).expire_time == expiring.expire_time
+    events = await job_store.events(expiring.id, after_version=0)
+    assert events[0].job.expire_time == expiring.expire_time  # the snapshot a watcher replays
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    deleter = JobDeleter(job_store.engine, blobs)
+    later = utcnow() + timedelta(hours=1)
+
+    with pytest.raises(InvalidTransition):  # pending: not deleted, by request or by expiry
+        await deleter.delete("acme", expiring.id)
+    assert await deleter.sweep(now=later) == []
+    with pytest.raises(JobNotFound):  # another account's job
+        await deleter.delete("globex", forever.id)
+
+    for job in (expiring, forever):
+        await job_store.cancel("acme", job.id)
+        await blobs.put(image_key("acme", "", job.id, 1, 0, "image/png"), b"x")
+    assert await deleter.sweep(now=later) == [expiring.id]
+    await deleter.delete("acme", forever.id)
+    for job in (expiring, forever):
+        with pytest.raises(JobNotFound):
+            await job_store.get("acme", job.id)
+        assert await job_store.events(job.id, after_version=0) == []
+        assert not (tmp_path / "blobs" / "acme" / "root" / str(job.id)).exists()
