@@ -84,13 +84,17 @@ async def test_an_s3_outage_mid_run_loses_no_job_and_pays_no_vendor_twice(
         ]
         own_s3_server.stop()  # the vendor calls are under way; their images will have nowhere to go
 
-        def writes_failed() -> bool:
-            value = app.registry.get_sample_value("imagegen_blob_errors_total", {"store": "s3", "op": "put"})
-            return (value or 0) >= jobs_total
-
-        await eventually(writes_failed, timeout=30)
         assert app.sandbox is not None
-        submitted_during_outage = app.sandbox.counters["bfl.submit"]
+        counters = app.sandbox.counters
+
+        def images_held_in_memory() -> bool:
+            # every job's images were downloaded from the vendor, and writes have been failing since
+            errors = app.registry.get_sample_value("imagegen_blob_errors_total", {"store": "s3", "op": "put"})
+            return counters["bfl.download"] == jobs_total and (errors or 0) >= jobs_total
+
+        await eventually(images_held_in_memory, timeout=30)
+        statuses = [(await stub.GetJob(pb.GetJobRequest(job_id=job.id))).status for job in jobs]
+        assert statuses == [pb.JOB_STATUS_PROCESSING] * jobs_total  # none completed without its images
         own_s3_server.start()
 
         done = await asyncio.gather(*(finished(stub, job.id, timeout=60) for job in jobs))
@@ -98,8 +102,8 @@ async def test_an_s3_outage_mid_run_loses_no_job_and_pays_no_vendor_twice(
             job.error for job in done if job.error.code
         ]
         assert [job.attempt for job in done] == [1] * jobs_total
-        assert submitted_during_outage == jobs_total
-        assert app.sandbox.counters["bfl.submit"] == jobs_total  # no vendor call was made again
+        assert counters["bfl.submit"] == jobs_total  # no vendor call was made again
+        assert counters["bfl.download"] == jobs_total
         async with aiohttp.ClientSession() as http:
             for job in done:
                 async with http.get(job.images[0].url) as response:
