@@ -330,6 +330,8 @@ async def test_ttl_and_delete(app: App, capsys) -> None:
     assert await imagegen(*address, "get", job_id, "--json") == 0
     job = read_json(capsys.readouterr().out)
     assert job["status"] == "JOB_STATUS_COMPLETED" and job["expire_time"] > job["create_time"], job
+    assert await imagegen(*address, "get", job_id) == 0
+    assert "expires" in capsys.readouterr().out
 
     assert await imagegen(*address, "delete", job_id) == 0
     assert capsys.readouterr().out.strip() == f"{job_id}  deleted"
