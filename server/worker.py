@@ -392,14 +392,14 @@ class Worker:
             outcomes = await asyncio.gather(
                 *(self._put(keys[i], fitted[i][0]) for i in waiting), return_exceptions=True
             )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException) and not isinstance(outcome, BlobStoreUnavailable):
-                    raise outcome
-            failed = [i for i, outcome in zip(waiting, outcomes, strict=True) if outcome is not None]
-            if not failed:
+            errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+            for error in errors:
+                if not isinstance(error, BlobStoreUnavailable):
+                    raise error
+            if not errors:
                 break
-            error = outcomes[waiting.index(failed[0])]
-            assert isinstance(error, BlobStoreUnavailable)
+            failed = [i for i, outcome in zip(waiting, outcomes, strict=True) if outcome is not None]
+            error = errors[0]
             if loop.time() + delay > give_up:
                 raise error
             log.warning(
