@@ -194,6 +194,9 @@ class Settings:
             raise SettingsError(f"{PREFIX}RETENTION_DAYS must be 0 (keep forever) or more")
         if self.blob_url and not self.blob_url.startswith(("file://", "s3://")):
             raise SettingsError(f"{PREFIX}BLOB_URL must be file:///path or s3://bucket/prefix")
+        if self.blob_url.startswith("s3://") and self.url_ttl_s > 7 * 86_400:
+            # SigV4 presigned URLs are valid for at most 7 days
+            raise SettingsError(f"{PREFIX}URL_TTL_S must be at most 604800 (7 days) with an S3 store")
 
     def _check_security(self) -> None:
         try:

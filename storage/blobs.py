@@ -239,7 +239,7 @@ class S3BlobStore:
     def __init__(self, bucket: str, prefix: str, options: S3Options) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self._options = options
-        # few, quick retries: the worker retries a whole write with its own backoff, bounded by its lease
+        # few, quick retries: the worker retries a whole write with its own backoff, up to the job deadline
         retry = {
             "max_retries": 2,
             "backoff": {"init_backoff": timedelta(milliseconds=50), "max_backoff": timedelta(seconds=1)},

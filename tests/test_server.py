@@ -220,6 +220,8 @@ def test_blob_store_and_retention_settings(tmp_path: Path) -> None:
         Settings.from_env({"IMAGEGEN_BLOB_URL": "ftp://host/images"})
     with pytest.raises(SettingsError, match="IMAGEGEN_RETENTION_DAYS"):
         Settings.from_env({"IMAGEGEN_RETENTION_DAYS": "-1"})
+    with pytest.raises(SettingsError, match="7 days"):
+        Settings.from_env({"IMAGEGEN_BLOB_URL": "s3://b", "IMAGEGEN_URL_TTL_S": "700000"})
 
 
 async def test_the_hub_wants_notices_while_a_stream_is_open_or_a_worker_listens(database_url: str) -> None:
