@@ -7,7 +7,7 @@ import logging
 
 from server.metrics import ServiceMetrics
 from storage.blobs import BlobStore
-from storage.errors import StorageError
+from storage.errors import SchemaBehind, StorageError
 from storage.retention import JobDeleter
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ class Sweeper:
             if removed:
                 log.info("stale temporary files removed", extra={"files": removed})
         except StorageError as exc:
-            log.warning("retention sweep could not finish (%s); it tries again next interval", exc)
+            if not isinstance(exc, SchemaBehind):  # the store logs that, once a minute
+                log.warning("retention sweep could not finish (%s); it tries again next interval", exc)
         except Exception:
             log.exception("retention sweep failed unexpectedly; it tries again next interval")
         return total

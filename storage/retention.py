@@ -12,17 +12,15 @@ sweepers never delete the same job, and a DeleteJob on a row a sweeper holds wai
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime
 
-import sqlalchemy
 from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from storage.blobs import BlobStore, job_prefix
-from storage.errors import InvalidTransition, JobNotFound, StorageError, StoreUnavailable
+from storage.connections import Connections
+from storage.errors import InvalidTransition, JobNotFound, StorageError
 from storage.models import TERMINAL, utcnow
 from storage.schema import jobs
 
@@ -33,7 +31,7 @@ class JobDeleter:
     """Deletes jobs with their images; `sweep` takes the expired ones, a batch at a time."""
 
     def __init__(self, engine: AsyncEngine, blobs: BlobStore, *, batch: int = 100, parallel: int = 8) -> None:
-        self._engine = engine
+        self._db = Connections(engine)
         self._blobs = blobs
         self._batch = batch
         self._parallel = asyncio.Semaphore(parallel)
@@ -44,7 +42,7 @@ class JobDeleter:
 
         BlobStoreUnavailable leaves the job as it was.
         """
-        async with self._transaction() as conn:
+        async with self._db.transaction() as conn:
             query = select(jobs.c.status, jobs.c.folder_id).where(
                 jobs.c.id == job_id, jobs.c.account_id == account_id
             )
@@ -70,7 +68,7 @@ class JobDeleter:
         if self._postgres:
             # rows another replica is sweeping (or a DeleteJob holds) are skipped, not waited for
             query = query.with_for_update(skip_locked=True)
-        async with self._transaction() as conn:
+        async with self._db.transaction() as conn:
             rows = (await conn.execute(query)).all()
             if not rows:
                 return []
@@ -89,15 +87,3 @@ class JobDeleter:
     async def _delete_images(self, account_id: str, folder_id: str, job_id: uuid.UUID) -> None:
         async with self._parallel:
             await self._blobs.delete_prefix(job_prefix(account_id, folder_id, job_id))
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self._engine.begin() as conn:
-                yield conn
-        except sqlalchemy.exc.DBAPIError as exc:
-            if exc.connection_invalidated or isinstance(exc, sqlalchemy.exc.InterfaceError):
-                raise StoreUnavailable(f"database unreachable: {exc.orig!s}") from exc
-            raise
-        except (OSError, TimeoutError, sqlalchemy.exc.TimeoutError) as exc:
-            raise StoreUnavailable(f"database unreachable: {exc!s}") from exc
