@@ -1,4 +1,5 @@
-"""`python -m bench [--scenario NAME]… [--quick] [--output PATH] [--profile]`: run, print a table, write JSON.
+"""`python -m bench [--scenario NAME]… [--quick] [--output PATH] [--profile] [--no-tracing]`: run the
+scenarios, print a table, write JSON.
 
 Each run creates its own PostgreSQL database (from IMAGEGEN_BENCH_DATABASE_URL, else
 IMAGEGEN_TEST_DATABASE_URL, else the local server), migrates it, empties it between scenarios and drops
@@ -52,8 +53,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="record a py-spy profile of the server under test (bench/profile-<scenario>.*)",
     )
+    parser.add_argument(
+        "--no-tracing",
+        action="store_true",
+        help="submit: leave out the service with tracing on (the echo and the untraced service only)",
+    )
     args = parser.parse_args(argv)
-    report = asyncio.run(_run(args.scenario or list(SCENARIOS), quick=args.quick, profile=args.profile))
+    report = asyncio.run(
+        _run(
+            args.scenario or list(SCENARIOS),
+            quick=args.quick,
+            profile=args.profile,
+            tracing=not args.no_tracing,
+        )
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(render_table([f for s in report["scenarios"].values() for f in s["figures"]]))
@@ -64,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-async def _run(names: Sequence[str], *, quick: bool, profile: bool) -> dict[str, Any]:
+async def _run(names: Sequence[str], *, quick: bool, profile: bool, tracing: bool = True) -> dict[str, Any]:
     raise_open_files_limit()
     admin_url = os.environ.get("IMAGEGEN_BENCH_DATABASE_URL") or os.environ.get(
         "IMAGEGEN_TEST_DATABASE_URL", DEFAULT_SERVER
@@ -79,6 +92,7 @@ async def _run(names: Sequence[str], *, quick: bool, profile: bool) -> dict[str,
                 database_url=database_url,
                 quick=quick,
                 profile=profile,
+                tracing=tracing,
             )
             machine = await _machine(admin_dsn)
             try:

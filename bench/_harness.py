@@ -276,9 +276,14 @@ async def children() -> AsyncIterator[list[Child]]:
 
 
 def server_env(database_url: str, data_dir: Path, **settings: str | int | float) -> dict[str, str]:
-    """The environment of a `bench._server` process: this one's, less any IMAGEGEN_ or vendor variable."""
+    """The environment of a `bench._server` process: this one's, less any IMAGEGEN_, OTEL_ or vendor variable
+    (a scenario that wants tracing passes its OTEL_ variables in `settings`)."""
     vendor_keys = ("BFL_API_KEY", "OPENAI_API_KEY", "ARK_API_KEY", "GEMINI_API_KEY")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGEN_") and k not in vendor_keys}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("IMAGEGEN_", "OTEL_")) and k not in vendor_keys
+    }
     env.update(
         {
             "IMAGEGEN_DATABASE_URL": database_url,
@@ -417,6 +422,8 @@ class RunContext:
     quick: bool
     #: record a py-spy profile of the server under test in each scenario
     profile: bool = False
+    #: the submit scenario also measures the service with tracing on
+    tracing: bool = True
     extra_databases: list[str] = field(default_factory=list)
 
     @contextlib.asynccontextmanager

@@ -21,6 +21,10 @@ At half rate the service's own `grpc_server_handling_seconds` histogram (read fr
 after) tells how many of the calls spent 10 ms or less inside the handler, against how many the client saw
 answered in 10 ms: the difference is time spent before the handler ran or after it returned.
 
+A third server is the service with tracing on, every call sampled (`OTEL_TRACES_SAMPLER=always_on`),
+exporting over OTLP/HTTP to a sink in a process of its own (`bench._otlp_sink`); its saturated windows
+alternate with the other two, so its ratio is read beside the untraced service's from the same moments.
+
 Then the echo again, twice, with its event loop kept busy 300 µs and 1 ms per iteration by a callback
 (`bench._baselines --busy-us`): grpc.aio admits one RPC per few loop iterations, so its RPC rate falls
 with the length of an iteration, whatever fills it. That is why the service's submits slow down when
@@ -34,7 +38,7 @@ import contextlib
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -123,26 +127,25 @@ class _Target:
 
 
 async def _measure(
-    ctx: RunContext, echo: Child, server: Child, sizes: Sizes, *, profile: str = ""
-) -> tuple[_Measured, _Measured]:
-    """Both servers saturated in alternating windows, then each at half of its own maximum."""
-    async with (
-        grpc.aio.insecure_channel(echo.info["grpc_target"]) as echo_channel,
-        grpc.aio.insecure_channel(server.info["grpc_target"]) as server_channel,
-    ):
-        bare = _Target(echo, _generate(pb_grpc.ImageGenerationStub(echo_channel)))
-        real = _Target(server, _generate(pb_grpc.ImageGenerationStub(server_channel)))
-        for target in (bare, real):
+    ctx: RunContext, servers: Sequence[Child], sizes: Sizes, *, profiled: Child, profile: str = ""
+) -> list[_Measured]:
+    """The servers saturated in alternating windows, then each at half of its own maximum."""
+    async with contextlib.AsyncExitStack() as stack:
+        targets = []
+        for child in servers:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(child.info["grpc_target"]))
+            targets.append(_Target(child, _generate(pb_grpc.ImageGenerationStub(channel))))
+        for target in targets:
             await closed_loop(
                 target.call, concurrency=sizes.concurrency, warmup_s=0, duration_s=sizes.warmup_s / 2
             )
-        async with ctx.profiling(server, profile) if profile else contextlib.nullcontext():
+        async with ctx.profiling(profiled, profile) if profile else contextlib.nullcontext():
             for round_ in range(ROUNDS):
-                for target in (bare, real) if round_ % 2 == 0 else (real, bare):
+                for target in targets if round_ % 2 == 0 else targets[::-1]:
                     await _saturate(target, sizes)
-        for target in (bare, real):
+        for target in targets:
             await _half_rate(target, sizes)
-    return bare.measured, real.measured
+    return [target.measured for target in targets]
 
 
 async def _saturate(target: _Target, sizes: Sizes) -> None:
@@ -217,7 +220,26 @@ async def run(ctx: RunContext) -> ScenarioResult:
         started.append(echo)
         server = await start_server("submit-server", ctx, role="api")
         started.append(server)
-        bare, real = await _measure(ctx, echo, server, sizes, profile=NAME)
+        traced: _Measured | None = None
+        exported: dict[str, int] = {}
+        if ctx.tracing:
+            sink = await start_child("submit-otlp-sink", "bench._otlp_sink", [], run_dir=ctx.run_dir)
+            started.append(sink)
+            traced_server = await start_server(
+                "submit-server-traced",
+                ctx,
+                role="api",
+                OTEL_EXPORTER_OTLP_ENDPOINT=sink.info["endpoint"],
+                OTEL_TRACES_SAMPLER="always_on",
+                OTEL_SERVICE_NAME="imagegen-bench",
+            )
+            started.append(traced_server)
+            bare, real, traced = await _measure(
+                ctx, [echo, server, traced_server], sizes, profiled=server, profile=NAME
+            )
+            exported = await _exported(sink)
+        else:
+            bare, real = await _measure(ctx, [echo, server], sizes, profiled=server, profile=NAME)
         busy_echo = {}
         for busy_us in BUSY_LOOP_US:
             async with children() as busy_started:
@@ -298,6 +320,8 @@ async def run(ctx: RunContext) -> ScenarioResult:
             "%",
         ),
     ]
+    if traced is not None:
+        figures += _tracing_figures(bare, real, traced)
     figures += [
         Figure(
             NAME,
@@ -322,7 +346,61 @@ async def run(ctx: RunContext) -> ScenarioResult:
         "server": _describe(real),
         "echo": _describe(bare),
     }
+    if traced is not None:
+        # the same with tracing on, every call sampled
+        details["round_ratios_traced"] = [
+            round(served / bare_rate, 3) if bare_rate else None
+            for served, bare_rate in zip(traced.window_rates, bare.window_rates, strict=True)
+        ]
+        details["traced_server"] = _describe(traced)
+        details["otlp_sink"] = exported
     return ScenarioResult(figures, details)
+
+
+def _tracing_figures(bare: _Measured, real: _Measured, traced: _Measured) -> list[Figure]:
+    """The service with tracing on, beside the echo and beside itself with tracing off."""
+    label = "bare grpc.aio echo"
+    return [
+        Figure(
+            NAME,
+            "GenerateImage RPC/s (saturated), tracing on, 100 % sampled",
+            round(traced.saturated.rate, 1),
+            "RPC/s",
+            baseline=round(bare.saturated.rate, 1),
+            baseline_label=label,
+        ),
+        Figure(
+            NAME,
+            "tracing on: GenerateImage RPC/s (saturated)",
+            round(traced.saturated.rate, 1),
+            "RPC/s",
+            baseline=round(real.saturated.rate, 1),
+            baseline_label="tracing off",
+        ),
+        Figure(
+            NAME,
+            "tracing on: server CPU per call",
+            round(traced.per_call(traced.cpu_s) * 1e6, 1),
+            "µs",
+            baseline=round(real.per_call(real.cpu_s) * 1e6, 1),
+            baseline_label="tracing off",
+        ),
+        Figure(
+            NAME,
+            "tracing on: p99 latency at half the max rate",
+            ms(percentile(traced.half.latencies, 0.99)),
+            "ms",
+            baseline=ms(percentile(real.half.latencies, 0.99)),
+            baseline_label="tracing off",
+        ),
+    ]
+
+
+async def _exported(sink: Child) -> dict[str, int]:
+    """What the traced server's exporter delivered to the sink: exports and bytes."""
+    async with aiohttp.ClientSession() as session, session.get(f"{sink.info['endpoint']}/stats") as response:
+        stats: dict[str, int] = await response.json()
+    return stats
 
 
 def _share_within(latencies: list[float]) -> float:

@@ -21,8 +21,9 @@ from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.base import ImageProvider
 from providers.catalog import CATALOG
 from providers.references import PublicOnlyConnector, parse_networks
-from providers.vendors import VENDORS
+from providers.vendors import VENDORS, endpoint_of
 from sandbox import Sandbox
+from server import tracing
 from server.auth import LOCAL_ACCOUNT, Authenticator
 from server.blobs import MeasuredBlobStore, image_urls
 from server.files import UrlSigner, signing_key
@@ -160,6 +161,9 @@ async def running_app(
     )
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(engine.dispose)
+        if settings.tracing:
+            await stack.enter_async_context(tracing.running())
+            tracing.instrument_engine(engine)
         if migrate_schema:
             await migrate.upgrade(engine)
         store = SqlJobStore(engine)
@@ -210,7 +214,7 @@ async def running_app(
                 connector=connector,
                 connector_owner=False,
                 timeout=timeout,
-                trace_configs=[metrics.trace_config(vendor)],
+                trace_configs=_trace_configs(metrics, settings, vendor),
             )
             stack.push_async_callback(session.close)
             return session
@@ -223,7 +227,7 @@ async def running_app(
         references = aiohttp.ClientSession(
             connector=reference_connector,
             timeout=aiohttp.ClientTimeout(total=60),
-            trace_configs=[metrics.trace_config("references")],
+            trace_configs=_trace_configs(metrics, settings, "references"),
         )
         stack.push_async_callback(references.close)
         if providers is None:
@@ -402,6 +406,16 @@ class _Registrar:
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Any]) -> None:
         """The generated code also passes its handlers here; they are already in its generic handler."""
+
+
+def _trace_configs(metrics: ServiceMetrics, settings: Settings, vendor: str) -> list[aiohttp.TraceConfig]:
+    """A vendor session's request hooks: its metrics, and its spans when tracing is on."""
+    configs = [metrics.trace_config(vendor)]
+    if tracing.enabled:
+        # callers' reference URLs are anyone's servers: they never see our trace ids
+        propagate = settings.trace_vendor_propagation and vendor != "references"
+        configs.append(tracing.http_trace_config(vendor, propagate=propagate, endpoint_of=endpoint_of))
+    return configs
 
 
 def _http_app(

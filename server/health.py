@@ -1,5 +1,5 @@
-"""Readiness: whether the database answers with the newest schema and the blob store answers, for gRPC
-health and /readyz."""
+"""Readiness: whether the database answers with a schema this build serves and the blob store answers,
+for gRPC health and /readyz."""
 
 from __future__ import annotations
 
@@ -49,10 +49,8 @@ class Readiness:
             await self._store.ping()
             current = await self._store.schema_revision()
             head = migrate.head_revision()
-            ready, reason = (
-                (current == head),
-                ("ok" if current == head else f"schema at {current}, needs {head}"),
-            )
+            ready = migrate.serves_revision(current)
+            reason = "ok" if ready else f"schema at {current}, needs {head}"
         except (StoreUnavailable, OSError, TimeoutError) as exc:
             ready, reason = False, f"database unreachable: {exc}"
         except Exception as exc:  # e.g. a driver error while the database restarts

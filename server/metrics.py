@@ -19,6 +19,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from providers.vendors import endpoint_of
+from server import tracing
 from storage.errors import StorageError
 from storage.models import Job, JobStatus, utcnow
 from storage.port import StoreHealth
@@ -288,6 +289,8 @@ class GrpcMetrics:
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method_path: str) -> grpc.RpcMethodHandler:
         service, _, method = method_path.lstrip("/").partition("/")
+        if tracing.enabled:  # decided once per method: with tracing off the handler is as it was
+            handler = tracing.traced_handler(handler, service, method)
         deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

@@ -23,6 +23,7 @@ from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.base import ImageProvider
 from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
 from providers.references import IPNetwork
+from server import tracing
 from server.auth import Authenticator
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, EventEncoder, event_to_pb, job_to_pb, timestamp
 from server.errors import Overloaded, ServiceError, abort_with, status_for
@@ -150,6 +151,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             request_id=valid.request_id,
             deadline_s=self._deadline_s,
             expire_after_s=valid.ttl_s or self._retention_s,
+            trace_context=tracing.current_traceparent() if tracing.enabled else None,
         )
         if request.validate_only:
             now = utcnow()
@@ -174,6 +176,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             return message
         await self._admission.check(self._store, account)
         job, created = await self._store.create(new)
+        if tracing.enabled:
+            tracing.tag("imagegen.job.id", str(job.id))
         if created:
             self._metrics.observe_submitted(job)
             log.info(

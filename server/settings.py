@@ -123,6 +123,10 @@ class Settings:
     log_level: str = "INFO"
     #: json (one object per line, for log pipelines) or text (for people; `make run` uses it)
     log_format: str = "json"
+    #: OpenTelemetry tracing; `from_env` turns it on when the standard OTEL_* variables name an exporter
+    tracing: bool = False
+    #: send our `traceparent` to vendor APIs too (off: vendors never see our trace ids)
+    trace_vendor_propagation: bool = False
     bfl: VendorSettings = field(default_factory=VendorSettings)
     openai: VendorSettings = field(default_factory=VendorSettings)
     ark: VendorSettings = field(default_factory=VendorSettings)
@@ -152,6 +156,7 @@ class Settings:
             found = next((env[v] for v in variables if env.get(v)), "")
             if found:
                 values[name] = found
+        values.setdefault("tracing", tracing_wanted(env))
         values.update(overrides)
         return cls(**values).validated()
 
@@ -262,11 +267,29 @@ def _parse(name: str, raw: str, annotation: Any) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if kind == "bool":
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
         if "Path" in kind:  # "Path" and "Path | None"
             return Path(raw)
         return raw
     except ValueError:
         raise SettingsError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from None
+
+
+def tracing_wanted(env: Mapping[str, str]) -> bool:
+    """Whether the standard OTEL_* variables ask for traces: an OTLP endpoint, or a traces exporter.
+
+    The SDK's own default exporter is OTLP to localhost; here nothing set means no SDK at all, so a
+    process nobody configured for tracing pays nothing for it.
+    """
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter:
+        return exporter != "none"
+    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
 def _is_loopback(host: str) -> bool:

@@ -27,6 +27,7 @@ from providers.base import (
 )
 from providers.catalog import CATALOG
 from providers.imaging import FittedImage, fit_image
+from server import tracing
 from server.metrics import ServiceMetrics
 from storage.blobs import BlobStore, attempt_prefix, image_key
 from storage.errors import (
@@ -72,6 +73,13 @@ class _Checkpoint:
         self._store, self._fence, self._lease_s = store, fence, lease_s
 
     async def save(self, state: Mapping[str, Any]) -> None:
+        if tracing.enabled:  # the shared statement has no span of its own: the wait for it is the job's
+            with tracing.child_span("job checkpoint", {"imagegen.job.id": str(self._fence.job_id)}):
+                await self._save(state)
+        else:
+            await self._save(state)
+
+    async def _save(self, state: Mapping[str, Any]) -> None:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._lease_s
         delay = 0.1
@@ -245,7 +253,12 @@ class Worker:
 
     async def _execute(self, job: Job) -> None:
         fence = Fence(job_id=job.id, attempt=job.attempt, owner=self.owner, claimed=job)
-        attempt = asyncio.create_task(self._attempt(job, fence), name=f"attempt-{job.id}")
+        span = tracing.start_attempt(job) if tracing.enabled else None
+        attempt = asyncio.create_task(
+            self._attempt(job, fence),
+            name=f"attempt-{job.id}",
+            context=tracing.attempt_context(span) if span is not None else None,
+        )
         self._attempts[job.id] = (fence, attempt, asyncio.get_running_loop().time())
         try:
             await asyncio.wait({attempt})
@@ -260,6 +273,8 @@ class Worker:
                 raise
         finally:
             self._attempts.pop(job.id, None)
+            if span is not None:
+                tracing.end_attempt(span, "cancelled" if attempt.cancelled() else None)
 
     async def _keep_leases(self) -> None:
         """Extend every lease this worker holds in one statement per interval (not one per job).
@@ -301,6 +316,8 @@ class Worker:
             await self._discard(job, "lease lost before the result was saved")
         except StoreUnavailable as exc:
             # Nothing more can be written; the lease expires and another attempt picks the job up.
+            if tracing.enabled:
+                tracing.attempt_outcome("store_unavailable", error=str(exc))
             log.warning("job %s attempt %s: database unreachable (%s)", job.id, job.attempt, exc)
 
     async def _run(self, job: Job, fence: Fence) -> None:
@@ -379,6 +396,8 @@ class Worker:
             await self._delete_attempt(job)
             raise
         self._metrics.observe_finished(done)
+        if tracing.enabled:
+            tracing.attempt_outcome("completed")
         log.info("job completed", extra=_fields(done, "completed", images=len(images), cost_usd_micros=cost))
         if done.attempt > 1:
             await remove_other_attempts(self._blobs, done)
@@ -464,7 +483,13 @@ class Worker:
 
     async def _put(self, key: str, image: FittedImage) -> None:
         try:
-            await self._blobs.put(key, image.data, content_type=image.content_type)
+            if tracing.enabled:
+                with tracing.child_span(
+                    "blob put", {"imagegen.blob.key": key, "imagegen.blob.bytes": len(image.data)}
+                ):
+                    await self._blobs.put(key, image.data, content_type=image.content_type)
+            else:
+                await self._blobs.put(key, image.data, content_type=image.content_type)
         except BlobExists:
             # Only this attempt writes its keys: a blob already there is an earlier try of this write
             # whose answer was lost. Same size, it is ours; otherwise something else wrote it.
@@ -516,6 +541,8 @@ class Worker:
             fence, lambda: self._store.retry_later(fence, error=error, at=at, message=message)
         )
         self._metrics.observe_retry(job, exc.reason.value)
+        if tracing.enabled:
+            tracing.attempt_outcome("retry", error_code=exc.code, error=exc.message)
         log.info(
             "job retrying",
             extra=_fields(
@@ -565,11 +592,15 @@ class Worker:
     async def _fail(self, job: Job, fence: Fence, error: JobError) -> None:
         failed = await self._durably(fence, lambda: self._store.fail(fence, error))
         self._metrics.observe_finished(failed)
+        if tracing.enabled:
+            tracing.attempt_outcome("failed", error_code=error.code, error=error.message)
         log.info("job failed", extra=_fields(failed, "failed", code=error.code, error=error.message))
         await remove_other_attempts(self._blobs, failed)
 
     async def _discard(self, job: Job, why: str) -> None:
         log.info("job result discarded", extra=_fields(job, "discarded", why=why))
+        if tracing.enabled:
+            tracing.attempt_outcome("discarded", error=why)
         await self._delete_attempt(job)
 
 

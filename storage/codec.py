@@ -91,6 +91,7 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         "update_time": created,
         "next_attempt_at": created,
         "expire_time": job.expire_time.isoformat() if job.expire_time else None,
+        "trace_context": job.trace_context,
     }
 
 
@@ -127,6 +128,7 @@ def job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "create_time": job.create_time,
         "update_time": job.update_time,
         "expire_time": job.expire_time,
+        "trace_context": job.trace_context,
     }
 
 
@@ -193,6 +195,7 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         provider_state=m["provider_state"],
         message=m["message"],
         expire_time=m.get("expire_time"),
+        trace_context=m["trace_context"],
     )
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -145,7 +146,11 @@ class GroupCommit(Generic[_T, _R]):
         elif len(self._writers) < self._writers_allowed:
             # One writer: a second (one batch built while the other waits on the database) makes
             # smaller batches, which cost more per write (see bench/README.md).
-            self._writers.add(asyncio.create_task(self._drain(), name=self._name))
+            # In a context of its own: the writer's statements serve many callers, not the one that woke it
+            # (its caller's trace would otherwise claim them).
+            self._writers.add(
+                asyncio.create_task(self._drain(), name=self._name, context=contextvars.Context())
+            )
         # A caller that goes away cancels only its own future: the commit is the writer's task, shared
         # with others, and goes on (no shield needed, and none paid for: a future and a loop hop per write).
         return await future

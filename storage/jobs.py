@@ -138,6 +138,7 @@ class SqlJobStore(JobReads, Budgets):
             next_attempt_at=now,
             message="accepted",
             expire_time=now + timedelta(seconds=new.expire_after_s) if new.expire_after_s else None,
+            trace_context=new.trace_context,
         )
         return await self._creates.submit(Submit(job=job, request_hash=spec_hash(new.spec)))
 

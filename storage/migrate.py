@@ -35,6 +35,21 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(_config()).get_current_head()
 
 
+@functools.cache
+def known_revisions() -> frozenset[str]:
+    """Every migration this build has, old and new."""
+    return frozenset(script.revision for script in ScriptDirectory.from_config(_config()).walk_revisions())
+
+
+def serves_revision(current: str | None) -> bool:
+    """Whether this build can serve a database at `current`.
+
+    Its own head, or a revision it does not know: a newer release migrated first, and migrations only
+    add (columns with defaults, tables), so the release before keeps serving during the rollout.
+    """
+    return current is not None and (current == head_revision() or current not in known_revisions())
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
     """The migration the database is at (None for an empty database)."""
     async with engine.connect() as connection:

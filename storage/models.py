@@ -138,6 +138,8 @@ class NewJob:
     deadline_s: float = 300.0
     #: how long after its creation the job is deleted (request ttl or server retention); None: never
     expire_after_s: float | None = None
+    #: the submitting span's W3C traceparent, when the submit was traced
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +173,8 @@ class Job:
     message: str = ""
     #: when the retention sweeper deletes the job (once it is terminal); None: kept until DeleteJob
     expire_time: datetime | None = None
+    #: the submitting span's W3C traceparent (attempts link to it), or None
+    trace_context: str | None = None
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with some fields changed."""

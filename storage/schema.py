@@ -105,6 +105,8 @@ jobs = Table(
     Column("end_time", UtcDateTime, nullable=True),
     # when the job is deleted (request ttl or server retention); NULL: kept until DeleteJob
     Column("expire_time", UtcDateTime, nullable=True),
+    # the submit's W3C traceparent, when it was traced: each attempt's span links to it
+    Column("trace_context", String(64), nullable=True),
     # the claim scans only these small partial indexes
     Index(
         "ix_jobs_pending",

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App
-from tests.helpers import finished, first_event_with_status
+from tests.helpers import eventually, finished, first_event_with_status
 
 OPERATIONS = Path(__file__).resolve().parent.parent / "server" / "operations"
 
@@ -77,6 +77,13 @@ async def mixed_run(app: App) -> AsyncIterator[tuple[App, str]]:
         )
         stream = stub.WatchJob(pb.WatchJobRequest(job_id=slow.id))
         await first_event_with_status(stream, pb.JOB_STATUS_PROCESSING)
+
+        async def every_job_submitted() -> bool:
+            # PROCESSING comes before the vendor submit: cancel only once BFL has taken all four tasks
+            submits = {"vendor": "bfl", "endpoint": "submit", "outcome": "2xx"}
+            return _value(_samples(await _scrape(app)), "imagegen_provider_requests_total", **submits) >= 4
+
+        await eventually(every_job_submitted, timeout=20)
         # the watcher goes first: after CancelJob the stream could end by itself, with OK, before it
         stream.cancel()
         await stub.CancelJob(pb.CancelJobRequest(job_id=slow.id))

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,6 +20,7 @@ from server.app import App
 from server.files import UrlSigner
 from server.hub import Closed, EventHub, Subscription
 from server.settings import Settings, SettingsError
+from storage import migrate
 from storage.db import make_engine
 from storage.jobs import SqlJobStore
 from storage.models import JobNotice, JobSpec, JobStatus, NewJob
@@ -36,6 +38,30 @@ async def test_grpc_health_and_readyz_agree(app: App) -> None:
             assert response.status == 200
         async with http.get(f"{app.http_url}/readyz") as response:
             assert response.status == 200 and (await response.json())["ready"] is True
+
+
+@pytest.mark.parametrize(
+    ("revision", "ready"),
+    [("0003", False), ("9999_from_a_newer_release", True)],
+    ids=["older schema: not ready", "newer release migrated first: still ready"],
+)
+async def test_readiness_follows_the_schema_through_a_rollout(
+    app: App, database_url: str, revision: str, ready: bool
+) -> None:
+    connection = await asyncpg.connect(database_url, timeout=10)
+    try:
+        head = await connection.fetchval("SELECT version_num FROM alembic_version")
+        assert head == migrate.head_revision()
+        await connection.execute("UPDATE alembic_version SET version_num = $1", revision)
+        try:
+            assert await app.readiness.check() is ready
+            async with aiohttp.ClientSession() as http, http.get(f"{app.http_url}/readyz") as response:
+                assert response.status == (200 if ready else 503)
+        finally:
+            await connection.execute("UPDATE alembic_version SET version_num = $1", head)
+        assert await app.readiness.check() is True
+    finally:
+        await connection.close()
 
 
 async def test_reflection_lists_the_service(app: App) -> None:
