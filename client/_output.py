@@ -117,14 +117,42 @@ def providers_table(providers: Sequence[pb.Provider]) -> str:
             str(p.max_reference_images),
             ",".join(format_name(f) for f in p.output_formats),
             usd(p.price_1024_usd_micros),
+            p.served_model,
+            lifecycle(p),
             p.price_summary,
         ]
         for p in providers
     ]
     return table(
-        ["ID", "NAME", "READY", "WIDTH", "HEIGHT", "VARIANTS", "SEED", "REFS", "FORMATS", "1024²", "PRICING"],
+        [
+            "ID",
+            "NAME",
+            "READY",
+            "WIDTH",
+            "HEIGHT",
+            "VARIANTS",
+            "SEED",
+            "REFS",
+            "FORMATS",
+            "1024²",
+            "SERVED BY",
+            "LIFECYCLE",
+            "PRICING",
+        ],
         rows,
     )
+
+
+def lifecycle(provider: pb.Provider) -> str:
+    """A model's lifecycle in a few words: "active", "retired 2026-12-01, alias of gpt_image_2_6"."""
+    words = provider.lifecycle_state or "active"
+    if provider.shutdown_date:
+        words += f" {provider.shutdown_date}"
+    if provider.alias_of:
+        words += f", alias of {provider.alias_of}"
+    elif provider.replacement:
+        words += f", use {provider.replacement}"
+    return words
 
 
 def job_details(job: pb.Job) -> str:
@@ -133,6 +161,7 @@ def job_details(job: pb.Job) -> str:
         ("id", job.id),
         ("status", status_name(job.status)),
         ("provider", job.provider),
+        ("served by", job.served_model or "-"),
         ("size", f"{job.width}x{job.height} x{job.num_variants} {format_name(job.output_format)}"),
         ("folder", job.folder_id or "root"),
         ("prompt", job.prompt),
@@ -141,7 +170,7 @@ def job_details(job: pb.Job) -> str:
         ("cost", _cost(job)),
     ]
     if job.HasField("seed"):
-        items.insert(5, ("seed", str(job.seed)))
+        items.insert(6, ("seed", str(job.seed)))
     if job.HasField("error") and job.error.code:
         items.append(("error", f"{job.error.code}: {job.error.message}"))
     if job.HasField("expire_time"):
@@ -156,6 +185,7 @@ def estimate_details(job: pb.Job) -> str:
     """The normalised request of a validate_only call, and its quote."""
     items = [
         ("provider", job.provider),
+        ("served by", job.served_model or "-"),
         ("size", f"{job.width}x{job.height}"),
         ("variants", str(job.num_variants)),
         ("format", format_name(job.output_format)),
@@ -172,7 +202,8 @@ def outcome(job: pb.Job) -> str:
     if job.status == pb.JOB_STATUS_COMPLETED:
         count = len(job.images)
         images = f"{count} image{'s' if count != 1 else ''} {job.width}x{job.height}"
-        return f"done: {images}, cost {usd(job.cost_usd_micros)}"
+        served = f" by {job.served_model}" if job.served_model else ""
+        return f"done: {images}{served}, cost {usd(job.cost_usd_micros)}"
     if job.status == pb.JOB_STATUS_FAILED:
         return f"failed: {job.error.code}: {job.error.message}" if job.error.code else "failed"
     if job.status == pb.JOB_STATUS_CANCELLED:

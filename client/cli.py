@@ -210,8 +210,9 @@ async def _generate(client: ImagegenClient, args: argparse.Namespace, ui: Ui) ->
     if args.no_wait:
         ui.result(to_dict(job) if ui.json else job.id)
         return EXIT_OK
+    served = f" on {job.served_model}" if job.served_model else ""
     ui.note(
-        f"submitted job {job.id}: {job.provider} {job.width}x{job.height} x{job.num_variants}, "
+        f"submitted job {job.id}: {job.provider}{served} {job.width}x{job.height} x{job.num_variants}, "
         f"estimated {usd(job.estimated_cost_usd_micros)}"
     )
     try:

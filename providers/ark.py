@@ -1,4 +1,4 @@
-"""BytePlus ModelArk Seedream 4.0 / 4.5: one synchronous call per variant, then a download of each image URL.
+"""BytePlus ModelArk Seedream: one synchronous call per variant, then a download of each image URL.
 
 Wire protocol: shared/provider-apis.md section 3. Seedream has no `n` (with `sequential_image_generation`
 disabled each call makes one image) and no seed, so the variants are concurrent, independent calls.
@@ -7,6 +7,8 @@ images of variants that had succeeded. Ark bills `usage.generated_images` per ca
 is that count times the model's catalog price per image, summed over the calls.
 
 Reference images are passed to Ark as the URLs the caller gave (Ark fetches them); nothing is fetched here.
+Sizes follow the catalog model's size rule (pixel limits per model). A model Ark does not serve (404
+`InvalidEndpointOrModel.NotFound`, `ModelNotOpen`) fails the job at once as `ModelUnavailable`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from providers.base import (
     GenerationRequest,
     GenerationResult,
     InvalidProviderResponse,
+    ModelUnavailable,
     ProviderAuthError,
     ProviderError,
     ProviderImage,
@@ -46,19 +49,12 @@ from providers.base import (
     ProviderUnavailable,
     RetryReason,
 )
-from providers.catalog import CATALOG, ModelSpec
+from providers.catalog import CATALOG
 
-__all__ = ["DEFAULT_BASE_URL", "MAX_PIXELS", "MIN_PIXELS", "SIDE_STEP", "ArkProvider", "native_size"]
+__all__ = ["DEFAULT_BASE_URL", "ArkProvider", "native_size"]
 
 #: BytePlus ModelArk's international endpoint (Volcengine China: https://ark.cn-beijing.volces.com)
 DEFAULT_BASE_URL = "https://ark.ap-southeast.bytepluses.com"
-#: the fewest pixels (w·h) each model accepts as an explicit "WxH" size
-MIN_PIXELS: Mapping[str, int] = {"seedream_4": 1280 * 720, "seedream_4_5": 2560 * 1440}
-#: the most pixels either model accepts (4096 x 4096)
-MAX_PIXELS = 4096 * 4096
-#: every side of a native size is a multiple of this (Ark requires none; 8 suits JPEG's 8 x 8 blocks)
-SIDE_STEP = 8
-_MAX_RATIO = 16
 _MAX_REFERENCES = 14
 # No vendor image comes near this; a larger body is a fault, not an image.
 _MAX_IMAGE_BYTES = 64 * 1024 * 1024
@@ -87,33 +83,21 @@ _HTTP_ERRORS: Mapping[int, tuple[type[ProviderError], str]] = {
 }
 # 400 codes that say "try again later" rather than "fix the request".
 _TRANSIENT_CODES = ("InvalidEndpoint.ClosedEndpoint",)
+# Codes that say the model is not served to this account (retired, or never opened).
+_GONE_CODES = ("InvalidEndpointOrModel.NotFound", "ModelNotOpen")
 
 
 def native_size(model: str, width: int, height: int) -> tuple[int, int]:
-    """The "WxH" to ask `model` for: `width x height` scaled up just enough to reach its minimum pixels.
-
-    The aspect ratio is kept, the size is never smaller than requested, and each side is rounded up to a
-    multiple of `SIDE_STEP` (which can only add pixels). Raises ValueError when no accepted size exists.
-    """
-    if model not in MIN_PIXELS:
-        raise ValueError(f"{model!r} is not a Seedream model; expected one of {sorted(MIN_PIXELS)}")
-    if width <= 0 or height <= 0:
-        raise ValueError(f"size must be positive, got {width}x{height}")
-    if not 1 / _MAX_RATIO <= width / height <= _MAX_RATIO:
-        raise ValueError(f"Seedream needs an aspect ratio within 1:16 to 16:1, got {width}x{height}")
-    minimum = MIN_PIXELS[model]
-    # Scaling by s = sqrt(minimum / (w·h)) gives sides sqrt(w·minimum/h) and sqrt(h·minimum/w); they are
-    # computed in integers so that exact cases (1080x1920 → 1440x2560) stay exact.
-    scaled_width = max(width, _ceil_sqrt(width * minimum, height))
-    scaled_height = max(height, _ceil_sqrt(height * minimum, width))
-    native = (_round_up(scaled_width, SIDE_STEP), _round_up(scaled_height, SIDE_STEP))
-    if native[0] * native[1] > MAX_PIXELS:
-        raise ValueError(f"{width}x{height} needs more than Seedream's {MAX_PIXELS} pixels")
-    return native
+    """The "WxH" to ask catalog model `model` (the shipped catalog's) for, for `width x height`."""
+    spec = CATALOG.serving(model) if model in CATALOG else None
+    if spec is None or spec.vendor != "ark":
+        raise ValueError(f"{model!r} is not a Seedream model of the catalog")
+    native = spec.size.native(width, height)
+    return (native.width, native.height)
 
 
 class ArkProvider:
-    """Seedream 4.0 / 4.5 through BytePlus ModelArk's own HTTP API (no SDK)."""
+    """Seedream models through BytePlus ModelArk's own HTTP API (no SDK)."""
 
     vendor = "ark"
 
@@ -134,12 +118,11 @@ class ArkProvider:
 
     async def generate(self, request: GenerationRequest, checkpoint: Checkpoint) -> GenerationResult:
         """Produce `request.num_variants` images, one Ark call each, all at once."""
-        spec = _spec(request.model)
-        try:
-            width, height = native_size(request.model, request.width, request.height)
-        except ValueError as exc:
-            raise ProviderRejected(str(exc)) from exc
-        payload = _payload(request, spec, width, height)
+        spec = request.serving()
+        if spec.vendor != self.vendor:
+            raise ProviderRejected(f"{request.model!r} is not a model served through BytePlus ModelArk")
+        native = spec.size.native(request.width, request.height)
+        payload = _payload(request, request.served_model(), native.width, native.height)
         # Every call runs to its end even when one fails: a later moderation verdict says more than an
         # earlier 429, and the images are paid for either way.
         outcomes = await asyncio.gather(
@@ -243,21 +226,14 @@ class _Reply(Reply):
     request_id: str | None
 
 
-def _spec(model: str) -> ModelSpec:
-    spec = CATALOG.get(model)
-    if spec is None or spec.vendor != ArkProvider.vendor or model not in MIN_PIXELS:
-        raise ProviderRejected(f"{model!r} is not a model served through BytePlus ModelArk")
-    return spec
-
-
-def _payload(request: GenerationRequest, spec: ModelSpec, width: int, height: int) -> dict[str, Any]:
+def _payload(request: GenerationRequest, vendor_model: str, width: int, height: int) -> dict[str, Any]:
     references = request.reference_image_urls
     if len(references) > _MAX_REFERENCES:
         raise ProviderRejected(
             f"Seedream takes at most {_MAX_REFERENCES} reference images, got {len(references)}"
         )
     payload: dict[str, Any] = {
-        "model": spec.vendor_model,
+        "model": vendor_model,
         "prompt": request.prompt,
         "size": f"{width}x{height}",
         # Ark always delivers JPEG (the worker re-encodes); a URL keeps the JSON answer small.
@@ -352,6 +328,8 @@ def _coded_error(error: Mapping[str, Any], reply: _Reply, *, status: int | None)
     error_class, meaning = classify_status(status, _HTTP_ERRORS)
     if code in _TRANSIENT_CODES:
         error_class = ProviderUnavailable
+    elif status == 404 or code in _GONE_CODES:
+        error_class = ModelUnavailable
     label = f"{meaning}, {code}" if code else meaning
     text = f"Ark answered HTTP {status} ({label})" + (f": {detail}" if detail else "") + _rid(reply, detail)
     wait_s = retry_after_s(reply.retry_after) if status in (429, 503) else None
@@ -401,15 +379,3 @@ def _rank(error: ProviderError) -> tuple[float, ...]:
     if not error.retryable:
         return (1, 0.0)
     return (2, math.inf if error.retry_after_s is None else -error.retry_after_s)
-
-
-def _ceil_sqrt(numerator: int, denominator: int) -> int:
-    """The smallest integer n with n² ≥ numerator / denominator."""
-    root = math.isqrt(numerator // denominator)
-    while root * root * denominator < numerator:
-        root += 1
-    return root
-
-
-def _round_up(value: int, step: int) -> int:
-    return -(-value // step) * step

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from providers.catalog import CATALOG, ModelSpec
+
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
@@ -32,6 +34,18 @@ class GenerationRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
     #: what `Checkpoint.save` stored during an earlier attempt of this job, or None
     resume_state: Mapping[str, Any] | None = None
+    #: the catalog model that serves `model` (its size and price rules); None: the shipped catalog's
+    spec: ModelSpec | None = None
+    #: the vendor model to call, as recorded on the job at submit; "": the spec's
+    vendor_model: str = ""
+
+    def serving(self) -> ModelSpec:
+        """The catalog model this request runs on."""
+        return self.spec if self.spec is not None else CATALOG.serving(self.model)
+
+    def served_model(self) -> str:
+        """The vendor model id to send."""
+        return self.vendor_model or self.serving().vendor_model_for(self.options)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +159,12 @@ class ProviderRejected(ProviderError):
     """The vendor refused the request as invalid (4xx other than auth, throttling and moderation)."""
 
     code = "PROVIDER_REJECTED"
+
+
+class ModelUnavailable(ProviderError):
+    """The vendor says the model does not exist or was retired: no retry cures it, and nothing was billed."""
+
+    code = "MODEL_UNAVAILABLE"
 
 
 class ProviderAuthError(ProviderError):

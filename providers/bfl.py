@@ -1,10 +1,14 @@
-"""Black Forest Labs FLUX.2 [pro]: submit one task per variant, poll each `polling_url`, download the results.
+"""Black Forest Labs FLUX.2: submit one task per variant, poll each `polling_url`, download the results.
 
 Wire protocol: shared/provider-apis.md section 1. BFL bills at submit, so the adapter saves every task
 it submitted (`Checkpoint.save`) before it waits, and a later attempt of the same job resumes those
 tasks instead of paying for new ones. A task BFL can no longer deliver (status "Error", "Task not
 found", an expired result URL) is removed from the saved state before the error is raised, so that the
 retry submits it afresh.
+
+Each FLUX.2 model has its own submit route, `/v1/{vendor model}` (`/v1/flux-2-pro`, `/v1/flux-2-max`); one
+BFL no longer serves answers 404, which fails the job at once as `ModelUnavailable`. The caller's
+`prompt_upsampling` option is sent as `disable_pup`, its inverse, the field [pro] and [max] read (BFL's SDK).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from providers.base import (
     GenerationRequest,
     GenerationResult,
     InvalidProviderResponse,
+    ModelUnavailable,
     ProviderAuthError,
     ProviderError,
     ProviderImage,
@@ -43,14 +48,13 @@ from providers.base import (
     ProviderUnavailable,
     RetryReason,
 )
-from providers.catalog import bfl_native_size
 
 __all__ = ["BflProvider"]
 
 #: 1 BFL credit = $0.01
 _USD_MICROS_PER_CREDIT = 10_000
 _REFERENCE_FIELDS = ("input_image", *(f"input_image_{n}" for n in range(2, 9)))
-_PASSED_OPTIONS = ("safety_tolerance", "prompt_upsampling")
+_PASSED_OPTIONS = ("safety_tolerance",)
 _MODERATED = {
     "Request Moderated": "the prompt or a reference image (input moderation)",
     "Content Moderated": "the generated image (output moderation)",
@@ -78,7 +82,7 @@ _HTTP_ERRORS: Mapping[int, tuple[type[ProviderError], str]] = {
 
 
 class BflProvider:
-    """FLUX.2 [pro] through BFL's own HTTP API (no SDK)."""
+    """FLUX.2 models through BFL's own HTTP API (no SDK)."""
 
     vendor = "bfl"
 
@@ -88,14 +92,12 @@ class BflProvider:
         *,
         base_url: str,
         api_key: str,
-        model_path: str = "/v1/flux-2-pro",
         poll_interval_s: float = 0.5,
         max_poll_interval_s: float = 3.0,
         max_polls_per_s: float = 250.0,
     ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
-        self._submit_url = f"{self._base_url}/{model_path.lstrip('/')}"
         self._auth = {"x-key": api_key, "Accept": "application/json"}
         self._poll_interval_s = poll_interval_s
         self._max_poll_interval_s = max(poll_interval_s, max_poll_interval_s)
@@ -152,7 +154,13 @@ class BflProvider:
 
     async def _submit(self, request: GenerationRequest, variant: int) -> _Task:
         payload = _payload(request, variant)
-        reply = await self._exchange("POST", URL(self._submit_url), "submit", payload=payload)
+        submit_url = URL(f"{self._base_url}/v1/{quote(request.served_model(), safe='')}")
+        reply = await self._exchange("POST", submit_url, "submit", payload=payload)
+        if reply.status == 404:
+            # A route that does not exist: the model is gone (or was never served) at BFL.
+            raise ModelUnavailable(
+                f"BFL answered HTTP 404 to the submit of {request.served_model()}: {_error_detail(reply)}"
+            )
         if not reply.ok:
             raise _http_error("submit", reply)
         body = json_object(reply, vendor="BFL", stage="submit")
@@ -336,10 +344,11 @@ def _state(tasks: Sequence[_Task | None]) -> dict[str, Any]:
 def _payload(request: GenerationRequest, variant: int) -> dict[str, Any]:
     if len(request.reference_image_urls) > len(_REFERENCE_FIELDS):
         raise ProviderRejected(
-            f"FLUX.2 [pro] takes at most {len(_REFERENCE_FIELDS)} reference images, "
+            f"FLUX.2 takes at most {len(_REFERENCE_FIELDS)} reference images, "
             f"got {len(request.reference_image_urls)}"
         )
-    width, height = bfl_native_size(request.width, request.height)
+    native = request.serving().size.native(request.width, request.height)
+    width, height = native.width, native.height
     payload: dict[str, Any] = {
         "prompt": request.prompt,
         "width": width,
@@ -352,6 +361,9 @@ def _payload(request: GenerationRequest, variant: int) -> dict[str, Any]:
         payload["seed"] = seed
     payload.update(zip(_REFERENCE_FIELDS, request.reference_image_urls, strict=False))
     payload.update({key: request.options[key] for key in _PASSED_OPTIONS if key in request.options})
+    upsampling = request.options.get("prompt_upsampling")
+    if isinstance(upsampling, bool):
+        payload["disable_pup"] = not upsampling
     return payload
 
 

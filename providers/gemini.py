@@ -1,13 +1,14 @@
-"""Google Gemini image models (Nano Banana, Nano Banana Pro): one synchronous generateContent call a variant.
+"""Google Gemini image models (Nano Banana 2 and Pro): one synchronous generateContent call a variant.
 
 Wire protocol: shared/provider-apis.md section 4. Gemini has no `n`, no task id and no result URL: every
 variant is its own `POST /v1beta/models/{model}:generateContent`, run concurrently, and the image comes back
 inline as base64. There is nothing to resume, so `Checkpoint.save` is never called; a failed attempt pays
 again for the variants that had succeeded.
 
-Sizes: Gemini takes an aspect ratio (and, on Pro only, a 1K / 2K / 4K tier), not pixels. `native_size` picks
-the supported ratio closest to the request and, on Pro, the smallest tier that covers the request; the
-worker centre-crops and resizes the result to exactly the requested size.
+Sizes: Gemini takes an aspect ratio and a 1K / 2K / 4K tier, not pixels. The catalog model's size rule picks
+the supported ratio closest to the request and the smallest tier that covers it; the worker centre-crops
+and resizes the result to exactly the requested size. A model Google no longer serves answers 404
+NOT_FOUND, which fails the job at once as `ModelUnavailable`.
 
 Reference images must be sent inline: the adapter downloads each URL once per call of `generate`, with the
 shared session and without the API key, accepts only the image types Gemini reads and at most
@@ -48,6 +49,7 @@ from providers.base import (
     GenerationRequest,
     GenerationResult,
     InvalidProviderResponse,
+    ModelUnavailable,
     ProviderAuthError,
     ProviderError,
     ProviderImage,
@@ -55,7 +57,7 @@ from providers.base import (
     ProviderUnavailable,
     RetryReason,
 )
-from providers.catalog import CATALOG
+from providers.catalog import CATALOG, ModelSpec, NativeSize
 from providers.references import check_reference_image
 
 __all__ = [
@@ -69,39 +71,8 @@ __all__ = [
 
 #: the aspect ratios Gemini's `imageConfig.aspectRatio` accepts
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
-#: Nano Banana Pro's `imageConfig.imageSize` tiers, smallest first, with their scale over the 1K sizes
+#: the `imageConfig.imageSize` tiers, smallest first, with their scale over the 1K sizes
 IMAGE_SIZES: Mapping[str, int] = {"1K": 1, "2K": 2, "4K": 4}
-
-# Google's image-generation docs, "Gemini 2.5 Flash Image": one size per aspect ratio.
-_FLASH_SIZES: Mapping[str, tuple[int, int]] = {
-    "1:1": (1024, 1024),
-    "2:3": (832, 1248),
-    "3:2": (1248, 832),
-    "3:4": (864, 1184),
-    "4:3": (1184, 864),
-    "4:5": (896, 1152),
-    "5:4": (1152, 896),
-    "9:16": (768, 1344),
-    "16:9": (1344, 768),
-    "21:9": (1536, 672),
-}
-# "Gemini 3 Pro Image" at 1K; 2K and 4K are exactly 2x and 4x. provider-apis.md quotes 1:1, 16:9, 4:3 and
-# 21:9; the other rows are their transposes and the 3:2 / 4:5 rows of the same Google table as copied
-# consistently by many third parties.
-_PRO_1K_SIZES: Mapping[str, tuple[int, int]] = {
-    "1:1": (1024, 1024),
-    "2:3": (848, 1264),
-    "3:2": (1264, 848),
-    "3:4": (896, 1200),
-    "4:3": (1200, 896),
-    "4:5": (928, 1152),
-    "5:4": (1152, 928),
-    "9:16": (768, 1376),
-    "16:9": (1376, 768),
-    "21:9": (1584, 672),
-}
-_FLASH = "nano_banana"
-_PRO = "nano_banana_pro"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,13 +85,15 @@ class _TokenPrices:
     text_output: int
 
 
-# provider-apis.md section 4 (catalog PRICE_TABLE_VERSION 2026-11-01). Flash's text-output rate is not in
-# those notes: it is Gemini 2.5 Flash's published $2.50 (unverified for the image model); a successful
-# answer to an image-only request normally has no text tokens to bill.
-_PRICES: Mapping[str, _TokenPrices] = {
-    _FLASH: _TokenPrices(input=300_000, image_output=30_000_000, text_output=2_500_000),
-    _PRO: _TokenPrices(input=2_000_000, image_output=120_000_000, text_output=12_000_000),
-}
+def _prices(spec: ModelSpec) -> _TokenPrices:
+    # Gemini bills reference images at its input rate, like text.
+    price = spec.price
+    return _TokenPrices(
+        input=round(price.text_input * 1_000_000),
+        image_output=round(price.image_output * 1_000_000),
+        text_output=round(price.text_output * 1_000_000),
+    )
+
 
 # A blocked prompt says why in `promptFeedback.blockReason`; every reason is a refusal.
 # These finish reasons mean the safety (or recitation) filters withheld the image.
@@ -157,17 +130,6 @@ _PRECEDENCE: tuple[type[ProviderError], ...] = (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
-class NativeSize:
-    """What to ask Gemini for, and the size of the image it delivers for it."""
-
-    aspect_ratio: str
-    #: "1K" | "2K" | "4K" for Nano Banana Pro; None for Nano Banana, which has one size per aspect ratio
-    image_size: str | None
-    width: int
-    height: int
-
-
 def closest_aspect_ratio(width: int, height: int) -> str:
     """The supported aspect ratio nearest to `width:height`, compared in log space (2:1 is as far as 1:2)."""
     if width <= 0 or height <= 0:
@@ -177,32 +139,15 @@ def closest_aspect_ratio(width: int, height: int) -> str:
 
 
 def native_size(model: str, width: int, height: int) -> NativeSize:
-    """The size to ask catalog model `model` for, to be cropped and resized to `width x height`.
-
-    Nano Banana has one size per aspect ratio (about 1 MP), so it may be smaller than the request. Nano
-    Banana Pro takes the smallest tier whose image covers `width x height` once cropped to that aspect
-    ratio, which is exactly when both sides are at least as large; 4K when none does.
-    """
-    aspect_ratio = closest_aspect_ratio(width, height)
-    if model == _FLASH:
-        native_width, native_height = _FLASH_SIZES[aspect_ratio]
-        return NativeSize(
-            aspect_ratio=aspect_ratio, image_size=None, width=native_width, height=native_height
-        )
-    if model == _PRO:
-        base_width, base_height = _PRO_1K_SIZES[aspect_ratio]
-        for tier, scale in IMAGE_SIZES.items():  # noqa: B007 - the tier the loop stops on is the answer
-            if base_width * scale >= width and base_height * scale >= height:
-                break
-        # When no tier covers the request, the loop ends on the largest (4K).
-        return NativeSize(
-            aspect_ratio=aspect_ratio, image_size=tier, width=base_width * scale, height=base_height * scale
-        )
-    raise ValueError(f"{model!r} is not a Gemini model; expected {_FLASH!r} or {_PRO!r}")
+    """What to ask catalog model `model` (the shipped catalog's) for, to be cropped to `width x height`."""
+    spec = CATALOG.serving(model) if model in CATALOG else None
+    if spec is None or spec.vendor != "gemini":
+        raise ValueError(f"{model!r} is not a Gemini model of the catalog")
+    return spec.size.native(width, height)
 
 
 class GeminiProvider:
-    """Nano Banana and Nano Banana Pro through the Gemini API's own REST surface (no SDK)."""
+    """Gemini image models through the Gemini API's own REST surface (no SDK)."""
 
     vendor = "gemini"
 
@@ -226,10 +171,10 @@ class GeminiProvider:
 
     async def generate(self, request: GenerationRequest, checkpoint: Checkpoint) -> GenerationResult:
         """Produce `request.num_variants` images, one generateContent call each, run concurrently."""
-        spec = CATALOG.get(request.model)
-        if spec is None or spec.vendor != self.vendor or request.model not in _PRICES:
+        spec = request.serving()
+        size = spec.size.native(request.width, request.height)
+        if spec.vendor != self.vendor or size.aspect_ratio is None:
             raise ProviderRejected(f"{request.model!r} is not a model this Gemini adapter serves")
-        size = native_size(request.model, request.width, request.height)
         references = await self._download_references(request.reference_image_urls)
         body = await asyncio.to_thread(_encoded_payload, request.prompt, references, size)
         if len(body) > _MAX_REQUEST_BYTES:
@@ -237,7 +182,7 @@ class GeminiProvider:
                 f"the prompt and reference images make a {len(body)}-byte request, over Gemini's "
                 f"{_MAX_REQUEST_BYTES}-byte limit for inline data"
             )
-        url = URL(f"{self._base_url}/v1beta/models/{quote(spec.vendor_model, safe='')}:generateContent")
+        url = URL(f"{self._base_url}/v1beta/models/{quote(request.served_model(), safe='')}:generateContent")
         outcomes = await asyncio.gather(
             *(self._generate_one(url, body) for _ in range(request.num_variants)), return_exceptions=True
         )
@@ -247,7 +192,7 @@ class GeminiProvider:
         answers = [outcome for outcome in outcomes if isinstance(outcome, _Answer)]
         return GenerationResult(
             images=tuple(answer.image for answer in answers),
-            cost_usd_micros=_cost_usd_micros(_PRICES[request.model], [answer.usage for answer in answers]),
+            cost_usd_micros=_cost_usd_micros(_prices(spec), [answer.usage for answer in answers]),
             vendor_refs={
                 "gemini_response_ids": [answer.response_id for answer in answers],
                 "gemini_model_version": answers[0].model_version if answers else None,
@@ -338,8 +283,8 @@ def _ratio(name: str) -> float:
 
 
 def _encoded_payload(prompt: str, references: Sequence[_Reference], size: NativeSize) -> bytes:
-    image_config: dict[str, str] = {"aspectRatio": size.aspect_ratio}
-    # Only Pro has tiers; whether 2.5 Flash ignores or refuses `imageSize` is unverified: it never gets one.
+    image_config: dict[str, str] = {"aspectRatio": size.aspect_ratio or "1:1"}
+    # A model without tiers never gets `imageSize` (whether it would ignore or refuse it is unverified).
     if size.image_size is not None:
         image_config["imageSize"] = size.image_size
     parts: list[dict[str, Any]] = [{"text": prompt}]
@@ -489,6 +434,9 @@ def _http_error(status: int, raw: bytes, retry_after: str | None) -> ProviderErr
     text = f"Gemini answered HTTP {status}" + (f" {status_name}" if status_name else "")
     text += f" to generateContent: {detail[:_MAX_DETAIL_CHARS]}" if detail else " to generateContent"
     lowered = detail.lower()
+    if status == 404 and status_name in ("NOT_FOUND", ""):
+        # The model is gone (or was never served): another attempt gets the same answer.
+        return ModelUnavailable(text)
     bad_key = bool(reasons & _AUTH_REASONS) or lowered.startswith(("api key not valid", "api key expired"))
     if status in (401, 403) or bad_key:
         return ProviderAuthError(text)

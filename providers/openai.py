@@ -1,15 +1,15 @@
-"""OpenAI GPT Image 1.5: one synchronous call per job, every variant through `n`.
+"""OpenAI GPT Image (2.x): one synchronous call per job, every variant through `n`.
 
 Wire protocol: shared/provider-apis.md section 2. Without reference images the adapter posts JSON to
 `/v1/images/generations`; with them it downloads each reference (OpenAI's edits endpoint takes the
 image files themselves, not URLs) and posts them as repeated `image[]` parts of a multipart
 `/v1/images/edits` call. OpenAI answers with the images inline as base64 and a `usage` object, from
-which the exact cost is computed. There is no task to resume, so nothing is checkpointed: a retry is a
-new call (and an answer lost in transit, e.g. to a dropped connection, may already have been billed).
+which the exact cost is computed with the catalog's token prices. There is no task to resume, so nothing
+is checkpointed: a retry is a new call (and an answer lost in transit may already have been billed).
 
-GPT image models draw three sizes only (1024², 1536x1024, 1024x1536), never more than 1536 px on a
-side: `native_size` picks the one whose aspect ratio is closest to the request, which may be smaller
-than a large request; the worker then crops and upscales to the exact size asked for.
+Sizes follow the catalog model's size rule: the 2.x models draw any size in multiples of 16 within their
+pixel and ratio limits, so most requests are asked for exactly and need no crop. A model OpenAI no longer
+serves answers 404 `model_not_found`, which fails the job at once as `ModelUnavailable`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from providers.base import (
     GenerationRequest,
     GenerationResult,
     InvalidProviderResponse,
+    ModelUnavailable,
     ProviderAuthError,
     ProviderError,
     ProviderImage,
@@ -51,20 +52,16 @@ from providers.base import (
     ProviderUnavailable,
     RetryReason,
 )
-from providers.catalog import CATALOG
+from providers.catalog import CATALOG, ModelSpec
 from providers.references import check_reference_image
 
 __all__ = [
-    "NATIVE_SIZES",
-    "TOKEN_PRICES",
     "OpenAIProvider",
     "TokenPrices",
     "native_size",
+    "token_prices",
     "usage_cost_usd_micros",
 ]
-
-#: the sizes the GPT image models draw, (width, height)
-NATIVE_SIZES = ((1024, 1024), (1536, 1024), (1024, 1536))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,16 +74,21 @@ class TokenPrices:
     text_output: Decimal
 
 
-#: token prices by vendor model id (shared/provider-apis.md section 2; the text output price is from
-#: OpenAI's gpt-image-1.5 pricing, unverified like the others)
-TOKEN_PRICES: Mapping[str, TokenPrices] = {
-    "gpt-image-1.5": TokenPrices(
-        text_input=Decimal(5), image_input=Decimal(8), image_output=Decimal(32), text_output=Decimal(10)
-    ),
-}
+def token_prices(spec: ModelSpec) -> TokenPrices | None:
+    """A `per_token` catalog model's prices (None for other price rules)."""
+    price = spec.price
+    if price.rule != "per_token":
+        return None
+    return TokenPrices(
+        text_input=Decimal(str(price.text_input)),
+        image_input=Decimal(str(price.image_input)),
+        image_output=Decimal(str(price.image_output)),
+        text_output=Decimal(str(price.text_output)),
+    )
+
 
 #: options passed through to both endpoints, and those only the edits endpoint knows
-_COMMON_OPTIONS = ("quality", "background")
+_COMMON_OPTIONS = ("quality", "background", "complexity")
 _GENERATION_OPTIONS = ("moderation",)
 _EDIT_OPTIONS = ("input_fidelity",)
 _MODERATION_CODES = ("moderation_blocked", "content_policy_violation")
@@ -107,23 +109,12 @@ _TRY_AGAIN_IN = re.compile(r"try again in (\d+(?:\.\d+)?)(ms|s)\b")
 
 
 def native_size(model: str, width: int, height: int) -> tuple[int, int]:
-    """Of `NATIVE_SIZES`, the one whose aspect ratio is closest to `width x height`: what to ask `model` for.
-
-    Closeness is measured on the logarithm of the ratio, so that portrait and landscape are treated
-    alike: the square size serves ratios between 1/sqrt(1.5) and sqrt(1.5) (about 0.816 to 1.225).
-    The result can be smaller than the request (gpt-image-1.5 never draws more than 1536 px on a side).
-    """
-    spec = CATALOG.get(model)
+    """The size to ask catalog model `model` (the shipped catalog's) for, for `width x height`."""
+    spec = CATALOG.serving(model) if model in CATALOG else None
     if spec is None or spec.vendor != "openai":
         raise ValueError(f"{model!r} is not an OpenAI model of the catalog")
-    if width <= 0 or height <= 0:
-        raise ValueError(f"size must be positive, got {width}x{height}")
-    # ratio > sqrt(3/2) ⇔ 2·w² > 3·h²: in integers, no request lands on the wrong side by rounding.
-    if 2 * width * width > 3 * height * height:
-        return (1536, 1024)
-    if 2 * height * height > 3 * width * width:
-        return (1024, 1536)
-    return (1024, 1024)
+    native = spec.size.native(width, height)
+    return (native.width, native.height)
 
 
 def usage_cost_usd_micros(usage: object, prices: TokenPrices, *, input_is_images: bool = False) -> int | None:
@@ -154,7 +145,7 @@ def usage_cost_usd_micros(usage: object, prices: TokenPrices, *, input_is_images
 
 
 class OpenAIProvider:
-    """GPT Image 1.5 through OpenAI's own images API (no SDK)."""
+    """GPT Image models through OpenAI's own images API (no SDK)."""
 
     vendor = "openai"
 
@@ -184,29 +175,27 @@ class OpenAIProvider:
 
     async def generate(self, request: GenerationRequest, checkpoint: Checkpoint) -> GenerationResult:
         """Produce `request.num_variants` images in one call (`n`); nothing to checkpoint for a sync API."""
-        spec = CATALOG.get(request.model)
-        if spec is None or spec.vendor != self.vendor:
+        spec = request.serving()
+        if spec.vendor != self.vendor:
             raise ProviderRejected(f"{request.model!r} is not an OpenAI model of the catalog")
-        fields = _fields(request, spec.vendor_model)
+        fields = _fields(request, spec, request.served_model())
         if request.reference_image_urls:
             if len(request.reference_image_urls) > _MAX_REFERENCES:
                 raise ProviderRejected(
                     f"OpenAI's edits take at most {_MAX_REFERENCES} reference images, "
                     f"got {len(request.reference_image_urls)}"
                 )
-            fields.update({key: request.options[key] for key in _EDIT_OPTIONS if key in request.options})
+            fields.update(_passed(request, spec, _EDIT_OPTIONS))
             references = await self._fetch_references(request.reference_image_urls)
             reply = await self._post("edits", self._edits_url, data=_form(fields, references))
         else:
-            fields.update(
-                {key: request.options[key] for key in _GENERATION_OPTIONS if key in request.options}
-            )
+            fields.update(_passed(request, spec, _GENERATION_OPTIONS))
             reply = await self._post("generations", self._generations_url, json_body=fields)
         if not reply.ok:
             raise _http_error(reply)
         # Decoding megabytes of JSON and base64 is CPU work: keep it off the event loop.
         answer = await asyncio.to_thread(_parse_answer, reply, request.num_variants)
-        prices = TOKEN_PRICES.get(spec.vendor_model)
+        prices = token_prices(spec)
         cost = (
             usage_cost_usd_micros(answer.usage, prices, input_is_images=bool(request.reference_image_urls))
             if prices is not None
@@ -327,8 +316,18 @@ class _Answer:
     usage: object
 
 
-def _fields(request: GenerationRequest, vendor_model: str) -> dict[str, Any]:
-    width, height = native_size(request.model, request.width, request.height)
+def _passed(request: GenerationRequest, spec: ModelSpec, names: Sequence[str]) -> dict[str, Any]:
+    """The caller's options among `names` that go to OpenAI (not those the model only accepts)."""
+    return {
+        key: request.options[key]
+        for key in names
+        if key in request.options and key not in spec.ignored_options
+    }
+
+
+def _fields(request: GenerationRequest, spec: ModelSpec, vendor_model: str) -> dict[str, Any]:
+    native = spec.size.native(request.width, request.height)
+    width, height = native.width, native.height
     output_format = request.output_format if request.output_format in _CONTENT_TYPES else "png"
     if request.options.get("background") == "transparent" and output_format == "jpeg":
         # OpenAI refuses a transparent JPEG; the worker re-encodes anyway (flattening onto white).
@@ -342,7 +341,7 @@ def _fields(request: GenerationRequest, vendor_model: str) -> dict[str, Any]:
         "size": f"{width}x{height}",
         "output_format": output_format,
     }
-    fields.update({key: request.options[key] for key in _COMMON_OPTIONS if key in request.options})
+    fields.update(_passed(request, spec, _COMMON_OPTIONS))
     return fields
 
 
@@ -402,6 +401,8 @@ def _http_error(reply: _Reply) -> ProviderError:
     code, kind = error.get("code"), error.get("type")
     detail = _error_detail(reply)
     where = f"OpenAI answered HTTP {status} to the {reply.endpoint} call"
+    if code == "model_not_found":
+        return ModelUnavailable(f"{where} (model_not_found): {detail}")
     if code in _MODERATION_CODES:
         details = error.get("moderation_details")
         stage = details.get("moderation_stage") if isinstance(details, dict) else None

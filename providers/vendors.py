@@ -41,14 +41,23 @@ VENDORS: Mapping[str, Vendor] = {
             adapter=BflProvider,
             production_url="https://api.bfl.ai",
             polls=True,
-            endpoints=(("/v1/flux-2-pro", "submit"), ("/v1/get_result", "poll")),
+            endpoints=(
+                ("/v1/flux-2-pro", "submit"),
+                ("/v1/flux-2-max", "submit"),
+                ("/v1/flux-2-flex", "submit"),
+                ("/v1/get_result", "poll"),
+            ),
         ),
         Vendor(
             name="openai",
             adapter=OpenAIProvider,
             production_url="https://api.openai.com",
             inline_references=True,
-            endpoints=(("/v1/images/generations", "generations"), ("/v1/images/edits", "edits")),
+            endpoints=(
+                ("/v1/images/generations", "generations"),
+                ("/v1/images/edits", "edits"),
+                ("/v1/models", "models"),
+            ),
         ),
         Vendor(
             name="ark",

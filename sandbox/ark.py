@@ -22,8 +22,10 @@ and the same ratio. Omitted size: 2048x2048. Output is always JPEG. `watermark` 
 draws "AI generated" in the bottom-right corner.
 
 Choices where the real API is undocumented or unverified (adapters must tolerate the other reading):
-- Model ids: BytePlus `seedream-4-0-250828` / `seedream-4-5-251128` and Volcengine's `doubao-` ids; any
-  other model is a 404 `InvalidEndpointOrModel.NotFound` (custom `ep-…` endpoint ids are not played).
+- Model ids: BytePlus `seedream-4-0-250828` / `seedream-4-5-251128` / `seedream-5-0-260128` (5.0 Lite,
+  taken to accept what 4.5 does) and Volcengine's `doubao-seedream-5-0-260128`; Volcengine retired its
+  4.0 / 4.5 ids on 2026-11-24, and they, like any other model, are a 404
+  `InvalidEndpointOrModel.NotFound` (custom `ep-…` endpoint ids are not played).
 - A missing, non-Bearer or wrong key: 401 `AuthenticationError` (type `Unauthorized`), the message of
   Ark's public error-code table. A body that is not a JSON object: 400 `InvalidParameter`, param "".
 - Validation stops at the first bad field (400 `InvalidParameter` or `MissingParameter`, `param` naming
@@ -108,11 +110,14 @@ _SEEDREAM_4 = SeedreamRules(
 _SEEDREAM_4_5 = SeedreamRules(
     name="seedream-4.5", tiers=("2K", "4K"), min_pixels=2560 * 1440, prompt_modes=("standard",)
 )
+_SEEDREAM_5 = SeedreamRules(
+    name="seedream-5.0-lite", tiers=("2K", "4K"), min_pixels=2560 * 1440, prompt_modes=("standard",)
+)
 _MODELS: Mapping[str, SeedreamRules] = {
     "seedream-4-0-250828": _SEEDREAM_4,
-    "doubao-seedream-4-0-250828": _SEEDREAM_4,
     "seedream-4-5-251128": _SEEDREAM_4_5,
-    "doubao-seedream-4-5-251128": _SEEDREAM_4_5,
+    "seedream-5-0-260128": _SEEDREAM_5,
+    "doubao-seedream-5-0-260128": _SEEDREAM_5,
 }
 
 # Each refusal: HTTP status, error type, and the message before " Request id: ...".

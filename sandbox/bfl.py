@@ -1,8 +1,11 @@
-"""Black Forest Labs FLUX.2 [pro] as the sandbox plays it (shared/provider-apis.md section 1).
+"""Black Forest Labs FLUX.2 as the sandbox plays it (shared/provider-apis.md sections 0 and 1).
 
 API host (`Sandbox.base_url`):
-- `POST /v1/flux-2-pro` with a `Flux2Inputs` JSON body and `x-key` → `{"id", "polling_url", "cost",
-  "input_mp", "output_mp"}`.
+- `POST /v1/flux-2-pro`, `/v1/flux-2-max` or `/v1/flux-2-flex` with a `Flux2Inputs` JSON body and `x-key`
+  → `{"id", "polling_url", "cost", "input_mp", "output_mp"}`. Any other `POST /v1/{model}` (a model BFL
+  does not serve, or no longer does) answers FastAPI's 404 `{"detail": "Not Found"}`.
+- Prompt upsampling: [pro] and [max] read `disable_pup` (BFL's SDK, `_requests.py`) and ignore a
+  `prompt_upsampling` field, as pydantic ignores unknown fields; [flex] reads `prompt_upsampling`.
 - `GET /v1/get_result?id=...` answers "Task not found" for every id: tasks live on the cluster host, as
   behind BFL's global endpoint, so only a client that polls `polling_url` as returned finds them.
 
@@ -21,9 +24,9 @@ Choices where the real API is undocumented or unverified (adapters must tolerate
 - The concurrency limit's 429 has no Retry-After and a FastAPI `{"detail": ...}` body; 500 is
   Starlette's plain-text "Internal Server Error"; 503 and 402 carry a `{"detail": ...}` body.
 - `progress` is a fraction from 0 to 1 while Pending; `webhook_url` is accepted and ignored.
-- Cost: 3 credits for the first output megapixel, 1.5 for each further one (megapixels =
+- Cost: [pro] 3 credits for the first output megapixel, 1.5 for each further one (megapixels =
   max(1, round(w·h / 10⁶))), 1.5 per reference image, each reference counted as one input megapixel
-  (the sandbox never fetches them).
+  (the sandbox never fetches them); [max] 7, 3 and 3; [flex] is billed as [max] here (unverified).
 """
 
 from __future__ import annotations
@@ -43,13 +46,26 @@ from sandbox.faults import Faults, drop_connection, parse_faults, strip_fault_ta
 if TYPE_CHECKING:
     from sandbox.app import Sandbox
 
-__all__ = ["MAX_PIXELS", "BflApi", "BflTask", "Flux2Inputs", "flux_2_pro_credits", "validate_inputs"]
+__all__ = [
+    "MAX_PIXELS",
+    "MODELS",
+    "BflApi",
+    "BflTask",
+    "Flux2Inputs",
+    "flux_2_credits",
+    "flux_2_pro_credits",
+    "validate_inputs",
+]
 
 VENDOR = "bfl"
 #: FLUX.2's largest output: 4 MP (2048 x 2048)
 MAX_PIXELS = 2048 * 2048
 _DEFAULT_SIDE = 1024
 _REFERENCE_FIELDS = ("input_image", *(f"input_image_{n}" for n in range(2, 9)))
+#: the FLUX.2 models served, with their credits: (first megapixel, each further one, each reference)
+MODELS = {"flux-2-pro": (3.0, 1.5, 1.5), "flux-2-max": (7.0, 3.0, 3.0), "flux-2-flex": (7.0, 3.0, 3.0)}
+#: the models whose upsampling switch is `prompt_upsampling` rather than `disable_pup`
+_NATIVE_UPSAMPLING = ("flux-2-flex",)
 _INPUT_MODERATION_REASONS = ("Violence",)
 _OUTPUT_MODERATION_REASONS = ("Sexual Content",)
 
@@ -66,6 +82,8 @@ class Flux2Inputs:
     output_format: str
     input_images: tuple[str, ...]
     prompt_upsampling: bool
+    #: the model the task was submitted to
+    model: str = "flux-2-pro"
 
 
 @dataclass(kw_only=True)
@@ -102,9 +120,14 @@ class BflApi:
     def api_routes(self) -> list[web.RouteDef]:
         """Routes served on the API host."""
         return [
-            web.post("/v1/flux-2-pro", self._submit),
+            *(web.post(f"/v1/{model}", self._submit) for model in MODELS),
             web.get("/v1/get_result", self._get_result_elsewhere),
+            web.post("/v1/{model}", self._no_such_model),
         ]
+
+    async def _no_such_model(self, request: web.Request) -> web.Response:
+        self._sandbox.counters["bfl.submit_refused"] += 1
+        return web.json_response({"detail": "Not Found"}, status=404)
 
     def cluster_routes(self) -> list[web.RouteDef]:
         """Routes served on the cluster host."""
@@ -126,7 +149,7 @@ class BflApi:
             message = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
             error = _error("json_invalid", ["body", position], "JSON decode error", {}, error=message)
             return _validation_failed([error])
-        inputs, errors = validate_inputs(body)
+        inputs, errors = validate_inputs(body, model=request.path.rsplit("/", 1)[-1])
         if inputs is None:
             return _validation_failed(errors)
 
@@ -175,7 +198,7 @@ class BflApi:
             inputs=inputs,
             seed=inputs.seed if inputs.seed is not None else secrets.randbelow(2**32),
             faults=faults,
-            cost=flux_2_pro_credits(inputs.width, inputs.height, len(inputs.input_images)),
+            cost=flux_2_credits(inputs.model, inputs.width, inputs.height, len(inputs.input_images)),
             start_time=time.time(),
             duration_s=duration,
             ready_at=now + duration,
@@ -268,13 +291,21 @@ class BflApi:
         return None
 
 
+def flux_2_credits(model: str, width: int, height: int, reference_images: int) -> float:
+    """BFL's price of one FLUX.2 task on `model` in credits (1 credit = $0.01)."""
+    first, further, reference = MODELS[model]
+    megapixels = max(1, round(width * height / 1_000_000))
+    return first + further * (megapixels - 1) + reference * reference_images
+
+
 def flux_2_pro_credits(width: int, height: int, reference_images: int) -> float:
     """BFL's price of one FLUX.2 [pro] task in credits (1 credit = $0.01)."""
-    megapixels = max(1, round(width * height / 1_000_000))
-    return 3.0 + 1.5 * (megapixels - 1) + 1.5 * reference_images
+    return flux_2_credits("flux-2-pro", width, height, reference_images)
 
 
-def validate_inputs(body: object) -> tuple[Flux2Inputs | None, list[dict[str, Any]]]:
+def validate_inputs(
+    body: object, *, model: str = "flux-2-pro"
+) -> tuple[Flux2Inputs | None, list[dict[str, Any]]]:
     """Check a submit body as BFL's FastAPI model would: the inputs, or None and pydantic-style errors."""
     if not isinstance(body, dict):
         message = "Input should be a valid dictionary or object to extract fields from"
@@ -286,7 +317,11 @@ def validate_inputs(body: object) -> tuple[Flux2Inputs | None, list[dict[str, An
     seed = fields.integer("seed")
     safety_tolerance = fields.integer("safety_tolerance", ge=0, le=5)
     output_format = fields.choice("output_format", ("jpeg", "png"))
-    prompt_upsampling = fields.boolean("prompt_upsampling")
+    if model in _NATIVE_UPSAMPLING:
+        prompt_upsampling = fields.boolean("prompt_upsampling")
+    else:
+        disable_pup = fields.boolean("disable_pup")
+        prompt_upsampling = None if disable_pup is None else not disable_pup
     images = [image for name in _REFERENCE_FIELDS if (image := fields.string(name)) is not None]
     if width * height > MAX_PIXELS:
         reason = f"width * height must not exceed {MAX_PIXELS} pixels (4 megapixels)"
@@ -302,6 +337,7 @@ def validate_inputs(body: object) -> tuple[Flux2Inputs | None, list[dict[str, An
         output_format=output_format or "jpeg",
         input_images=tuple(images),
         prompt_upsampling=True if prompt_upsampling is None else prompt_upsampling,
+        model=model,
     )
     return inputs, []
 

@@ -1,19 +1,22 @@
-"""Google Gemini generateContent (Nano Banana / Nano Banana Pro) as the sandbox plays it.
+"""Google Gemini generateContent (Nano Banana 2 / Nano Banana Pro) as the sandbox plays it.
 
 Wire protocol: shared/provider-apis.md section 4.
 
 API host (`Sandbox.base_url`):
-- `POST /v1beta/models/{model}:generateContent` with the key in `x-goog-api-key` (or `?key=`) and a
-  camelCase (or snake_case: proto JSON accepts both) `GenerateContentRequest` body → HTTP 200 with
-  `{"candidates": [...], "usageMetadata": {...}, "modelVersion", "responseId"}`, the image inline as base64.
-  Models: `gemini-2.5-flash-image` and `gemini-3-pro-image-preview`; any other answers 404 NOT_FOUND.
+- `POST /v1beta/models/{model}:generateContent` (or `/v1/…`) with the key in `x-goog-api-key` (or
+  `?key=`) and a camelCase (or snake_case: proto JSON accepts both) `GenerateContentRequest` body → HTTP
+  200 with `{"candidates": [...], "usageMetadata": {...}, "modelVersion", "responseId"}`, the image inline
+  as base64.
+  Models: `gemini-3.1-flash-image` and `gemini-3-pro-image` (GA 2026-05-28); any other answers 404
+  NOT_FOUND, as the retired `gemini-3-pro-image-preview`, `gemini-3.1-flash-image-preview` (2026-06-25)
+  and `gemini-2.5-flash-image` (2026-10-02) do (ai.google.dev/gemini-api/docs/deprecations).
   Synchronous: the answer comes after the sandbox's latency plus `[sandbox:slow=S]`.
 
-Output sizes are Google's tables: 2.5 Flash has one size per aspect ratio (about 1 MP); 3 Pro has 1K / 2K /
-4K, where 2K and 4K are exactly 2x and 4x the 1K size. The images are drawn at exactly that size, as PNG.
-Token counts: 2.5 Flash 1290 output tokens per image and 258 input tokens per reference image; 3 Pro 1120
-output tokens at 1K and 2K, 2000 at 4K, 560 input tokens per reference image (Vertex AI's model page), plus
-`thoughtsTokenCount`. Text is counted as one token per 4 characters, rounded up.
+Output sizes are Google's tables: both models have 1K / 2K / 4K, where 2K and 4K are exactly 2x and 4x the
+1K size (3.1 Flash is taken to share 3 Pro's 1K table). The images are drawn at exactly that size, as PNG.
+Token counts: 3 Pro 1120 output tokens at 1K and 2K, 2000 at 4K; 3.1 Flash 1120 / 1680 / 2520; 560 input
+tokens per reference image (Vertex AI's model page), plus `thoughtsTokenCount`. Text is counted as one
+token per 4 characters, rounded up.
 
 For tests: `GeminiApi.calls` keeps the latest requests whose key was accepted (model, parsed body, headers,
 and the `usageMetadata` answered); `Sandbox.counters` counts "gemini.generate" (answered 200),
@@ -37,11 +40,12 @@ mid-JSON), `no-image` (finishReason STOP with text only), `disconnect` (the conn
 `no-credits`, `error`.
 
 Choices where the real API is unverified (adapters must tolerate the other reading):
-- `imageSize` sent to 2.5 Flash is refused (400 INVALID_ARGUMENT); the real model may ignore it instead.
-  A lower-case "2k" is refused (documented as rejected; the exact message is not). The messages for an
-  unsupported aspect ratio or image size, and for `candidateCount` above 1, are the sandbox's own words.
+- A lower-case "2k" `imageSize` is refused (documented as rejected; the exact message is not). The
+  messages for an unsupported aspect ratio or image size, and for `candidateCount` above 1, are the
+  sandbox's own words.
 - 3 Pro's output is PNG here; whether the real model sends PNG or JPEG is unverified (read `mimeType`).
-- 3 Pro answers always carry its thinking: a thought text part and an interim image (`"thought": true`, a
+- 3.1 Flash answers carry no thinking (its thinking levels are not played). 3 Pro answers always carry
+  its thinking: a thought text part and an interim image (`"thought": true`, a
   quarter of the final size) before the final image, which has a `thoughtSignature`. The real API may
   return thought parts only when `thinkingConfig.includeThoughts` is set; interim images are not billed.
 - With `responseModalities` unset or containing TEXT, a short text part precedes the image (and its tokens
@@ -107,19 +111,6 @@ VENDOR = "gemini"
 #: the aspect ratios `imageConfig.aspectRatio` accepts
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
 
-# Google's image-generation docs, "Gemini 2.5 Flash Image" table.
-_FLASH_SIZES: Mapping[str, tuple[int, int]] = {
-    "1:1": (1024, 1024),
-    "2:3": (832, 1248),
-    "3:2": (1248, 832),
-    "3:4": (864, 1184),
-    "4:3": (1184, 864),
-    "4:5": (896, 1152),
-    "5:4": (1152, 896),
-    "9:16": (768, 1344),
-    "16:9": (1344, 768),
-    "21:9": (1536, 672),
-}
 # Google's "Gemini 3 Pro Image" table at 1K; its 2K and 4K columns are these times 2 and 4.
 _PRO_1K_SIZES: Mapping[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
@@ -184,15 +175,15 @@ MODELS: Mapping[str, GeminiModel] = {
     model.id: model
     for model in (
         GeminiModel(
-            id="gemini-2.5-flash-image",
-            image_sizes={},
-            base_sizes=_FLASH_SIZES,
-            image_tokens={None: 1290},
-            input_image_tokens=258,
+            id="gemini-3.1-flash-image",
+            image_sizes=_PRO_SCALES,
+            base_sizes=_PRO_1K_SIZES,
+            image_tokens={"1K": 1120, "2K": 1680, "4K": 2520},
+            input_image_tokens=560,
             thinks=False,
         ),
         GeminiModel(
-            id="gemini-3-pro-image-preview",
+            id="gemini-3-pro-image",
             image_sizes=_PRO_SCALES,
             base_sizes=_PRO_1K_SIZES,
             image_tokens={"1K": 1120, "2K": 1120, "4K": 2000},
@@ -243,7 +234,11 @@ class GeminiApi:
 
     def api_routes(self) -> list[web.RouteDef]:
         """Routes served on the sandbox's API host."""
-        return [web.post("/v1beta/models/{target}", self._generate_content)]
+        # v1 is what google-genai 3.x calls by default; v1beta what the REST docs show: both are served.
+        return [
+            web.post("/v1beta/models/{target}", self._generate_content),
+            web.post("/v1/models/{target}", self._generate_content),
+        ]
 
     async def _generate_content(self, request: web.Request) -> web.StreamResponse:
         response = await self._answer(request)
@@ -279,7 +274,8 @@ class GeminiApi:
             return _error(
                 404,
                 "NOT_FOUND",
-                f"models/{call.model} is not found for API version v1beta, or is not supported for "
+                f"models/{call.model} is not found for API version "
+                f"{request.path.split('/')[1]}, or is not supported for "
                 "generateContent. Call ListModels to see the list of available models and their supported "
                 "methods.",
             )

@@ -1,6 +1,9 @@
-"""OpenAI's images API for the GPT image models as the sandbox plays it (shared/provider-apis.md section 2).
+"""OpenAI's images API for the GPT image models as the sandbox plays it (shared/provider-apis.md 0, 2).
 
-API host (`Sandbox.base_url`), both routes with `Authorization: Bearer <key>`:
+API host (`Sandbox.base_url`), every route with `Authorization: Bearer <key>`:
+- `GET /v1/models` → `{"object": "list", "data": [{"id", "object": "model", "created", "owned_by",
+  "shutdown_date"}]}` for the models served, `shutdown_date` "YYYY-MM-DD" or null (`OpenAIApi.shutdown_dates`,
+  which tests may change, as OpenAI announces a date).
 - `POST /v1/images/generations`, a JSON body → `{"created", "background", "data": [{"b64_json",
   "revised_prompt"}], "output_format", "quality", "size", "usage"}`; with `"stream": true`, server-sent
   events `image_generation.partial_image` (`partial_images` of them per image) and
@@ -18,8 +21,15 @@ What is validated, as OpenAI answers it (400 unless stated):
   `unknown_parameter`; a missing or empty `prompt`: `missing_required_parameter` / `empty_string`; a prompt
   over 32,000 characters: `string_above_max_length`; wrong JSON types: `invalid_type`; `n` outside 1-10:
   `integer_below_min_value` / `integer_above_max_value`; a value outside its set (`size`, `quality`,
-  `background`, `output_format`, `moderation`, `input_fidelity`, `model`): `invalid_value` with OpenAI's
-  "Invalid value: '1254x836'. Supported values are: '1024x1024', '1024x1536', '1536x1024', and 'auto'."
+  `background`, `output_format`, `moderation`, `input_fidelity`, `complexity`): `invalid_value` with
+  OpenAI's "Invalid value: 'ultra'. Supported values are: 'low', 'medium', ... and 'auto'."
+- A model OpenAI does not serve (the retired `gpt-image-1.5`, `gpt-image-1.5-2025-12-16`, `gpt-image-1-mini`,
+  `chatgpt-image-latest` since 2026-12-01, `gpt-image-1` since 2026-10-23, DALL·E since 2026-05-12, or any
+  unknown id): 404 `model_not_found` "The model `gpt-image-1.5` does not exist or you do not have access to
+  it." (type `invalid_request_error`, param null), before any other field is looked at.
+- `size`: "auto" or "WxH" with both sides multiples of 16, at most 3840 px a side, long:short at most 3:1,
+  and 655,360 to 8,294,400 pixels (openai-python `image_generate_params.py` for gpt-image-2; taken to hold for
+  2.5 and 2.6): otherwise `invalid_value` on `size` (the wording is the sandbox's).
 - A body that is not JSON: OpenAI's "We could not parse the JSON body of your request. ..." (no code).
 
 Faults (`sandbox/faults.py`), checked after validation, in this order:
@@ -37,13 +47,14 @@ Faults (`sandbox/faults.py`), checked after validation, in this order:
   `[sandbox:no-image]` answers 200 with `"data": []`. `[sandbox:expired-url]` does not apply (no URLs).
 
 Choices where the real API is undocumented or unverified (adapters must tolerate the other reading):
-- Models: only the GPT image models (`gpt-image-1.5`, `gpt-image-1`, `gpt-image-1-mini`,
-  `chatgpt-image-latest`) are served. DALL·E models, and generations without `model` (which OpenAI
-  sends to dall-e-2), are refused with 400 `invalid_value` on `model`: the sandbox does not play DALL·E.
-- Output tokens per image follow the gpt-image token table for every model: 1024x1024 low 272 /
-  medium 1056 / high 4160, 1024x1536 and 1536x1024 low 408 / medium 1584 / high 6240; quality `auto`
+- Models: the live GPT image models (`gpt-image-2`, `gpt-image-2.5-flare`, `gpt-image-2.5-sunburst`,
+  `gpt-image-2.6-flare`, `gpt-image-2.6-sunburst`). Generations without `model` go to dall-e-2, which is
+  retired: 404 `model_not_found`. Edits without `model` default to `gpt-image-2` (unverified).
+- Output tokens per image: at 1024x1024 low 272 / medium 1056 / high 4160 / xhigh 6240 / max 8320, scaled
+  by the image's pixels over 1024² and rounded up (OpenAI does not publish the 2.x table); quality `auto`
   is answered (and counted) as `high`, background `auto` as `opaque`, size `auto` as 1024x1024 for
-  generations and as the native size closest to the first image's aspect ratio for edits.
+  generations and as 1536x1024 / 1024x1536 / 1024x1024 by the first image's aspect ratio for edits.
+  `complexity` (low / medium / high) is accepted and changes nothing.
 - Input text tokens are ⌈UTF-8 bytes of the prompt / 4⌉ (OpenAI tokenises; the sandbox estimates).
   Input image tokens per edit image use the GPT-4o vision rule (fit in 2048², shortest side scaled
   down to 768, 85 + 170 per 512-px tile); `input_fidelity=high` adds 4160 (square) or 6240 tokens.
@@ -92,7 +103,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GPT_IMAGE_MODELS",
-    "SIZES",
+    "RETIRED_MODELS",
     "ApiError",
     "ImageParams",
     "OpenAIApi",
@@ -106,12 +117,30 @@ __all__ = [
 ]
 
 VENDOR = "openai"
-#: the models the sandbox plays
-GPT_IMAGE_MODELS = ("gpt-image-1.5", "gpt-image-1", "gpt-image-1-mini", "chatgpt-image-latest")
-#: the sizes the GPT image models draw (besides "auto"), in the order OpenAI's error message lists them
-SIZES = ("1024x1024", "1024x1536", "1536x1024")
-_KNOWN_MODELS = (*GPT_IMAGE_MODELS, "dall-e-2", "dall-e-3")
-_QUALITIES = ("low", "medium", "high", "auto")
+#: the models the sandbox plays (OpenAI's live image models)
+GPT_IMAGE_MODELS = (
+    "gpt-image-2",
+    "gpt-image-2.5-flare",
+    "gpt-image-2.5-sunburst",
+    "gpt-image-2.6-flare",
+    "gpt-image-2.6-sunburst",
+)
+#: image models OpenAI has shut down: answered 404 model_not_found like any unknown id
+RETIRED_MODELS = (
+    "gpt-image-1.5",
+    "gpt-image-1.5-2025-12-16",
+    "gpt-image-1-mini",
+    "chatgpt-image-latest",
+    "gpt-image-1",
+    "dall-e-2",
+    "dall-e-3",
+)
+_QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto")
+_COMPLEXITIES = ("low", "medium", "high")
+_SIZE_STEP = 16
+_MAX_SIDE = 3840
+_MAX_RATIO = 3
+_MIN_PIXELS, _MAX_PIXELS = 655_360, 8_294_400
 _BACKGROUNDS = ("transparent", "opaque", "auto")
 _OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _MODERATIONS = ("low", "auto")
@@ -131,6 +160,7 @@ _GENERATION_FIELDS = frozenset(
         "output_format",
         "output_compression",
         "moderation",
+        "complexity",
         "user",
         "stream",
         "partial_images",
@@ -150,19 +180,14 @@ _EDIT_FIELDS = frozenset(
         "output_format",
         "output_compression",
         "input_fidelity",
+        "complexity",
         "user",
         "stream",
         "partial_images",
     }
 )
-_OUTPUT_TOKENS = {
-    ("square", "low"): 272,
-    ("square", "medium"): 1056,
-    ("square", "high"): 4160,
-    ("rectangle", "low"): 408,
-    ("rectangle", "medium"): 1584,
-    ("rectangle", "high"): 6240,
-}
+#: output tokens of one 1024x1024 image by quality
+_OUTPUT_TOKENS = {"low": 272, "medium": 1056, "high": 4160, "xhigh": 6240, "max": 8320}
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _KEYS_PAGE = "https://platform.openai.com/account/api-keys"
 _MISSING_KEY = (
@@ -272,13 +297,34 @@ class OpenAIApi:
         self._sandbox = sandbox
         #: every call that got past the key check, oldest first
         self.requests: list[RecordedRequest] = []
+        #: what `GET /v1/models` says of each model served: its shutdown date (YYYY-MM-DD) or None
+        self.shutdown_dates: dict[str, str | None] = dict.fromkeys(GPT_IMAGE_MODELS)
 
     def api_routes(self) -> list[web.RouteDef]:
         """Routes served on the sandbox's API host."""
         return [
             web.post("/v1/images/generations", self._generations),
             web.post("/v1/images/edits", self._edits),
+            web.get("/v1/models", self._models),
         ]
+
+    async def _models(self, request: web.Request) -> web.Response:
+        try:
+            self._check_key(request.headers.get("Authorization"))
+        except ApiError as error:
+            return web.json_response(error.body, status=error.status)
+        self._sandbox.counters["openai.models"] += 1
+        data = [
+            {
+                "id": model,
+                "object": "model",
+                "created": 1_762_214_400,
+                "owned_by": "system",
+                "shutdown_date": shutdown,
+            }
+            for model, shutdown in self.shutdown_dates.items()
+        ]
+        return web.json_response({"object": "list", "data": data})
 
     async def _generations(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "generations")
@@ -465,14 +511,14 @@ def validate_edit(form: MultiDictProxy[Any]) -> ImageParams:
             code="array_above_max_length",
         )
     images = tuple(_uploaded_image(name, index, upload) for index, (name, upload) in enumerate(uploads))
-    # Edits default to gpt-image-1.5 (generations default to dall-e-2).
-    return _params(fields, images=images, default_model="gpt-image-1.5")
+    # Edits default to a GPT image model (generations default to dall-e-2).
+    return _params(fields, images=images, default_model="gpt-image-2")
 
 
 def output_tokens_per_image(size: tuple[int, int], quality: str) -> int:
     """Image output tokens of one image at `size` and (resolved) `quality`."""
-    shape = "square" if size[0] == size[1] else "rectangle"
-    return _OUTPUT_TOKENS[(shape, "high" if quality == "auto" else quality)]
+    per_1024 = _OUTPUT_TOKENS["high" if quality == "auto" else quality]
+    return math.ceil(per_1024 * size[0] * size[1] / (1024 * 1024))
 
 
 def input_image_tokens(width: int, height: int, *, high_fidelity: bool) -> int:
@@ -565,6 +611,13 @@ class _Fields:
 
 
 def _params(fields: _Fields, *, images: tuple[UploadedImage, ...], default_model: str | None) -> ImageParams:
+    model = fields.string("model") or default_model or "dall-e-2"
+    if model not in GPT_IMAGE_MODELS:
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            code="model_not_found",
+        )
     prompt = fields.string("prompt")
     if prompt is None:
         raise ApiError(
@@ -586,19 +639,10 @@ def _params(fields: _Fields, *, images: tuple[UploadedImage, ...], default_model
             param="prompt",
             code="string_above_max_length",
         )
-    model = fields.choice("model", _KNOWN_MODELS, default_model or "dall-e-2")
-    if model not in GPT_IMAGE_MODELS:
-        raise ApiError(
-            400,
-            f"The sandbox plays the GPT image models only, not '{model}'"
-            + ("" if fields.values.get("model") else " (the default without 'model')")
-            + f". Supported values are: {', '.join(GPT_IMAGE_MODELS)}.",
-            param="model",
-            code="invalid_value",
-        )
     n = fields.integer("n", low=1, high=10)
-    size = fields.choice("size", (*SIZES, "auto"), "auto")
+    size = _size(fields.string("size") or "auto")
     quality = fields.choice("quality", _QUALITIES, "auto")
+    fields.choice("complexity", _COMPLEXITIES, "medium")
     background = fields.choice("background", _BACKGROUNDS, "auto")
     output_format = fields.choice("output_format", _OUTPUT_FORMATS, "png")
     compression = fields.integer("output_compression", low=0, high=100)
@@ -629,6 +673,28 @@ def _params(fields: _Fields, *, images: tuple[UploadedImage, ...], default_model
         input_fidelity=input_fidelity,
         images=images,
     )
+
+
+def _size(size: str) -> str:
+    if size == "auto":
+        return size
+    width, sep, height = size.partition("x")
+    problem = None
+    if not sep or not width.isdigit() or not height.isdigit() or not int(width) or not int(height):
+        problem = "Expected 'auto' or WIDTHxHEIGHT"
+    else:
+        w, h = int(width), int(height)
+        if w % _SIZE_STEP or h % _SIZE_STEP:
+            problem = f"Both sides must be multiples of {_SIZE_STEP}"
+        elif max(w, h) > _MAX_SIDE:
+            problem = f"No side may exceed {_MAX_SIDE} px"
+        elif max(w, h) > _MAX_RATIO * min(w, h):
+            problem = f"The long side may be at most {_MAX_RATIO} times the short side"
+        elif not _MIN_PIXELS <= w * h <= _MAX_PIXELS:
+            problem = f"The image must have {_MIN_PIXELS} to {_MAX_PIXELS} pixels"
+    if problem is not None:
+        raise ApiError(400, f"Invalid value: '{size}'. {problem}.", param="size", code="invalid_value")
+    return size
 
 
 def _uploaded_image(field_name: str, index: int, upload: object) -> UploadedImage:

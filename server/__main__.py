@@ -10,6 +10,7 @@ import signal
 import sys
 from decimal import Decimal, InvalidOperation
 
+from providers.catalog import CatalogError
 from server.app import freeze_startup_heap, running_app
 from server.auth import AuthConfigError, caller_entry, new_token
 from server.logs import configure_logging
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_budget(settings, args))
     try:
         asyncio.run(_serve(settings, migrate_schema=args.migrate))
-    except AuthConfigError as exc:
+    except (AuthConfigError, CatalogError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.base import ImageProvider
-from providers.catalog import CATALOG
+from providers.catalog import SHIPPED_CATALOG_FILE, Catalog, load_catalog
 from providers.references import PublicOnlyConnector, parse_networks
 from providers.vendors import VENDORS, endpoint_of
 from sandbox import Sandbox
@@ -30,6 +30,7 @@ from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness
 from server.http import http_routes
 from server.hub import EventHub
+from server.lifecycle import LifecycleWatcher
 from server.metrics import GrpcMetrics, QueueSampler, ServiceMetrics
 from server.reaper import Reaper
 from server.reflection import SERVICE_NAMES as REFLECTION_SERVICES
@@ -67,6 +68,8 @@ class App:
     sandbox: Sandbox | None
     providers: Mapping[str, ImageProvider]
     readiness: Readiness
+    catalog: Catalog
+    lifecycle: LifecycleWatcher | None = None
 
     @property
     def grpc_target(self) -> str:
@@ -86,8 +89,10 @@ def build_providers(
     session_for: Callable[[str], aiohttp.ClientSession],
     sandbox: Sandbox | None,
     references: aiohttp.ClientSession | None = None,
+    catalog: Catalog | None = None,
 ) -> dict[str, ImageProvider]:
-    """An adapter per model: the vendor's real API when its key is set, else the sandbox (when running)."""
+    """An adapter per product id: the vendor's real API when its key is set, else the sandbox, if running."""
+    catalog = catalog or load_catalog(settings.catalog_file or SHIPPED_CATALOG_FILE)
     providers: dict[str, ImageProvider] = {}
     for vendor, info in VENDORS.items():
         configured = settings.vendor(vendor)
@@ -114,19 +119,19 @@ def build_providers(
             )
         else:
             continue
-        for model in CATALOG.values():
-            if model.vendor == vendor:
-                providers[model.id] = adapter
+        for product_id in catalog:
+            if catalog.serving(product_id).vendor == vendor:
+                providers[product_id] = adapter
     return providers
 
 
-def vendor_caps(settings: Settings) -> tuple[ConcurrencyCap, ...]:
-    """IMAGEGEN_VENDOR_CONCURRENCY as claim-time caps over each vendor's models."""
+def vendor_caps(settings: Settings, catalog: Catalog) -> tuple[ConcurrencyCap, ...]:
+    """IMAGEGEN_VENDOR_CONCURRENCY as claim-time caps over each vendor's models (aliases included)."""
     return tuple(
         ConcurrencyCap(
             name=vendor,
             max_tasks=limit,
-            providers=frozenset(model.id for model in CATALOG.values() if model.vendor == vendor),
+            providers=frozenset(pid for pid in catalog if catalog.serving(pid).vendor == vendor),
         )
         for vendor, limit in settings.vendor_caps().items()
     )
@@ -142,6 +147,8 @@ async def running_app(
     settings: Settings, *, providers: Mapping[str, ImageProvider] | None = None, migrate_schema: bool = False
 ) -> AsyncIterator[App]:
     """Start everything the settings ask for; stop it all, in order, when the block exits."""
+    # First: a bad catalog entry stops the server before anything listens (CatalogError names it).
+    catalog = load_catalog(settings.catalog_file or SHIPPED_CATALOG_FILE)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     assert settings.blob_dir is not None
     if settings.auth_tokens_file is not None:
@@ -155,7 +162,9 @@ async def running_app(
         )
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
-    metrics.initialise(CATALOG)
+    metrics.initialise(catalog)
+    metrics.initialise_models({pid: catalog.serving(pid).vendor_model for pid in catalog})
+    metrics.set_shutdown_dates(catalog.shutdown_dates())
     engine = make_engine(
         settings.database_url, pool_size=settings.db_pool_size, statement_timeout_s=settings.db_timeout_s
     )
@@ -231,7 +240,7 @@ async def running_app(
         )
         stack.push_async_callback(references.close)
         if providers is None:
-            providers = build_providers(settings, session_for, sandbox, references)
+            providers = build_providers(settings, session_for, sandbox, references, catalog)
 
         worker: Worker | None = None
         if settings.role in ("all", "worker"):
@@ -240,6 +249,7 @@ async def running_app(
                 blobs,
                 providers,
                 metrics,
+                catalog=catalog,
                 policy=WorkerPolicy(
                     concurrency=settings.worker_concurrency,
                     lease_s=settings.lease_s,
@@ -247,7 +257,7 @@ async def running_app(
                     max_attempts=settings.max_attempts,
                     retry_base_s=settings.retry_base_s,
                     retry_max_s=settings.retry_max_s,
-                    caps=vendor_caps(settings),
+                    caps=vendor_caps(settings, catalog),
                     per_account=settings.max_in_flight_per_account,
                 ),
             )
@@ -284,7 +294,13 @@ async def running_app(
         sampler = QueueSampler(store, metrics, interval_s=max(1.0, settings.poll_interval_s))
         reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3), blobs=blobs)
         sweeper = Sweeper(deleter, blobs, metrics, interval_s=settings.sweep_interval_s)
-        for background in (readiness.run(), sampler.run(), reaper.run(), sweeper.run()):
+        lifecycle = _lifecycle_watcher(settings, catalog, metrics, session_for, sandbox)
+        backgrounds = [readiness.run(), sampler.run(), reaper.run(), sweeper.run()]
+        if lifecycle is not None:
+            # At start, before the API serves: the vendor's dates decide the first submits too.
+            await lifecycle.refresh_logged()
+            backgrounds.append(lifecycle.run())
+        for background in backgrounds:
             task = asyncio.create_task(background)
             stack.callback(task.cancel)
 
@@ -307,6 +323,7 @@ async def running_app(
                     urls,
                     providers,
                     metrics,
+                    catalog=catalog,
                     reference_allow=parse_networks(settings.reference_allow_networks),
                     deadline_s=settings.job_deadline_s,
                     auth=authenticator,
@@ -349,6 +366,8 @@ async def running_app(
             sandbox=sandbox,
             providers=providers,
             readiness=readiness,
+            catalog=catalog,
+            lifecycle=lifecycle,
         )
         log.info(
             "serving gRPC on %s and HTTP on %s (role %s, database %s)",
@@ -368,6 +387,31 @@ async def running_app(
             await server.stop(settings.shutdown_grace_s)
             if worker is not None:
                 await worker.stop(settings.shutdown_grace_s)
+
+
+def _lifecycle_watcher(
+    settings: Settings,
+    catalog: Catalog,
+    metrics: ServiceMetrics,
+    session_for: Callable[[str], aiohttp.ClientSession],
+    sandbox: Sandbox | None,
+) -> LifecycleWatcher | None:
+    """OpenAI's lifecycle reader, when OpenAI (or the sandbox standing in for it) is reachable."""
+    configured = settings.vendor("openai")
+    if configured.api_key:
+        base_url, api_key = configured.base_url or VENDORS["openai"].production_url, configured.api_key
+    elif sandbox is not None:
+        base_url, api_key = configured.base_url or sandbox.base_url, "sandbox"
+    else:
+        return None
+    return LifecycleWatcher(
+        catalog,
+        metrics,
+        session_for("openai"),
+        base_url=base_url,
+        api_key=api_key,
+        interval_s=settings.lifecycle_refresh_s,
+    )
 
 
 def freeze_startup_heap() -> None:

@@ -73,6 +73,7 @@ def job_to_pb(job: Job, signer: ImageUrls) -> pb.Job:
         update_time=timestamp(job.update_time),
         account_id=job.account_id,
         expire_time=timestamp(job.expire_time),
+        served_model=job.served_model,
     )
     if spec.labels:  # building a protobuf map costs even when empty: most jobs have no labels
         message.labels.update(spec.labels)

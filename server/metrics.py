@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from datetime import UTC, date, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -143,6 +144,18 @@ class ServiceMetrics:
             ["store", "op"],
             registry=registry,
         )
+        self.model_unavailable = Counter(
+            "imagegen_model_unavailable",
+            "Jobs failed because the vendor no longer serves their model (MODEL_UNAVAILABLE).",
+            ["provider", "served_model"],
+            registry=registry,
+        )
+        self.model_shutdown = Gauge(
+            "imagegen_model_shutdown_timestamp_seconds",
+            "When the vendor shuts down the model serving each provider id (only ids with a date).",
+            ["provider"],
+            registry=registry,
+        )
         self.provider_requests = Counter(
             "imagegen_provider_requests",
             "HTTP requests to vendor APIs (outcome: 2xx, 4xx, 429, 5xx, timeout, connection_error).",
@@ -174,6 +187,18 @@ class ServiceMetrics:
             for status in (JobStatus.COMPLETED, JobStatus.CANCELLED):
                 self.jobs_finished.labels(provider, status.value, "")
 
+    def initialise_models(self, served: Mapping[str, str]) -> None:
+        """Export zeros of the MODEL_UNAVAILABLE count for each {provider id: vendor model serving it}."""
+        for provider, model in served.items():
+            self.model_unavailable.labels(provider, model)
+
+    def set_shutdown_dates(self, dates: Mapping[str, date]) -> None:
+        """The shutdown gauge, exactly for these {provider id: shutdown date} (at 00:00 UTC)."""
+        self.model_shutdown.clear()
+        for provider, day in dates.items():
+            moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            self.model_shutdown.labels(provider).set(moment.timestamp())
+
     # ------------------------------------------------------------ jobs
 
     def observe_submitted(self, job: Job) -> None:
@@ -194,6 +219,8 @@ class ServiceMetrics:
         provider = job.spec.provider
         code = job.error.code if job.error is not None and job.status is JobStatus.FAILED else ""
         self.jobs_finished.labels(provider, job.status.value, code).inc()
+        if code == "MODEL_UNAVAILABLE":
+            self.model_unavailable.labels(provider, job.served_model).inc()
         if job.cost_usd_micros:
             self.cost_usd.labels(provider).inc(job.cost_usd_micros / 1_000_000)
         if job.start_time is not None and job.end_time is not None:

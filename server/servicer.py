@@ -21,7 +21,7 @@ from google.protobuf import empty_pb2
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.base import ImageProvider
-from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
+from providers.catalog import CATALOG, Catalog, CostQuery
 from providers.references import IPNetwork
 from server import tracing
 from server.auth import Authenticator
@@ -108,6 +108,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         metrics: ServiceMetrics,
         *,
         deadline_s: float,
+        catalog: Catalog = CATALOG,
         admission: Admission | None = None,
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
@@ -122,6 +123,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._providers = providers
         self._metrics = metrics
         self._deadline_s = deadline_s
+        self._catalog = catalog
         self._admission = admission or Admission()
         self._auth = auth or Authenticator.local()
         self._reference_allow = tuple(reference_allow)
@@ -138,11 +140,13 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
     @_unary
     async def GenerateImage(self, request: pb.GenerateImageRequest, context: Context) -> pb.Job:
         account = self._account(context)
-        valid = validate_generate(request, reference_allow=self._reference_allow)
-        if valid.model.id not in self._providers:
+        valid = validate_generate(request, reference_allow=self._reference_allow, catalog=self._catalog)
+        if valid.refusal is not None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, valid.refusal)
+        if valid.spec.provider not in self._providers:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"provider {valid.model.id} is not configured on this server (set its API key)",
+                f"provider {valid.spec.provider} is not configured on this server (set its API key)",
             )
         new = NewJob(
             account_id=account,
@@ -151,6 +155,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             request_id=valid.request_id,
             deadline_s=self._deadline_s,
             expire_after_s=valid.ttl_s or self._retention_s,
+            served_model=valid.served_model,
+            notice=valid.notice,
             trace_context=tracing.current_traceparent() if tracing.enabled else None,
         )
         if request.validate_only:
@@ -167,6 +173,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                 update_time=now,
                 deadline_at=now,
                 expire_time=now + timedelta(seconds=new.expire_after_s) if new.expire_after_s else None,
+                served_model=valid.served_model,
             )
             message = job_to_pb(preview, self._signer)
             message.ClearField("id")
@@ -238,7 +245,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         statuses, status_violation = _statuses(request.statuses, "statuses")
         if status_violation:
             bad.append(status_violation)
-        if request.provider and request.provider not in CATALOG:
+        if request.provider and request.provider not in self._catalog:
             bad.append(FieldViolation("provider", f"unknown provider {request.provider!r}"))
         if (violation := folder_violation(request.folder_id)) is not None:
             bad.append(violation)
@@ -268,11 +275,15 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
     ) -> pb.ListProvidersResponse:
         self._account(context)  # the catalog says which vendors are configured: callers only
         providers = []
-        for model in CATALOG.values():
+        today = utcnow().date()
+        for entry in self._catalog.values():
+            # An alias shows its own id and lifecycle with the limits, options and price of what serves it.
+            model = self._catalog.serving(entry.id)
+            life = entry.lifecycle
             providers.append(
                 pb.Provider(
-                    id=model.id,
-                    display_name=model.display_name,
+                    id=entry.id,
+                    display_name=entry.display_name,
                     vendor=model.vendor,
                     strengths=model.strengths,
                     min_width=model.min_width,
@@ -286,11 +297,17 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     output_formats=[FORMAT_TO_PB[f] for f in model.output_formats],
                     provider_option_keys=sorted(model.option_values),
                     price_summary=model.price_summary,
-                    price_table_version=PRICE_TABLE_VERSION,
-                    configured=model.id in self._providers,
+                    price_table_version=self._catalog.version,
+                    configured=entry.id in self._providers,
                     price_1024_usd_micros=model.estimate_usd_micros(
                         CostQuery(width=1024, height=1024, num_variants=1)
                     ),
+                    lifecycle_state=self._catalog.state(entry.id, today),
+                    shutdown_date=life.shutdown_date.isoformat() if life.shutdown_date else "",
+                    replacement=life.replacement or "",
+                    served_model=model.vendor_model,
+                    alias_of=entry.alias_of or "",
+                    lifecycle_source=life.source,
                 )
             )
         return pb.ListProvidersResponse(providers=providers)

@@ -115,6 +115,10 @@ class Settings:
     bfl_max_polls_per_s: float = 250.0
     #: auto: serve vendors without a key from the in-process sandbox; off: leave them unconfigured
     sandbox: str = "auto"
+    #: the model catalog (TOML); default: the one shipped in providers/catalog.toml
+    catalog_file: Path | None = None
+    #: how often vendors' own lifecycle data (OpenAI's GET /v1/models shutdown_date) is read again
+    lifecycle_refresh_s: float = 86400.0
     #: how long sandbox tasks take (so that PROCESSING is visible in a demo)
     sandbox_latency_s: float = 1.0
     #: the in-process sandbox's port (and the next one, its second "cluster" host); 0: any free ports.
@@ -193,6 +197,7 @@ class Settings:
             "bfl_max_polls_per_s",
             "s3_timeout_s",
             "sweep_interval_s",
+            "lifecycle_refresh_s",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")

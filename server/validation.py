@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,14 +14,14 @@ from google.protobuf import duration_pb2, json_format
 from imagegen.v1 import imagegen_pb2 as pb
 from providers.catalog import (
     CATALOG,
-    DEFAULT_MODEL,
     MAX_PROMPT_CHARS,
     MAX_VARIANTS,
+    Catalog,
     CostQuery,
     ModelSpec,
 )
 from providers.references import IPNetwork, host_problem
-from storage.models import ROOT_FOLDER, JobSpec
+from storage.models import ROOT_FOLDER, JobSpec, utcnow
 
 DEFAULT_SIDE = 1024
 MAX_REQUEST_ID = 128
@@ -64,11 +65,18 @@ class ValidatedRequest:
     """A GenerateImage request that passed validation."""
 
     spec: JobSpec
+    #: the catalog model that serves the request (for an alias, the model it is an alias of)
     model: ModelSpec
     estimated_cost_usd_micros: int
     request_id: str
     #: the request's ttl in seconds; None when unset (the server's retention applies)
     ttl_s: float | None = None
+    #: the vendor model the job is sent to
+    served_model: str = ""
+    #: what the job's first event says about the id (alias, deprecation), or ""
+    notice: str = ""
+    #: why the id is refused (its vendor model is retired and nothing serves it), or None
+    refusal: str | None = None
 
 
 def normalise_folder(folder_id: str) -> str:
@@ -86,15 +94,29 @@ def folder_violation(folder_id: str, field: str = "folder_id") -> FieldViolation
 
 
 def validate_generate(
-    request: pb.GenerateImageRequest, *, reference_allow: Sequence[IPNetwork] = ()
+    request: pb.GenerateImageRequest,
+    *,
+    reference_allow: Sequence[IPNetwork] = (),
+    catalog: Catalog = CATALOG,
+    today: date | None = None,
 ) -> ValidatedRequest:
-    """Check every field of a GenerateImage request; raise InvalidRequest naming all bad fields."""
-    provider = request.provider.strip() or DEFAULT_MODEL
-    model = CATALOG.get(provider)
+    """Check every field of a GenerateImage request; raise InvalidRequest naming all bad fields.
+
+    A known id whose vendor model is retired passes, with `refusal` saying why it cannot run.
+    """
+    provider = request.provider.strip() or catalog.default
     bad: list[FieldViolation] = []
-    if model is None:
-        bad.append(FieldViolation("provider", f"unknown provider {provider!r}; one of {', '.join(CATALOG)}"))
-        model = CATALOG[DEFAULT_MODEL]  # keep checking the other fields against the default's limits
+    notice, refusal = "", None
+    if provider in catalog:
+        resolution = catalog.resolve(provider, today or utcnow().date())
+        entry, model = resolution.entry, resolution.model
+        notice, refusal = resolution.notice, resolution.refusal
+    else:
+        bad.append(FieldViolation("provider", f"unknown provider {provider!r}; one of {', '.join(catalog)}"))
+        # keep checking the other fields against the default's limits
+        entry = model = catalog[catalog.default]
+    # An alias is checked against what serves it, and its errors name the id the caller sent.
+    limits = replace(model, id=entry.id) if entry.alias_of else model
     prompt, negative = request.prompt.strip(), request.negative_prompt.strip()
     width, height = request.width or DEFAULT_SIDE, request.height or DEFAULT_SIDE
     variants = request.num_variants or 1
@@ -104,14 +126,14 @@ def validate_generate(
     options = (
         json_format.MessageToDict(request.provider_options) if request.HasField("provider_options") else {}
     )
-    options, option_violations = _check_options(model, options) if options else ({}, [])
+    options, option_violations = _check_options(limits, options) if options else ({}, [])
     labels = dict(request.labels)
 
     bad += _text_violations(request.prompt, prompt, negative)
-    bad += _shape_violations(model, width, height, variants)
-    bad += _feature_violations(model, seed, request.output_format, output_format)
+    bad += _shape_violations(limits, width, height, variants)
+    bad += _feature_violations(limits, seed, request.output_format, output_format)
     if references:  # most requests have none, nor options or labels: their checks are skipped
-        bad += _reference_violations(model, references, reference_allow)
+        bad += _reference_violations(limits, references, reference_allow)
     bad += option_violations
     if (violation := folder_violation(request.folder_id)) is not None:
         bad.append(violation)
@@ -129,7 +151,7 @@ def validate_generate(
 
     spec = JobSpec(
         prompt=prompt,
-        provider=model.id,
+        provider=entry.id,
         width=width,
         height=height,
         num_variants=variants,
@@ -156,6 +178,9 @@ def validate_generate(
         estimated_cost_usd_micros=estimate,
         request_id=request.request_id,
         ttl_s=ttl_s,
+        served_model=model.vendor_model_for(options),
+        notice=notice,
+        refusal=refusal,
     )
 
 

@@ -25,7 +25,7 @@ from providers.base import (
     InvalidProviderResponse,
     ProviderError,
 )
-from providers.catalog import CATALOG
+from providers.catalog import CATALOG, Catalog
 from providers.imaging import FittedImage, fit_image
 from server import tracing
 from server.metrics import ServiceMetrics
@@ -115,7 +115,9 @@ class Worker:
         *,
         policy: WorkerPolicy,
         owner: str | None = None,
+        catalog: Catalog = CATALOG,
     ) -> None:
+        self._catalog = catalog
         self._store = store
         self._blobs = blobs
         self._providers = providers
@@ -352,7 +354,15 @@ class Worker:
                 ),
             )
             return
-        request = _generation_request(job)
+        if spec.provider not in self._catalog:
+            # The operator's catalog dropped the id after the job was accepted: nothing can serve it.
+            await self._fail(
+                job,
+                fence,
+                JobError(code="MODEL_UNAVAILABLE", message=f"{spec.provider} is no longer in the catalog"),
+            )
+            return
+        request = _generation_request(job, self._catalog)
         remaining = (job.deadline_at - now).total_seconds()
         try:
             async with asyncio.timeout(remaining):
@@ -633,9 +643,9 @@ def _fields(job: Job, outcome: str, **extra: Any) -> dict[str, Any]:
     return fields
 
 
-def _generation_request(job: Job) -> GenerationRequest:
+def _generation_request(job: Job, catalog: Catalog) -> GenerationRequest:
     spec = job.spec
-    model = CATALOG[spec.provider]
+    model = catalog.serving(spec.provider)
     prompt, negative = spec.prompt, spec.negative_prompt or None
     if negative and not model.supports_negative_prompt:
         # No model of the catalog takes a negative prompt natively; saying it in the prompt is what
@@ -654,4 +664,7 @@ def _generation_request(job: Job) -> GenerationRequest:
         reference_image_urls=spec.reference_image_urls,
         options=spec.provider_options,
         resume_state=job.provider_state,
+        spec=model,
+        # what the job was accepted for, even if the catalog has moved on since
+        vendor_model=job.served_model,
     )

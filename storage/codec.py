@@ -65,7 +65,6 @@ CREATED_ALIKE = (
     "version",
     "attempt",
     "images",
-    "message",
     "cost_usd_micros",
     "reserved_usd_micros",
 )
@@ -87,6 +86,9 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         **spec_values(job.spec),
         "deadline_at": job.deadline_at.isoformat(),
         "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
+        # per job: an alias's or a deprecation's notice rides on its first event
+        "message": job.message,
+        "served_model": job.served_model,
         "create_time": created,
         "update_time": created,
         "next_attempt_at": created,
@@ -125,6 +127,7 @@ def job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "estimated_cost_usd_micros": job.estimated_cost_usd_micros,
         "cost_usd_micros": 0,
         "reserved_usd_micros": job.reserved_usd_micros,
+        "served_model": job.served_model,
         "create_time": job.create_time,
         "update_time": job.update_time,
         "expire_time": job.expire_time,
@@ -195,6 +198,7 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         provider_state=m["provider_state"],
         message=m["message"],
         expire_time=m.get("expire_time"),
+        served_model=m["served_model"],
         trace_context=m["trace_context"],
     )
 
@@ -222,6 +226,7 @@ def job_to_json(job: Job) -> dict[str, Any]:
         "deadline_at": job.deadline_at.isoformat(),
         "message": job.message,
         "expire_time": job.expire_time.isoformat() if job.expire_time else None,
+        "served_model": job.served_model,
     }
 
 
@@ -254,6 +259,8 @@ def job_from_json(data: Mapping[str, Any]) -> Job:
         deadline_at=datetime.fromisoformat(data["deadline_at"]),
         message=data["message"],
         expire_time=when("expire_time") if "expire_time" in data else None,
+        # events written before the column existed have none
+        served_model=data.get("served_model", ""),
     )
 
 

@@ -136,7 +136,8 @@ class SqlJobStore(JobReads, Budgets):
             update_time=now,
             deadline_at=now + timedelta(seconds=new.deadline_s),
             next_attempt_at=now,
-            message="accepted",
+            message=f"accepted; {new.notice}" if new.notice else "accepted",
+            served_model=new.served_model,
             expire_time=now + timedelta(seconds=new.expire_after_s) if new.expire_after_s else None,
             trace_context=new.trace_context,
         )

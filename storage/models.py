@@ -138,6 +138,10 @@ class NewJob:
     deadline_s: float = 300.0
     #: how long after its creation the job is deleted (request ttl or server retention); None: never
     expire_after_s: float | None = None
+    #: the vendor model the job is sent to, as the catalog resolved it at submit
+    served_model: str = ""
+    #: said in the job's first event (an alias or a deprecation of the id asked for), after "accepted"
+    notice: str = ""
     #: the submitting span's W3C traceparent, when the submit was traced
     trace_context: str | None = None
 
@@ -173,6 +177,8 @@ class Job:
     message: str = ""
     #: when the retention sweeper deletes the job (once it is terminal); None: kept until DeleteJob
     expire_time: datetime | None = None
+    #: the vendor model the job is sent to, recorded at submit ("" for jobs from before it was recorded)
+    served_model: str = ""
     #: the submitting span's W3C traceparent (attempts link to it), or None
     trace_context: str | None = None
 

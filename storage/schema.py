@@ -99,6 +99,8 @@ jobs = Table(
     Column("cost_usd_micros", BigInteger, nullable=False, server_default=text("0")),
     # what GenerateImage reserved from the account's budget (0: the account had none)
     Column("reserved_usd_micros", BigInteger, nullable=False, server_default=text("0")),
+    # the vendor model the catalog resolved the provider to at submit
+    Column("served_model", String(128), nullable=False, server_default=""),
     Column("create_time", UtcDateTime, nullable=False),
     Column("update_time", UtcDateTime, nullable=False),
     Column("start_time", UtcDateTime, nullable=True),

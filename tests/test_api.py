@@ -256,9 +256,13 @@ async def test_list_providers_publishes_the_catalog(stub) -> None:
     providers = {p.id: p for p in response.providers}
     assert set(providers) == {
         "flux_2_pro",
+        "flux_2_max",
+        "gpt_image_2_6",
         "gpt_image_1_5",
         "seedream_4",
         "seedream_4_5",
+        "seedream_5",
+        "nano_banana_2",
         "nano_banana",
         "nano_banana_pro",
     }
@@ -269,13 +273,25 @@ async def test_list_providers_publishes_the_catalog(stub) -> None:
     assert "safety_tolerance" in flux.provider_option_keys
     assert all(provider.configured for provider in providers.values())  # the sandbox serves every vendor
     assert not providers["gpt_image_1_5"].supports_seed
+    # the seed's options still pass, and the model serving it adds its own
     assert set(providers["gpt_image_1_5"].provider_option_keys) == {
         "quality",
         "background",
         "moderation",
         "input_fidelity",
+        "complexity",
+        "tier",
     }
     assert providers["nano_banana_pro"].price_1024_usd_micros == 134_400
+    # every id is served by a live vendor model; the seed's retired ones are aliases of their successors
+    served = {p.id: (p.served_model, p.lifecycle_state, p.alias_of) for p in providers.values()}
+    assert served["gpt_image_1_5"] == ("gpt-image-2.6-sunburst", "retired", "gpt_image_2_6")
+    assert served["nano_banana"] == ("gemini-3.1-flash-image", "retired", "nano_banana_2")
+    assert served["nano_banana_pro"] == ("gemini-3-pro-image", "active", "")
+    assert providers["gpt_image_1_5"].shutdown_date == "2026-12-01"
+    assert providers["gpt_image_1_5"].replacement == "gpt_image_2_6"
+    assert "openai.com" in providers["gpt_image_1_5"].lifecycle_source
+    assert all(p.lifecycle_state == "active" for p in providers.values() if not p.alias_of)
 
 
 async def test_store_outage_answers_unavailable_with_retry_info(tmp_path, database_url) -> None:

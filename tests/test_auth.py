@@ -16,6 +16,7 @@ import pytest
 
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from providers.catalog import CATALOG
 from server.app import App, running_app
 from server.auth import AuthConfigError, Authenticator, token_digest
 from tests.conftest import ACME_TOKEN, TEST_TOKEN, authed_channel, test_settings
@@ -254,7 +255,7 @@ async def test_mutual_tls(certificates: Path, tmp_path: Path, database_url: str)
             reply = await pb_grpc.ImageGenerationStub(channel).ListProviders(
                 pb.ListProvidersRequest(), timeout=10
             )
-            assert len(reply.providers) == 6
+            assert len(reply.providers) == len(CATALOG)
         without_client_cert = grpc.ssl_channel_credentials(root_certificates=(d / "ca.pem").read_bytes())
         async with grpc.aio.secure_channel(app.grpc_target, without_client_cert) as channel:
             code = await _code(

@@ -16,6 +16,7 @@ from yarl import URL
 from providers.base import (
     ContentModerated,
     InvalidProviderResponse,
+    ModelUnavailable,
     ProviderAuthError,
     ProviderError,
     ProviderRejected,
@@ -114,6 +115,37 @@ async def test_references_and_options_are_passed_through(
     assert task.inputs.safety_tolerance == 5
     assert task.inputs.prompt_upsampling is False
     assert result.cost_usd_micros == 60_000  # 3 credits + 1.5 per reference
+
+
+async def test_upsampling_is_sent_as_disable_pup_which_pro_reads(
+    provider: BflProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
+) -> None:
+    # BFL's SDK: [pro] and [max] take `disable_pup`; a `prompt_upsampling` field would be silently ignored.
+    await generate(provider, make_request(options={"prompt_upsampling": False}), checkpoint)
+    await generate(provider, make_request("another fox"), checkpoint)
+
+    assert [task.inputs.prompt_upsampling for task in sandbox.bfl.tasks.values()] == [False, True]
+
+
+async def test_flux_2_max_has_its_own_route_and_price(
+    provider: BflProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
+) -> None:
+    result = await generate(provider, make_request(model="flux_2_max", width=1920, height=1088), checkpoint)
+
+    (task,) = sandbox.bfl.tasks.values()
+    assert task.inputs.model == "flux-2-max"
+    assert (task.inputs.width, task.inputs.height) == (1920, 1088)  # drawn exactly
+    assert result.cost_usd_micros == 100_000  # 7 credits + 3 for the second megapixel
+
+
+async def test_a_model_bfl_does_not_serve_is_model_unavailable(
+    provider: BflProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
+) -> None:
+    error = await generate_error(provider, make_request(vendor_model="flux-pro-1.0"), checkpoint)
+
+    assert type(error) is ModelUnavailable and not error.retryable
+    assert "HTTP 404" in error.message and "flux-pro-1.0" in error.message
+    assert sandbox.bfl.tasks == {} and checkpoint.saves == []
 
 
 async def test_polling_url_is_on_another_host_and_used_as_returned(

@@ -57,16 +57,26 @@ async def test_every_model_delivers_exactly_the_requested_sizes(stub, model: str
         for job, events in zip(submitted, histories, strict=True):
             done = events[-1].job
             assert done.status == pb.JOB_STATUS_COMPLETED, (model, done.error)
+            assert done.served_model == job.served_model == CATALOG.serving(model).vendor_model
             assert len(done.images) == job.num_variants
             assert done.cost_usd_micros > 0 and done.cost_cents >= 1
+            native = CATALOG.serving(model).size.native(job.width, job.height)
             for image in done.images:
                 assert (image.width, image.height) == (job.width, job.height)
-                assert image.native_width > 0 and image.native_height > 0
+                # the model's own size rule: exact (no crop) wherever the model can draw the request
+                assert (image.native_width, image.native_height) == (native.width, native.height)
                 async with http.get(image.url) as response:
                     body = await response.read()
                 assert response.status == 200, (response.status, body[:200])
                 decoded = Image.open(io.BytesIO(body))
                 assert decoded.format == "JPEG" and decoded.size == (job.width, job.height)
+
+
+@pytest.mark.parametrize("model", ["flux_2_pro", "flux_2_max", "gpt_image_2_6", "gpt_image_1_5"])
+def test_models_that_draw_any_size_are_asked_for_exactly_the_request(model: str) -> None:
+    for width, height in [(1024, 1024), (1536, 1024), (1024, 1536), (1920, 1088), (768, 1344), (2048, 2048)]:
+        native = CATALOG.serving(model).size.native(width, height)
+        assert (native.width, native.height) == (width, height)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -104,7 +114,7 @@ async def test_unsupported_options_are_refused_per_model(stub) -> None:
         (pb.GenerateImageRequest(prompt="x", provider="seedream_4_5", seed=3), "seed", "seedream_4_5"),
         (
             pb.GenerateImageRequest(
-                prompt="x", provider="nano_banana", reference_image_urls=["https://a.test/x.png"] * 4
+                prompt="x", provider="nano_banana", reference_image_urls=["https://a.test/x.png"] * 15
             ),
             "reference_image_urls",
             "nano_banana",

@@ -141,11 +141,13 @@ async def test_no_wait_prints_the_id_then_watch_get_and_jobs(app: App, tmp_path:
 
     assert await imagegen("--address", app.grpc_target, "watch", job_id, "--out", str(tmp_path)) == 0
     watched = capsys.readouterr()
-    assert f"job {job_id}: done: 1 image 256x256" in watched.out
+    assert f"job {job_id}: done: 1 image 256x256 by flux-2-pro" in watched.out
     assert (tmp_path / f"{job_id}-1.png").is_file()
 
     assert await imagegen("get", job_id, "--address", app.grpc_target, "--json") == 0
     assert read_json(capsys.readouterr().out)["request_id"] == "lake-1"
+    assert await imagegen("get", job_id, "--address", app.grpc_target) == 0
+    assert "served by  flux-2-pro" in capsys.readouterr().out
 
     assert (
         await imagegen("--address", app.grpc_target, "jobs", "--folder", "lakes", "--status", "completed")
@@ -251,16 +253,33 @@ async def test_estimate_quotes_without_creating_a_job(app: App, capsys) -> None:
     assert capsys.readouterr().out.strip() == "no jobs"
 
 
+async def test_generate_on_a_retired_seed_id_shows_the_model_that_served_it(
+    app: App, tmp_path: Path, capsys
+) -> None:
+    code = await imagegen(
+        "--address", app.grpc_target, "generate", "SALE 50%", "--provider", "gpt_image_1_5",
+        "--size", "256x256", "--out", str(tmp_path),
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_OK, captured.err
+    assert "by gpt-image-2.6-sunburst" in captured.out + captured.err
+
+
 async def test_providers_table_and_json(app: App, capsys) -> None:
     assert await imagegen("--address", app.grpc_target, "providers") == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["ID", "NAME", "READY"]
     flux = next(line for line in table if line.startswith("flux_2_pro"))
     assert " yes " in flux and "256-2048" in flux and "$0.03" in flux
+    assert " flux-2-pro " in flux and " active " in flux
+    # a seed id whose vendor model is gone: the live model serving it, and why
+    gpt = next(line for line in table if line.startswith("gpt_image_1_5 "))
+    assert " gpt-image-2.6-sunburst " in gpt and "retired 2026-12-01, alias of gpt_image_2_6" in gpt
 
     assert await imagegen("--address", app.grpc_target, "providers", "--json") == 0
     catalog = {p["id"]: p for p in read_json(capsys.readouterr().out)}
     assert catalog["flux_2_pro"]["configured"] is True and catalog["flux_2_pro"]["max_variants"] >= 3
+    assert catalog["nano_banana"]["served_model"] == "gemini-3.1-flash-image"
 
 
 async def test_account_from_the_environment_and_cancel(tmp_path: Path, database_url: str, capsys) -> None:

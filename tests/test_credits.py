@@ -64,11 +64,12 @@ async def test_completion_settles_the_vendors_figure_and_failures_refund(secured
                 prompt="poster: 50% off", provider="gpt_image_1_5", provider_options=options
             )
         )
-        assert job.estimated_cost_usd_micros == 9_000
+        assert job.estimated_cost_usd_micros == 8_160  # 272 image tokens at $30 per million
+
         done = await finished(stub, job.id)
         assert done.status == pb.JOB_STATUS_COMPLETED
         actual = done.cost_usd_micros  # from OpenAI's usage figures, not the quote
-        assert 0 < actual != 9_000
+        assert 0 < actual != 8_160
         moderated = await stub.GenerateImage(pb.GenerateImageRequest(prompt="x [sandbox:moderated]"))
         assert (await finished(stub, moderated.id)).status == pb.JOB_STATUS_FAILED
 
@@ -76,8 +77,8 @@ async def test_completion_settles_the_vendors_figure_and_failures_refund(secured
     entries = [(e.kind, e.amount_usd_micros) for e in reversed(await app.store.ledger_entries("acme"))]
     assert entries == [
         ("set", 1_000_000),
-        ("reserve", -9_000),
-        ("settle", 9_000 - actual),
+        ("reserve", -8_160),
+        ("settle", 8_160 - actual),
         ("reserve", -30_000),
         ("refund", 30_000),
     ]

@@ -17,6 +17,7 @@ from PIL import Image
 from providers.base import (
     ContentModerated,
     InvalidProviderResponse,
+    ModelUnavailable,
     ProviderAuthError,
     ProviderError,
     ProviderRejected,
@@ -35,17 +36,17 @@ from tests.vendor_fixtures import (
 )
 
 API_KEY = "test-key"
-FLASH, PRO = "nano_banana", "nano_banana_pro"
+FLASH, PRO = "nano_banana_2", "nano_banana_pro"
 FLASH_URL, PRO_URL = (
-    "/v1beta/models/gemini-2.5-flash-image:generateContent",
-    "/v1beta/models/gemini-3-pro-image-preview:generateContent",
+    "/v1beta/models/gemini-3.1-flash-image:generateContent",
+    "/v1beta/models/gemini-3-pro-image:generateContent",
 )
 # "a red fox in the snow" is 21 characters: 6 prompt tokens at the sandbox's 4 characters per token.
 PROMPT = "a red fox in the snow"
 REFERENCE_PNG = draw_placeholder(prompt="reference", seed=1, width=96, height=64, image_format="png")
 REFERENCE_JPEG = draw_placeholder(prompt="reference", seed=2, width=64, height=96, image_format="jpeg")
 # USD micros per million tokens: (input, image output, text and thinking output)
-RATES = {FLASH: (300_000, 30_000_000, 2_500_000), PRO: (2_000_000, 120_000_000, 12_000_000)}
+RATES = {FLASH: (500_000, 60_000_000, 3_000_000), PRO: (2_000_000, 120_000_000, 12_000_000)}
 
 
 class ReferenceHost:
@@ -148,55 +149,49 @@ def cost_from_recorded_usage(model: str, sandbox: Sandbox) -> int:
 
 
 @pytest.mark.parametrize(
-    ("width", "height", "flash", "pro"),
+    ("width", "height", "native"),
     [
         (
             1024,
             1024,
-            NativeSize(aspect_ratio="1:1", image_size=None, width=1024, height=1024),
             NativeSize(aspect_ratio="1:1", image_size="1K", width=1024, height=1024),
         ),
         (
             1080,
             1920,
-            NativeSize(aspect_ratio="9:16", image_size=None, width=768, height=1344),
             NativeSize(aspect_ratio="9:16", image_size="2K", width=1536, height=2752),
         ),
         (
             1920,
             1080,
-            NativeSize(aspect_ratio="16:9", image_size=None, width=1344, height=768),
             NativeSize(aspect_ratio="16:9", image_size="2K", width=2752, height=1536),
         ),
         (
             256,
             256,
-            NativeSize(aspect_ratio="1:1", image_size=None, width=1024, height=1024),
             NativeSize(aspect_ratio="1:1", image_size="1K", width=1024, height=1024),
         ),
         (
             2048,
             2048,
-            NativeSize(aspect_ratio="1:1", image_size=None, width=1024, height=1024),
             NativeSize(aspect_ratio="1:1", image_size="2K", width=2048, height=2048),
         ),
         (
             1600,
             900,
-            NativeSize(aspect_ratio="16:9", image_size=None, width=1344, height=768),
             NativeSize(aspect_ratio="16:9", image_size="2K", width=2752, height=1536),
         ),
         (
             720,
             1280,
-            NativeSize(aspect_ratio="9:16", image_size=None, width=768, height=1344),
             NativeSize(aspect_ratio="9:16", image_size="1K", width=768, height=1376),
         ),
     ],
 )
-def test_native_size(width: int, height: int, flash: NativeSize, pro: NativeSize) -> None:
-    assert native_size(FLASH, width, height) == flash
-    assert native_size(PRO, width, height) == pro
+def test_native_size(width: int, height: int, native: NativeSize) -> None:
+    # Both models take Pro's 1K table in 1K / 2K / 4K tiers; the alias nano_banana draws as Flash does.
+    assert native_size(PRO, width, height) == native
+    assert native_size(FLASH, width, height) == native == native_size("nano_banana", width, height)
 
 
 @pytest.mark.parametrize(
@@ -280,7 +275,7 @@ async def test_request_body_is_what_gemini_expects(
     await generate(provider, request, checkpoint)
 
     (call,) = sandbox.gemini.calls
-    assert call.model == "gemini-3-pro-image-preview"
+    assert call.model == "gemini-3-pro-image"
     assert call.body == {
         "contents": [
             {
@@ -304,13 +299,25 @@ async def test_request_body_is_what_gemini_expects(
     assert len(references.requests) == 2  # downloaded once, not once per variant
 
 
-async def test_flash_never_gets_an_image_size(
+async def test_flash_is_asked_for_the_tier_that_covers_the_request(
     provider: GeminiProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
 ) -> None:
-    await generate(provider, make_request(width=2048, height=2048), checkpoint)
+    result = await generate(provider, make_request(width=2048, height=2048), checkpoint)
 
     (call,) = sandbox.gemini.calls
-    assert call.body["generationConfig"]["imageConfig"] == {"aspectRatio": "1:1"}
+    assert call.model == "gemini-3.1-flash-image"
+    assert call.body["generationConfig"]["imageConfig"] == {"aspectRatio": "1:1", "imageSize": "2K"}
+    assert decode(result.images[0].data).size == (2048, 2048)  # drawn exactly: no crop
+
+
+async def test_a_model_google_shut_down_is_model_unavailable(
+    provider: GeminiProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
+) -> None:
+    request = make_request(num_variants=2, vendor_model="gemini-3-pro-image-preview")
+    error = await generate_error(provider, request, checkpoint)
+
+    assert type(error) is ModelUnavailable and not error.retryable
+    assert "HTTP 404 NOT_FOUND" in error.message and "gemini-3-pro-image-preview" in error.message
 
 
 async def test_references_are_downloaded_once_for_all_variants(
@@ -322,9 +329,9 @@ async def test_references_are_downloaded_once_for_all_variants(
 
     assert len(result.images) == 3
     assert len(references.requests) == 1
-    # 6 text + 258 image prompt tokens at $0.30/1M and 1290 image tokens at $30/1M, three times:
-    # 3 x (79.2 + 38,700) = 116,337.6 micros, rounded up once.
-    assert result.cost_usd_micros == 116_338
+    # 6 text + 560 image prompt tokens at $0.50/1M and 1120 image tokens at $60/1M, three times:
+    # 3 x (283 + 67,200) = 202,449 micros.
+    assert result.cost_usd_micros == 202_449
 
 
 # --- cost ----------------------------------------------------------------------------------------------
@@ -334,9 +341,9 @@ async def test_flash_cost_is_exact_micros(provider: GeminiProvider, checkpoint: 
     one = await generate(provider, make_request(), checkpoint)
     four = await generate(provider, make_request(num_variants=4), checkpoint)
 
-    # 6 prompt tokens x $0.30/1M = 1.8 micros; 1290 image tokens x $30/1M = 38,700 micros
-    assert one.cost_usd_micros == 38_702
-    assert four.cost_usd_micros == 154_808  # 4 x 38,701.8, rounded up once
+    # 6 prompt tokens x $0.50/1M = 3 micros; 1120 image tokens x $60/1M = 67,200 micros
+    assert one.cost_usd_micros == 67_203
+    assert four.cost_usd_micros == 268_812
 
 
 async def test_pro_cost_counts_image_prompt_and_thinking_tokens(
@@ -590,7 +597,7 @@ def google_error(code: int, status: str, *details: dict[str, Any]) -> dict[str, 
         (503, b"<html>Service Unavailable</html>", {"Content-Type": "text/html"}, ProviderUnavailable, None),
         (401, google_error(401, "UNAUTHENTICATED"), {}, ProviderAuthError, None),
         (400, google_error(400, "FAILED_PRECONDITION"), {}, ProviderRejected, None),
-        (404, google_error(404, "NOT_FOUND"), {}, ProviderRejected, None),
+        (404, google_error(404, "NOT_FOUND"), {}, ModelUnavailable, None),
         (
             429,
             google_error(429, "RESOURCE_EXHAUSTED", {"@type": RETRY_INFO, "retryDelay": "1.500s"}),
@@ -732,7 +739,7 @@ def text_body(prompt: str = "x", **image_config: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("path", "body", "fragment"),
     [
-        (FLASH_URL, text_body(aspectRatio="1:1", imageSize="1K"), "Image size is not supported"),
+        (FLASH_URL, text_body(aspectRatio="1:1", imageSize="8K"), "Unsupported image size: 8K"),
         (PRO_URL, text_body(aspectRatio="1:1", imageSize="2k"), "Unsupported image size: 2k"),
         (PRO_URL, text_body(aspectRatio="7:5"), "Unsupported aspect ratio: 7:5"),
         (FLASH_URL, {"generationConfig": {"responseModalities": ["IMAGE"]}}, "contents is not specified"),
@@ -806,9 +813,9 @@ async def test_snake_case_and_key_in_query_are_accepted(
 
     (candidate,) = answer["candidates"]
     (part,) = candidate["content"]["parts"]
-    assert decode(base64.b64decode(part["inlineData"]["data"])).size == (1536, 672)
-    assert answer["usageMetadata"]["candidatesTokensDetails"] == [{"modality": "IMAGE", "tokenCount": 1290}]
-    assert answer["modelVersion"] == "gemini-2.5-flash-image"
+    assert decode(base64.b64decode(part["inlineData"]["data"])).size == (1584, 672)
+    assert answer["usageMetadata"]["candidatesTokensDetails"] == [{"modality": "IMAGE", "tokenCount": 1120}]
+    assert answer["modelVersion"] == "gemini-3.1-flash-image"
     assert set(answer) == {"candidates", "usageMetadata", "modelVersion", "responseId"}
 
 
@@ -823,8 +830,8 @@ async def test_without_aspect_ratio_the_output_follows_the_first_reference(
     assert status == 200
     parts = answer["candidates"][0]["content"]["parts"]
     assert "text" in parts[0]  # modalities unset: text and image
-    assert decode(base64.b64decode(parts[-1]["inlineData"]["data"])).size == (832, 1248)  # 64x96 is 2:3
-    assert answer["usageMetadata"]["promptTokensDetails"][1] == {"modality": "IMAGE", "tokenCount": 258}
+    assert decode(base64.b64decode(parts[-1]["inlineData"]["data"])).size == (848, 1264)  # 64x96 is 2:3
+    assert answer["usageMetadata"]["promptTokensDetails"][1] == {"modality": "IMAGE", "tokenCount": 560}
 
 
 async def test_missing_key_is_403_permission_denied(session: aiohttp.ClientSession, sandbox: Sandbox) -> None:
@@ -863,7 +870,7 @@ async def test_rate_limit_envelope(session: aiohttp.ClientSession, sandbox: Sand
     assert (error["code"], error["status"]) == (429, "RESOURCE_EXHAUSTED")
     quota, retry = error["details"]
     assert quota["@type"] == "type.googleapis.com/google.rpc.QuotaFailure"
-    assert quota["violations"][0]["quotaDimensions"]["model"] == "gemini-3-pro-image-preview"
+    assert quota["violations"][0]["quotaDimensions"]["model"] == "gemini-3-pro-image"
     assert retry == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "21s"}
 
 

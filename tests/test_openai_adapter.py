@@ -17,13 +17,14 @@ from aiohttp import web
 from providers.base import (
     ContentModerated,
     InvalidProviderResponse,
+    ModelUnavailable,
     ProviderAuthError,
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
 )
 from providers.catalog import CATALOG, CostQuery
-from providers.openai import TOKEN_PRICES, OpenAIProvider, TokenPrices, native_size, usage_cost_usd_micros
+from providers.openai import OpenAIProvider, TokenPrices, native_size, token_prices, usage_cost_usd_micros
 from sandbox import Sandbox
 from sandbox.drawing import draw_placeholder
 from sandbox.openai import output_tokens_per_image, placeholder_seed
@@ -37,8 +38,9 @@ from tests.vendor_fixtures import (
 )
 
 API_KEY = "sk-test-key-0123456789"
-OPENAI_MODELS = [spec.id for spec in CATALOG.values() if spec.vendor == "openai"]
-PRICES = TOKEN_PRICES["gpt-image-1.5"]
+OPENAI_MODELS = [product_id for product_id in CATALOG if CATALOG.serving(product_id).vendor == "openai"]
+PRICES = token_prices(CATALOG["gpt_image_2_6"])
+assert PRICES is not None
 
 
 @pytest.fixture
@@ -53,13 +55,13 @@ def provider(sandbox: Sandbox, session: aiohttp.ClientSession) -> OpenAIProvider
     return OpenAIProvider(session, base_url=sandbox.base_url, api_key=API_KEY)
 
 
-make_request = request_maker(model="gpt_image_1_5", prompt="a poster that says SALE")
+make_request = request_maker(model="gpt_image_2_6", prompt="a poster that says SALE")
 
 
 def expected_cost(usage: Mapping[str, Any]) -> int:
     """Cost of a sandbox usage object, by hand: tokens x USD per million tokens = USD micros."""
     details = usage["input_tokens_details"]
-    return int(5 * details["text_tokens"] + 8 * details["image_tokens"] + 32 * usage["output_tokens"])
+    return int(5 * details["text_tokens"] + 8 * details["image_tokens"] + 30 * usage["output_tokens"])
 
 
 # --- the native size ----------------------------------------------------------------------------------
@@ -69,27 +71,27 @@ def expected_cost(usage: Mapping[str, Any]) -> int:
     ("width", "height", "native"),
     [
         (1024, 1024, (1024, 1024)),
-        (1080, 1920, (1024, 1536)),
-        (1920, 1080, (1536, 1024)),
-        (256, 256, (1024, 1024)),
-        (2048, 2048, (1024, 1024)),  # gpt-image-1.5 draws nothing larger; the worker upscales
-        (1600, 900, (1536, 1024)),
-        (720, 1280, (1024, 1536)),
-        (1224, 1000, (1024, 1024)),  # 1.224 < sqrt(1.5): closer to 1:1 than to 3:2
-        (1225, 1000, (1536, 1024)),  # 1.225 > sqrt(1.5)
-        (1000, 1225, (1024, 1536)),
-        (256, 2048, (1024, 1536)),
+        (1088, 1920, (1088, 1920)),  # drawn exactly: no crop
+        (1080, 1920, (1088, 1920)),  # sides are multiples of 16
+        (1920, 1080, (1920, 1088)),
+        (720, 1280, (720, 1280)),
+        (2048, 2048, (2048, 2048)),
+        (256, 256, (816, 816)),  # at least 655,360 pixels
+        (1600, 900, (1600, 912)),
+        (256, 2048, (688, 2048)),  # at most 3:1, cropped to the request
+        (2048, 256, (2048, 688)),
     ],
 )
-def test_native_size_has_the_closest_aspect_ratio(width: int, height: int, native: tuple[int, int]) -> None:
-    assert native_size("gpt_image_1_5", width, height) == native
+def test_native_size_follows_the_models_size_rule(width: int, height: int, native: tuple[int, int]) -> None:
+    assert native_size("gpt_image_2_6", width, height) == native
+    assert native_size("gpt_image_1_5", width, height) == native  # the alias draws as what serves it
 
 
 def test_native_size_is_only_for_openai_models() -> None:
     with pytest.raises(ValueError, match="not an OpenAI model"):
         native_size("flux_2_pro", 1024, 1024)
     with pytest.raises(ValueError, match="positive"):
-        native_size("gpt_image_1_5", 0, 1024)
+        native_size("gpt_image_2_6", 0, 1024)
 
 
 # --- success -------------------------------------------------------------------------------------------
@@ -137,7 +139,13 @@ async def test_request_body_is_what_openai_expects(
         height=900,
         num_variants=2,
         output_format="jpeg",
-        options={"quality": "low", "background": "opaque", "moderation": "low"},
+        options={
+            "quality": "low",
+            "background": "opaque",
+            "moderation": "low",
+            "complexity": "high",
+            "tier": "flare",
+        },
     )
 
     await generate(provider, request, checkpoint)
@@ -145,14 +153,16 @@ async def test_request_body_is_what_openai_expects(
     (call,) = sandbox.openai.requests
     assert call.authorization == f"Bearer {API_KEY}"
     assert call.content_type == "application/json"
+    # the tier picks the vendor model and is not itself a field of OpenAI's
     assert call.fields == {
-        "model": "gpt-image-1.5",
+        "model": "gpt-image-2.6-flare",
         "prompt": "a poster that says SALE",
         "n": 2,
-        "size": "1536x1024",
+        "size": "1600x912",
         "output_format": "jpeg",
         "quality": "low",
         "background": "opaque",
+        "complexity": "high",
         "moderation": "low",
     }
 
@@ -205,7 +215,7 @@ async def test_transparent_jpeg_is_asked_as_png(
     assert decoded.mode == "RGBA"
     assert decoded.getchannel("A").getpixel((0, 0)) == 0  # the sandbox leaves a transparent margin
     assert sandbox.openai.requests[0].fields == {
-        "model": "gpt-image-1.5",
+        "model": "gpt-image-2.6-sunburst",
         "prompt": "a poster that says SALE",
         "n": 1,
         "size": "1024x1024",
@@ -215,31 +225,32 @@ async def test_transparent_jpeg_is_asked_as_png(
 
 
 @pytest.mark.parametrize(
-    ("quality", "size", "output_tokens", "image_out_micros"),
+    ("quality", "size", "output_tokens"),
     [
-        ("low", (1024, 1024), 272, 8_704),
-        ("medium", (1024, 1024), 1056, 33_792),
-        ("high", (1024, 1024), 4160, 133_120),
-        ("auto", (1024, 1024), 4160, 133_120),
-        ("low", (1920, 1080), 408, 13_056),
-        ("medium", (1080, 1920), 1584, 50_688),
-        ("high", (1920, 1080), 6240, 199_680),
+        ("low", (1024, 1024), 272),
+        ("medium", (1024, 1024), 1056),
+        ("high", (1024, 1024), 4160),
+        ("auto", (1024, 1024), 4160),
+        ("xhigh", (1024, 1024), 6240),
+        ("max", (1024, 1024), 8320),
+        ("low", (1920, 1080), 542),  # 1920x1088: scaled by pixels, rounded up
+        ("high", (1080, 1920), 8288),
     ],
 )
 def test_token_table_matches_the_catalog_price(
-    quality: str, size: tuple[int, int], output_tokens: int, image_out_micros: int
+    quality: str, size: tuple[int, int], output_tokens: int
 ) -> None:
-    native = native_size("gpt_image_1_5", *size)
+    native = native_size("gpt_image_2_6", *size)
     assert output_tokens_per_image(native, quality) == output_tokens
-    assert output_tokens * PRICES.image_output == image_out_micros
-    # Within a cent of the catalog's per-image price, the estimate the usage figure replaces.
+    # The catalog's quote is the image output the sandbox bills, which the usage figure then replaces.
     query = CostQuery(width=size[0], height=size[1], num_variants=1, options={"quality": quality})
-    assert abs(image_out_micros - CATALOG["gpt_image_1_5"].estimate_usd_micros(query)) < 1_000
+    quote = CATALOG["gpt_image_2_6"].estimate_usd_micros(query)
+    assert quote == output_tokens * PRICES.image_output
 
 
 @pytest.mark.parametrize(
     ("quality", "size", "num_variants", "output_tokens"),
-    [("auto", (1024, 1024), 1, 4160), ("medium", (1080, 1920), 2, 2 * 1584)],
+    [("auto", (1024, 1024), 1, 4160), ("medium", (1080, 1920), 2, 2 * 2104)],
 )
 async def test_cost_comes_from_usage(
     provider: OpenAIProvider,
@@ -261,14 +272,14 @@ async def test_cost_comes_from_usage(
     assert usage is not None
     assert usage["output_tokens"] == output_tokens
     assert usage["input_tokens_details"] == {"image_tokens": 0, "text_tokens": 10}
-    assert result.cost_usd_micros == output_tokens * 32 + 10 * 5
+    assert result.cost_usd_micros == output_tokens * 30 + 10 * 5
 
 
 @pytest.mark.parametrize(
     ("usage", "input_is_images", "cost"),
     [
-        ({"input_tokens": 10, "output_tokens": 4160}, False, 50 + 133_120),
-        ({"input_tokens": 10, "output_tokens": 4160}, True, 80 + 133_120),
+        ({"input_tokens": 10, "output_tokens": 4160}, False, 50 + 124_800),
+        ({"input_tokens": 10, "output_tokens": 4160}, True, 80 + 124_800),
         (
             {
                 "input_tokens": 800,
@@ -277,7 +288,7 @@ async def test_cost_comes_from_usage(
                 "output_tokens_details": {"text_tokens": 44, "image_tokens": 1056},
             },
             True,
-            35 * 5 + 765 * 8 + 44 * 10 + 1056 * 32,
+            35 * 5 + 765 * 8 + 44 * 10 + 1056 * 30,
         ),
         # A breakdown that misses tokens: the rest is priced as the total's usual kind, not dropped.
         ({"input_tokens": 20, "input_tokens_details": {"text_tokens": 5}, "output_tokens": 0}, False, 100),
@@ -359,7 +370,7 @@ def canned_answer(case: str) -> tuple[int, dict[str, Any], dict[str, str]]:
             ),
             {},
         ),
-        "forbidden": (403, _envelope("Your organization must be verified to use gpt-image-1.5.", None), {}),
+        "forbidden": (403, _envelope("Your organization must be verified to use gpt-image-2.6.", None), {}),
         "no-usage": (200, {"created": 1, "data": [{"b64_json": SMALL_B64}]}, {}),
         "url-only": (200, {"created": 1, "data": [{"url": "https://example.com/x.png"}]}, {}),
         "bad-base64": (200, {"created": 1, "data": [{"b64_json": "not base64!"}]}, {}),
@@ -408,20 +419,20 @@ async def test_references_are_sent_as_image_parts(
 
     result = await generate(provider, request, checkpoint)
 
-    assert [decode(image.data).size for image in result.images] == [(1024, 1536)] * 2
+    assert [decode(image.data).size for image in result.images] == [(1088, 1920)] * 2
     assert [image.content_type for image in result.images] == ["image/jpeg"] * 2
     (call,) = sandbox.openai.requests
     assert call.endpoint == "edits"
     assert call.content_type == "multipart/form-data"
-    # Multipart fields are text; edits have no `moderation` parameter, so it is not sent there.
+    # Multipart fields are text; edits have no `moderation` parameter, so it is not sent there, and 2.x
+    # models keep inputs at high fidelity: `input_fidelity` is accepted from callers but not sent.
     assert call.fields == {
-        "model": "gpt-image-1.5",
+        "model": "gpt-image-2.6-sunburst",
         "prompt": "a poster that says SALE",
         "n": "2",
-        "size": "1024x1536",
+        "size": "1088x1920",
         "output_format": "jpeg",
         "quality": "medium",
-        "input_fidelity": "high",
     }
     assert [(i.field_name, i.filename, i.content_type) for i in call.images] == [
         ("image[]", "reference-1.png", "image/png"),
@@ -432,7 +443,7 @@ async def test_references_are_sent_as_image_parts(
         hashlib.sha256(REFERENCE_JPEG).hexdigest(),
     ]
     assert call.usage is not None
-    assert call.usage["input_tokens_details"]["image_tokens"] > 2 * 6240  # two high-fidelity images
+    assert call.usage["input_tokens_details"]["image_tokens"] > 0
     assert result.cost_usd_micros == expected_cost(call.usage)
     assert sandbox.counters["openai.edits"] == 1
 
@@ -639,7 +650,8 @@ async def test_invalid_option_is_rejected_by_openai(
     assert type(error) is ProviderRejected
     assert "HTTP 400" in error.message
     assert (
-        "Invalid value: 'ultra'. Supported values are: 'low', 'medium', 'high', and 'auto'." in error.message
+        "Invalid value: 'ultra'. Supported values are: 'low', 'medium', 'high', 'xhigh', 'max', and 'auto'."
+        in error.message
     )
 
 
@@ -687,7 +699,7 @@ async def call_sandbox(
     if raw is not None:
         kwargs: dict[str, Any] = {"data": raw}
     else:
-        kwargs = {"json": {"model": "gpt-image-1.5", **body} if isinstance(body, dict) else body}
+        kwargs = {"json": {"model": "gpt-image-2.6-sunburst", **body} if isinstance(body, dict) else body}
     async with session.post(url, headers=sent, **kwargs) as response:
         return response.status, await response.json(), response.headers
 
@@ -701,8 +713,19 @@ def envelope(message: str, param: str | None, code: str | None) -> dict[str, Any
     [
         (
             {"prompt": "x", "size": "1254x836"},
-            "Invalid value: '1254x836'. Supported values are: '1024x1024', '1024x1536', '1536x1024', "
-            "and 'auto'.",
+            "Invalid value: '1254x836'. Both sides must be multiples of 16.",
+            "size",
+            "invalid_value",
+        ),
+        (
+            {"prompt": "x", "size": "3840x1024"},
+            "Invalid value: '3840x1024'. The long side may be at most 3 times the short side.",
+            "size",
+            "invalid_value",
+        ),
+        (
+            {"prompt": "x", "size": "512x512"},
+            "Invalid value: '512x512'. The image must have 655360 to 8294400 pixels.",
             "size",
             "invalid_value",
         ),
@@ -756,12 +779,41 @@ async def test_invalid_body_gets_openais_error(
     assert sandbox.counters["openai.generations"] == 0
 
 
-async def test_generations_without_model_is_dall_e(session: aiohttp.ClientSession, sandbox: Sandbox) -> None:
-    status, answer, _ = await call_sandbox(session, sandbox, {"prompt": "x", "model": None})
+@pytest.mark.parametrize(
+    "model", [None, "gpt-image-1.5", "gpt-image-1-mini", "chatgpt-image-latest", "gpt-9"]
+)
+async def test_a_model_openai_does_not_serve_is_model_not_found(
+    session: aiohttp.ClientSession, sandbox: Sandbox, model: str | None
+) -> None:
+    # Without `model`, generations go to dall-e-2, which is retired like the others.
+    status, answer, _ = await call_sandbox(session, sandbox, {"prompt": "x", "model": model})
 
-    assert status == 400
-    assert answer["error"]["param"] == "model"
-    assert "dall-e-2" in answer["error"]["message"]
+    gone = model or "dall-e-2"
+    message = f"The model `{gone}` does not exist or you do not have access to it."
+    assert (status, answer) == (404, envelope(message, None, "model_not_found"))
+
+
+async def test_a_retired_model_is_model_unavailable(
+    provider: OpenAIProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint
+) -> None:
+    error = await generate_error(provider, make_request(vendor_model="gpt-image-1.5"), checkpoint)
+
+    assert type(error) is ModelUnavailable and not error.retryable
+    assert "model_not_found" in error.message and "gpt-image-1.5" in error.message
+    assert sandbox.counters["openai.refused"] == 1
+
+
+async def test_models_list_carries_shutdown_dates(session: aiohttp.ClientSession, sandbox: Sandbox) -> None:
+    sandbox.openai.shutdown_dates["gpt-image-2.5-flare"] = "2027-03-01"
+    url, auth = f"{sandbox.base_url}/v1/models", {"Authorization": f"Bearer {API_KEY}"}
+    async with session.get(url, headers=auth) as response:
+        assert response.status == 200
+        listed = {model["id"]: model for model in (await response.json())["data"]}
+    assert listed["gpt-image-2.5-flare"]["shutdown_date"] == "2027-03-01"
+    assert listed["gpt-image-2.6-sunburst"]["shutdown_date"] is None
+    assert "gpt-image-1.5" not in listed
+    async with session.get(url) as response:
+        assert response.status == 401
 
 
 async def test_body_that_is_not_json(session: aiohttp.ClientSession, sandbox: Sandbox) -> None:
@@ -832,7 +884,13 @@ async def test_no_credits_is_insufficient_quota(session: aiohttp.ClientSession, 
 
 
 async def test_streaming(session: aiohttp.ClientSession, sandbox: Sandbox) -> None:
-    body = {"model": "gpt-image-1.5", "prompt": "x", "stream": True, "partial_images": 2, "quality": "low"}
+    body = {
+        "model": "gpt-image-2.6-sunburst",
+        "prompt": "x",
+        "stream": True,
+        "partial_images": 2,
+        "quality": "low",
+    }
     async with session.post(
         f"{sandbox.base_url}/v1/images/generations", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
     ) as response:
@@ -856,7 +914,7 @@ async def test_edits_validation(session: aiohttp.ClientSession, sandbox: Sandbox
         async with session.post(url, data=form, headers=auth) as response:
             return response.status, await response.json()
 
-    no_image = aiohttp.FormData({"prompt": "x", "model": "gpt-image-1.5"})
+    no_image = aiohttp.FormData({"prompt": "x", "model": "gpt-image-2.6-sunburst"})
     no_image.add_field("mask", b"", filename="mask.png", content_type="image/png")
     text_file = aiohttp.FormData({"prompt": "x"})
     text_file.add_field("image", b"hello", filename="a.txt", content_type="text/plain")
@@ -870,7 +928,7 @@ async def test_edits_validation(session: aiohttp.ClientSession, sandbox: Sandbox
     assert (status, answer["error"]["param"]) == (400, "image")
     assert "unsupported mimetype ('text/plain')" in answer["error"]["message"]
     assert (await post(moderation))[1]["error"]["code"] == "unknown_parameter"
-    status, answer = await post(auto_size)  # edits default to gpt-image-1.5; size auto follows the image
+    status, answer = await post(auto_size)  # edits default to gpt-image-2; size auto follows the image
     assert (status, answer["size"]) == (200, "1536x1024")
     assert answer["usage"]["input_tokens_details"]["image_tokens"] == 85 + 170 * 2 * 1
     async with session.post(url, json={"prompt": "x", "images": []}, headers=auth) as response:

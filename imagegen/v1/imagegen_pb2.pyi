@@ -436,6 +436,12 @@ class Provider(_message.Message):
     PRICE_TABLE_VERSION_FIELD_NUMBER: _builtins.int
     CONFIGURED_FIELD_NUMBER: _builtins.int
     PRICE_1024_USD_MICROS_FIELD_NUMBER: _builtins.int
+    LIFECYCLE_STATE_FIELD_NUMBER: _builtins.int
+    SHUTDOWN_DATE_FIELD_NUMBER: _builtins.int
+    REPLACEMENT_FIELD_NUMBER: _builtins.int
+    SERVED_MODEL_FIELD_NUMBER: _builtins.int
+    ALIAS_OF_FIELD_NUMBER: _builtins.int
+    LIFECYCLE_SOURCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     display_name: _builtins.str
     vendor: _builtins.str
@@ -455,6 +461,20 @@ class Provider(_message.Message):
     """Whether this server has credentials (or the sandbox) for the model's vendor."""
     price_1024_usd_micros: _builtins.int
     """Quote for one 1024x1024 image, in USD micros."""
+    lifecycle_state: _builtins.str
+    """Lifecycle of the vendor model behind this id: "active", "deprecated" (a shutdown date is announced)
+    or "retired" (past it). A retired id is refused at submit unless alias_of serves it.
+    """
+    shutdown_date: _builtins.str
+    """The vendor's announced shutdown date (YYYY-MM-DD), or ""."""
+    replacement: _builtins.str
+    """The id to move to, or ""."""
+    served_model: _builtins.str
+    """The vendor model jobs for this id are sent to now (e.g. "gpt-image-2.6-sunburst")."""
+    alias_of: _builtins.str
+    """For an id kept for older callers: the id whose model serves it (limits, options and price are its)."""
+    lifecycle_source: _builtins.str
+    """Where the lifecycle facts come from (the vendor's deprecations page)."""
     @_builtins.property
     def output_formats(self) -> _containers.RepeatedScalarFieldContainer[Global___OutputFormat.ValueType]: ...
     @_builtins.property
@@ -480,10 +500,16 @@ class Provider(_message.Message):
         price_table_version: _builtins.str = ...,
         configured: _builtins.bool = ...,
         price_1024_usd_micros: _builtins.int = ...,
+        lifecycle_state: _builtins.str = ...,
+        shutdown_date: _builtins.str = ...,
+        replacement: _builtins.str = ...,
+        served_model: _builtins.str = ...,
+        alias_of: _builtins.str = ...,
+        lifecycle_source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["configured", b"configured", "display_name", b"display_name", "id", b"id", "max_height", b"max_height", "max_reference_images", b"max_reference_images", "max_variants", b"max_variants", "max_width", b"max_width", "min_height", b"min_height", "min_width", b"min_width", "output_formats", b"output_formats", "price_1024_usd_micros", b"price_1024_usd_micros", "price_summary", b"price_summary", "price_table_version", b"price_table_version", "provider_option_keys", b"provider_option_keys", "strengths", b"strengths", "supports_negative_prompt", b"supports_negative_prompt", "supports_seed", b"supports_seed", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_of", b"alias_of", "configured", b"configured", "display_name", b"display_name", "id", b"id", "lifecycle_source", b"lifecycle_source", "lifecycle_state", b"lifecycle_state", "max_height", b"max_height", "max_reference_images", b"max_reference_images", "max_variants", b"max_variants", "max_width", b"max_width", "min_height", b"min_height", "min_width", b"min_width", "output_formats", b"output_formats", "price_1024_usd_micros", b"price_1024_usd_micros", "price_summary", b"price_summary", "price_table_version", b"price_table_version", "provider_option_keys", b"provider_option_keys", "replacement", b"replacement", "served_model", b"served_model", "shutdown_date", b"shutdown_date", "strengths", b"strengths", "supports_negative_prompt", b"supports_negative_prompt", "supports_seed", b"supports_seed", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -542,6 +568,7 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     ESTIMATED_COST_USD_MICROS_FIELD_NUMBER: _builtins.int
+    SERVED_MODEL_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """UUID."""
@@ -570,6 +597,8 @@ class Job(_message.Message):
     account_id: _builtins.str
     """The account the job belongs to."""
     estimated_cost_usd_micros: _builtins.int
+    served_model: _builtins.str
+    """The vendor model the job was sent to, recorded at submit (e.g. "gemini-3-pro-image")."""
     @_builtins.property
     def reference_image_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -634,11 +663,12 @@ class Job(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         account_id: _builtins.str = ...,
         estimated_cost_usd_micros: _builtins.int = ...,
+        served_model: _builtins.str = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "provider_options", b"provider_options", "seed", b"seed", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "account_id", b"account_id", "attempt", b"attempt", "cost_cents", b"cost_cents", "cost_usd_micros", b"cost_usd_micros", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "estimated_cost_cents", b"estimated_cost_cents", "estimated_cost_usd_micros", b"estimated_cost_usd_micros", "expire_time", b"expire_time", "folder_id", b"folder_id", "height", b"height", "id", b"id", "images", b"images", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "result_urls", b"result_urls", "seed", b"seed", "start_time", b"start_time", "status", b"status", "update_time", b"update_time", "version", b"version", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "account_id", b"account_id", "attempt", b"attempt", "cost_cents", b"cost_cents", "cost_usd_micros", b"cost_usd_micros", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "estimated_cost_cents", b"estimated_cost_cents", "estimated_cost_usd_micros", b"estimated_cost_usd_micros", "expire_time", b"expire_time", "folder_id", b"folder_id", "height", b"height", "id", b"id", "images", b"images", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "result_urls", b"result_urls", "seed", b"seed", "served_model", b"served_model", "start_time", b"start_time", "status", b"status", "update_time", b"update_time", "version", b"version", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -705,7 +735,8 @@ class JobError(_message.Message):
     RETRYABLE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """CONTENT_MODERATED, PROVIDER_UNAVAILABLE, DEADLINE_EXCEEDED, INVALID_PROVIDER_RESPONSE,
-    PROVIDER_REJECTED, PROVIDER_AUTH, STORAGE_UNAVAILABLE (the images could not be stored), INTERNAL.
+    PROVIDER_REJECTED, PROVIDER_AUTH, MODEL_UNAVAILABLE (the vendor no longer serves the model; not
+    retried), STORAGE_UNAVAILABLE (the images could not be stored), INTERNAL.
     """
     message: _builtins.str
     retryable: _builtins.bool

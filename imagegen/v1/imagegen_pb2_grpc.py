@@ -85,7 +85,8 @@ class ImageGenerationServicer:
     def GenerateImage(self, request, context):
         """Validates and persists a job, and returns it in JOB_STATUS_PENDING without waiting for any provider.
         INVALID_ARGUMENT (with google.rpc.BadRequest naming every bad field), ALREADY_EXISTS (request_id
-        reused with a different body), FAILED_PRECONDITION (provider not configured), UNAVAILABLE.
+        reused with a different body), FAILED_PRECONDITION (provider not configured, or its vendor model is
+        retired: the message names the replacement), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,8 @@ class ImageGenerationStub:
     GenerateImage: _grpc.UnaryUnaryMultiCallable[_imagegen_pb2.GenerateImageRequest, _imagegen_pb2.Job]
     """Validates and persists a job, and returns it in JOB_STATUS_PENDING without waiting for any provider.
     INVALID_ARGUMENT (with google.rpc.BadRequest naming every bad field), ALREADY_EXISTS (request_id
-    reused with a different body), FAILED_PRECONDITION (provider not configured), UNAVAILABLE.
+    reused with a different body), FAILED_PRECONDITION (provider not configured, or its vendor model is
+    retired: the message names the replacement), UNAVAILABLE.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_imagegen_pb2.GetJobRequest, _imagegen_pb2.Job]
     """Returns one job of the caller's account. NOT_FOUND for unknown ids and other accounts' jobs."""
@@ -71,7 +72,8 @@ class ImageGenerationAsyncStub(ImageGenerationStub):
     GenerateImage: _aio.UnaryUnaryMultiCallable[_imagegen_pb2.GenerateImageRequest, _imagegen_pb2.Job]  # type: ignore[assignment]
     """Validates and persists a job, and returns it in JOB_STATUS_PENDING without waiting for any provider.
     INVALID_ARGUMENT (with google.rpc.BadRequest naming every bad field), ALREADY_EXISTS (request_id
-    reused with a different body), FAILED_PRECONDITION (provider not configured), UNAVAILABLE.
+    reused with a different body), FAILED_PRECONDITION (provider not configured, or its vendor model is
+    retired: the message names the replacement), UNAVAILABLE.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_imagegen_pb2.GetJobRequest, _imagegen_pb2.Job]  # type: ignore[assignment]
     """Returns one job of the caller's account. NOT_FOUND for unknown ids and other accounts' jobs."""
@@ -106,7 +108,8 @@ class ImageGenerationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_imagegen_pb2.Job, _abc.Awaitable[_imagegen_pb2.Job]]:
         """Validates and persists a job, and returns it in JOB_STATUS_PENDING without waiting for any provider.
         INVALID_ARGUMENT (with google.rpc.BadRequest naming every bad field), ALREADY_EXISTS (request_id
-        reused with a different body), FAILED_PRECONDITION (provider not configured), UNAVAILABLE.
+        reused with a different body), FAILED_PRECONDITION (provider not configured, or its vendor model is
+        retired: the message names the replacement), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
