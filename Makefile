@@ -34,10 +34,11 @@ migrate: $(STAMP)  ## bring the database at IMAGEGEN_DATABASE_URL to the newest 
 test: $(STAMP) tools check-protos lint  ## the whole suite, against PostgreSQL (IMAGEGEN_TEST_DATABASE_URL) and SQLite
 	$(PY) -m pytest
 
-lint: $(STAMP)  ## ruff (rules, formatting) and import-linter (the layering contracts) from pyproject.toml
+lint: $(STAMP)  ## ruff (rules, formatting), import-linter (the layering contracts), mypy --strict: pyproject.toml
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # bench/ is also a directory: without .PHONY, make would find "bench" up to date and run nothing.
 .PHONY: bench

@@ -80,6 +80,7 @@ class Watchers:
                     opened = True
                     self._opening.release()
                     self._count_first()
+                assert isinstance(event, pb.JobEvent)
                 if event.kind == pb.JOB_EVENT_KIND_TRANSITION:
                     self.receipts.append((job_index, event.version, received))
                     self.per_version[event.version] += 1

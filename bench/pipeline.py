@@ -269,8 +269,9 @@ async def measure_floor(ctx: RunContext, sandbox: Child, *, calls: int) -> _Floo
 
         async def statement() -> None:
             async with engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                await raw.driver_connection.execute("SELECT pg_notify('imagegen_bench_floor', 'x')")
+                driver = (await conn.get_raw_connection()).driver_connection
+                assert driver is not None
+                await driver.execute("SELECT pg_notify('imagegen_bench_floor', 'x')")
 
         statement_s = await _cpu_per_call(statement, calls=calls, concurrency=8)
 

@@ -107,7 +107,7 @@ class _Measured:
         return seconds / self.calls if self.calls else math.nan
 
 
-def _generate(stub: pb_grpc.ImageGenerationStub) -> Callable[[], Awaitable[object]]:
+def _generate(stub: pb_grpc.ImageGenerationAsyncStub) -> Callable[[], Awaitable[object]]:
     """One GenerateImage call as the imagegen client makes it: a fresh request_id each time."""
 
     async def call() -> object:

@@ -7,7 +7,7 @@ import contextlib
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -196,6 +196,8 @@ class ImagegenClient:
         reference_image_urls: Sequence[str] = (),
         provider_options: Mapping[str, Any] | None = None,
         labels: Mapping[str, str] | None = None,
+        fallback_providers: Sequence[str] = (),
+        fallback_on_moderation: bool = False,
         request_id: str | None = None,
         validate_only: bool = False,
         ttl_s: float | None = None,
@@ -218,6 +220,8 @@ class ImagegenClient:
             negative_prompt=negative_prompt,
             reference_image_urls=list(reference_image_urls),
             labels=dict(labels or {}),
+            fallback_providers=list(fallback_providers),
+            fallback_on_moderation=fallback_on_moderation,
             validate_only=validate_only,
         )
         if seed is not None:
@@ -264,7 +268,7 @@ class ImagegenClient:
         folder_id: str = "",
         page_size: int = 50,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[pb.ListJobsResponse]:
+    ) -> AsyncGenerator[pb.ListJobsResponse, None]:
         """The caller's jobs, newest first, one ListJobsResponse page at a time (fetched lazily)."""
         request = pb.ListJobsRequest(
             page_size=page_size,
@@ -310,7 +314,7 @@ class ImagegenClient:
 
     async def watch(
         self, job_id: str, *, after_version: int = 0, include_heartbeats: bool = False
-    ) -> AsyncIterator[pb.JobEvent]:
+    ) -> AsyncGenerator[pb.JobEvent, None]:
         """The job's events in version order until it reaches a terminal status, surviving dropped streams.
 
         With `after_version=0` the first event is a SNAPSHOT of the job; with N > 0 the events after

@@ -149,4 +149,4 @@ def _retry_delay(detail: any_pb2.Any) -> float | None:
     info = error_details_pb2.RetryInfo()
     if not detail.Unpack(info):
         return None
-    return info.retry_delay.ToNanoseconds() / 1e9
+    return float(info.retry_delay.ToNanoseconds()) / 1e9

@@ -161,7 +161,7 @@ def job_details(job: pb.Job) -> str:
         ("id", job.id),
         ("status", status_name(job.status)),
         ("provider", job.provider),
-        ("served by", job.served_model or "-"),
+        ("served by", _served(job)),
         ("size", f"{job.width}x{job.height} x{job.num_variants} {format_name(job.output_format)}"),
         ("folder", job.folder_id or "root"),
         ("prompt", job.prompt),
@@ -197,12 +197,19 @@ def estimate_details(job: pb.Job) -> str:
     return pairs(items)
 
 
+def _served(job: pb.Job) -> str:
+    """The vendor model, and the fallback that served the job if it was not `provider`."""
+    if job.served_provider and job.served_provider != job.provider:
+        return f"{job.served_model} (fallback {job.served_provider})"
+    return job.served_model or "-"
+
+
 def outcome(job: pb.Job) -> str:
     """One phrase for how a terminal job ended."""
     if job.status == pb.JOB_STATUS_COMPLETED:
         count = len(job.images)
         images = f"{count} image{'s' if count != 1 else ''} {job.width}x{job.height}"
-        served = f" by {job.served_model}" if job.served_model else ""
+        served = f" by {_served(job)}" if job.served_model else ""
         return f"done: {images}{served}, cost {usd(job.cost_usd_micros)}"
     if job.status == pb.JOB_STATUS_FAILED:
         return f"failed: {job.error.code}: {job.error.message}" if job.error.code else "failed"

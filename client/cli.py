@@ -457,6 +457,18 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
         help="provider option (repeatable); VALUE is parsed as JSON when it can be",
     )
     parser.add_argument(
+        "--fallback",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="model to continue on if the provider cannot serve the job (repeatable, in order)",
+    )
+    parser.add_argument(
+        "--fallback-on-moderation",
+        action="store_true",
+        help="also fall back when a model's moderation refuses the prompt or image",
+    )
+    parser.add_argument(
         "--label",
         action="append",
         default=[],
@@ -491,6 +503,8 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         "provider_options": dict(args.option),
         "labels": dict(args.label),
         "ttl_s": args.ttl,
+        "fallback_providers": args.fallback,
+        "fallback_on_moderation": args.fallback_on_moderation,
     }
 
 

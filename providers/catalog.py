@@ -542,14 +542,16 @@ def _parse(data: dict[str, Any], source: str) -> Catalog:
             raise entry.fail("id", "repeats an earlier entry's id")
         models[spec.id] = spec
     for spec in models.values():
-        where = _Entry(f"entry {spec.id!r}", {})
+        checked = _Entry(f"entry {spec.id!r}", {})
         if spec.alias_of is not None:
             target = models.get(spec.alias_of)
             if target is None or target.alias_of is not None:
-                raise where.fail("alias_of", f"must name a model entry (not an alias), not {spec.alias_of!r}")
+                raise checked.fail(
+                    "alias_of", f"must name a model entry (not an alias), not {spec.alias_of!r}"
+                )
         replacement = spec.lifecycle.replacement
         if replacement is not None and replacement not in models:
-            raise where.fail("lifecycle.replacement", f"names no entry of the catalog: {replacement!r}")
+            raise checked.fail("lifecycle.replacement", f"names no entry of the catalog: {replacement!r}")
     default = top.text("default", required=True)
     if default not in models or models[default].alias_of is not None:
         raise top.fail("default", f"must name a model entry, not {default!r}")

@@ -425,7 +425,8 @@ def _http_error(status: int, raw: bytes, retry_after: str | None) -> ProviderErr
     status_name = str(error.get("status") or "")
     message = error.get("message")
     detail = message if isinstance(message, str) and message else raw.decode("utf-8", "replace").strip()
-    details = error.get("details") if isinstance(error.get("details"), list) else []
+    listed = error.get("details")
+    details: list[Any] = listed if isinstance(listed, list) else []
     reasons = {
         item.get("reason")
         for item in details

@@ -12,6 +12,11 @@ with Azure's XML error envelope (`AuthenticationFailed`); a valid signature for 
 exist answers 404 (`BlobNotFound`). The image is drawn when downloaded, so nothing large is kept.
 
 Each vendor's wire protocol lives in its own module (`bfl.py`), which installs its routes here.
+
+Outages (not vendor routes): `POST /_sandbox/vendors/{vendor}/down` answers every later request to that
+vendor (on either host) with a bare 503, as a dead vendor behind its load balancer does, until
+`POST /_sandbox/vendors/{vendor}/up`; `GET /_sandbox/vendors` shows each vendor's state and how many
+requests reached it (`"<vendor>.requests"` in `counters`), refused ones included.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Literal
+from typing import Any, Literal
 from xml.sax.saxutils import escape
 
 from aiohttp import web
@@ -35,7 +40,10 @@ from sandbox.bfl import BflApi
 from sandbox.gemini import GeminiApi
 from sandbox.openai import OpenAIApi
 
-__all__ = ["SANDBOX", "DeliveryRenderer", "KeyCheck", "Sandbox"]
+__all__ = ["SANDBOX", "VENDORS", "DeliveryRenderer", "KeyCheck", "Sandbox", "vendor_of"]
+
+#: the vendors the sandbox plays
+VENDORS = ("bfl", "openai", "ark", "gemini")
 
 # Large enough for a request carrying eight base64 reference images.
 _MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -76,6 +84,8 @@ class Sandbox:
         #: calls per vendor and kind: "bfl.submit" (accepted), "bfl.submit_refused", "bfl.poll",
         #: "bfl.poll_wrong_host" (polls of the API host instead of `polling_url`), "bfl.download"
         self.counters: Counter[str] = Counter()
+        #: vendors taken down whole (`set_down`): every request to them answers 503
+        self.down: set[str] = set()
         self._secret = secrets.token_bytes(32)
         self._spent_faults: set[tuple[str, str, str]] = set()
         self._renderers: dict[str, DeliveryRenderer] = {}
@@ -121,6 +131,19 @@ class Sandbox:
                 stack.push_async_callback(runner.cleanup)
                 await web.SockSite(runner, listener).start()
             yield sandbox
+
+    def set_down(self, vendor: str, down: bool = True) -> None:
+        """Take a whole vendor down (every request to it answers 503), or bring it back up."""
+        if vendor not in VENDORS:
+            raise ValueError(f"unknown vendor {vendor!r}")
+        if down:
+            self.down.add(vendor)
+        else:
+            self.down.discard(vendor)
+
+    def requests_to(self, vendor: str) -> int:
+        """Requests that reached `vendor` on either host, refused ones included."""
+        return self.counters[f"{vendor}.requests"]
 
     def check_key(self, presented: str | None) -> KeyCheck:
         """Judge the API key a request presented."""
@@ -173,8 +196,14 @@ class Sandbox:
         return None
 
     def _api_app(self) -> web.Application:
-        app = web.Application(client_max_size=_MAX_REQUEST_BYTES)
+        app = web.Application(client_max_size=_MAX_REQUEST_BYTES, middlewares=[_outages])
         app[SANDBOX] = self
+        app.add_routes(
+            [
+                web.get("/_sandbox/vendors", _vendors),
+                web.post("/_sandbox/vendors/{vendor}/{state:down|up}", _set_vendor_state),
+            ]
+        )
         app.add_routes(self.bfl.api_routes())
         app.add_routes(self.openai.api_routes())
         app.add_routes(self.ark.api_routes())
@@ -183,7 +212,7 @@ class Sandbox:
         return app
 
     def _cluster_app(self) -> web.Application:
-        app = web.Application(client_max_size=_MAX_REQUEST_BYTES)
+        app = web.Application(client_max_size=_MAX_REQUEST_BYTES, middlewares=[_outages])
         app[SANDBOX] = self
         app.add_routes(self.bfl.cluster_routes())
         app.add_routes([web.get("/delivery/{vendor}/{name:.+}", _deliver)])
@@ -192,6 +221,56 @@ class Sandbox:
 
 #: the Sandbox serving an application
 SANDBOX = web.AppKey("sandbox", Sandbox)
+
+
+def vendor_of(path: str) -> str | None:
+    """The vendor whose API (or delivery host) a request path belongs to; None for the sandbox's own."""
+    if path.startswith("/delivery/"):
+        vendor = path.split("/")[2]
+        return vendor if vendor in VENDORS else None
+    if path.startswith("/api/v3/"):
+        return "ark"
+    if path.startswith(("/v1beta/", "/v1/models/")):
+        return "gemini"
+    if path.startswith("/v1/images/") or path == "/v1/models":
+        return "openai"
+    if path.startswith("/v1/"):
+        return "bfl"
+    return None
+
+
+@web.middleware
+async def _outages(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    """Count each request to a vendor, and refuse it while that vendor is down."""
+    sandbox = request.app[SANDBOX]
+    vendor = vendor_of(request.path)
+    if vendor is not None:
+        sandbox.counters[f"{vendor}.requests"] += 1
+        if vendor in sandbox.down:
+            return web.Response(status=503, text="Service Unavailable")
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+async def _vendors(request: web.Request) -> web.Response:
+    sandbox = request.app[SANDBOX]
+    return web.json_response(
+        {
+            vendor: {"down": vendor in sandbox.down, "requests": sandbox.requests_to(vendor)}
+            for vendor in VENDORS
+        }
+    )
+
+
+async def _set_vendor_state(request: web.Request) -> web.Response:
+    sandbox = request.app[SANDBOX]
+    vendor = request.match_info["vendor"]
+    if vendor not in VENDORS:
+        return web.json_response(
+            {"error": f"unknown vendor {vendor!r}; one of {', '.join(VENDORS)}"}, status=404
+        )
+    sandbox.set_down(vendor, request.match_info["state"] == "down")
+    return web.json_response({"vendor": vendor, "down": vendor in sandbox.down})
 
 
 async def _counters(request: web.Request) -> web.Response:

@@ -231,7 +231,7 @@ class ArkApi:
         self.requests.append(body)
         inputs = _validate_body(body)
 
-        faults = parse_faults(inputs.prompt)
+        faults = parse_faults(inputs.prompt, vendor=VENDOR)
         sandbox = self._sandbox
         if faults.down:
             raise _refused("ServiceUnavailable", _UNAVAILABLE)

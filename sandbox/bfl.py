@@ -153,7 +153,7 @@ class BflApi:
         if inputs is None:
             return _validation_failed(errors)
 
-        faults = parse_faults(inputs.prompt)
+        faults = parse_faults(inputs.prompt, vendor=VENDOR)
         sandbox = self._sandbox
         if faults.down:
             return web.json_response({"detail": "Service temporarily unavailable"}, status=503)

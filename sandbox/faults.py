@@ -18,6 +18,10 @@ sandbox does no harm):
 | `[sandbox:expired-url]` | the result URL has already expired when it is handed out |
 | `[sandbox:error]` | the task fails on the vendor's side |
 | `[sandbox:no-credits]` | the account has no credit left (402) |
+
+Any tag scoped to one vendor with `@vendor` applies only there, e.g. `[sandbox:down@bfl]` fails every
+BFL submit while the same prompt works on a fallback of another vendor. (`Sandbox.set_down` takes a
+whole vendor down, whatever the prompt.)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from aiohttp import web
 
 __all__ = ["Faults", "drop_connection", "parse_faults", "strip_fault_tags"]
 
-_TAG = re.compile(r"\[sandbox:([a-z][a-z-]*)(?:=([0-9]+(?:\.[0-9]+)?))?\]")
+_TAG = re.compile(r"\[sandbox:([a-z][a-z-]*)(?:=([0-9]+(?:\.[0-9]+)?))?(?:@([a-z]+))?\]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,10 +57,12 @@ class Faults:
     no_credits: bool = False
 
 
-def parse_faults(prompt: str) -> Faults:
-    """Read every `[sandbox:...]` tag in `prompt`."""
-    # findall gives (name, value) pairs, value "" when the tag has none; a repeated tag's last value wins.
-    tags: dict[str, str] = dict(_TAG.findall(prompt))
+def parse_faults(prompt: str, *, vendor: str | None = None) -> Faults:
+    """Read every `[sandbox:...]` tag in `prompt` that applies at `vendor` (unscoped, or scoped to it)."""
+    # findall gives (name, value, scope) triples, "" when absent; a repeated tag's last value wins.
+    tags: dict[str, str] = {
+        name: value for name, value, scope in _TAG.findall(prompt) if not scope or scope == vendor
+    }
     retry_after = tags.get("rate-limited")
     slow = tags.get("slow")
     return Faults(

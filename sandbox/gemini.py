@@ -294,7 +294,7 @@ class GeminiApi:
     async def _generate(
         self, request: web.Request, call: GeminiCall, model: GeminiModel, inputs: ImageRequest
     ) -> web.StreamResponse:
-        faults = parse_faults(inputs.prompt)
+        faults = parse_faults(inputs.prompt, vendor=VENDOR)
         sandbox = self._sandbox
         if faults.down:
             return _error(503, "UNAVAILABLE", "The model is overloaded. Please try again later.")

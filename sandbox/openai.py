@@ -410,7 +410,7 @@ class OpenAIApi:
         request_id: str,
         started: float,
     ) -> web.StreamResponse:
-        faults = parse_faults(params.prompt)
+        faults = parse_faults(params.prompt, vendor=VENDOR)
         self._refuse_by_fault(faults, params, request_id)
         await asyncio.sleep(self._sandbox.latency_s + faults.slow_s)
         if faults.moderated_output:

@@ -104,10 +104,10 @@ async def _budget(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             print(f"{args.account}: ${balance / 1e6:.6f}")
         elif args.action == "show":
-            balance = await store.budget(args.account)
+            current = await store.budget(args.account)
             print(
                 f"{args.account}: "
-                + ("unlimited (no budget)" if balance is None else f"${balance / 1e6:.6f}")
+                + ("unlimited (no budget)" if current is None else f"${current / 1e6:.6f}")
             )
         elif args.action == "remove":
             removed = await store.remove_budget(args.account)

@@ -26,6 +26,7 @@ from sandbox import Sandbox
 from server import tracing
 from server.auth import LOCAL_ACCOUNT, Authenticator
 from server.blobs import MeasuredBlobStore, image_urls
+from server.breakers import Breakers
 from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness
 from server.http import http_routes
@@ -41,7 +42,9 @@ from server.sweeper import Sweeper
 from server.worker import Worker, WorkerPolicy
 from storage import migrate
 from storage.blobs import LocalBlobStore, S3Options, open_blob_store
+from storage.breakers import BreakerPolicy, SqlBreakers
 from storage.db import is_postgres, make_engine
+from storage.errors import StorageError
 from storage.jobs import SqlJobStore
 from storage.listener import PgListener
 from storage.port import ConcurrencyCap, JobStore
@@ -70,6 +73,7 @@ class App:
     readiness: Readiness
     catalog: Catalog
     lifecycle: LifecycleWatcher | None = None
+    breakers: Breakers | None = None
 
     @property
     def grpc_target(self) -> str:
@@ -175,7 +179,9 @@ async def running_app(
             tracing.instrument_engine(engine)
         if migrate_schema:
             await migrate.upgrade(engine)
-        store = SqlJobStore(engine)
+        store = SqlJobStore(
+            engine, linger_s=settings.group_commit_linger_s, saturated_share=settings.saturated_share
+        )
         stack.push_async_callback(store.close)  # before the engine is disposed of: its writers' connections
         blobs = MeasuredBlobStore(open_blob_store(settings.blob_url, s3=s3_options(settings)), metrics)
         stack.push_async_callback(blobs.close)
@@ -242,6 +248,21 @@ async def running_app(
         if providers is None:
             providers = build_providers(settings, session_for, sandbox, references, catalog)
 
+        breakers = Breakers(
+            SqlBreakers(
+                engine,
+                BreakerPolicy(
+                    failure_ratio=settings.breaker_failure_ratio,
+                    min_requests=settings.breaker_min_requests,
+                    window_s=settings.breaker_window_s,
+                    cooldown_s=settings.breaker_cooldown_s,
+                    probes=settings.breaker_probes,
+                ),
+            ),
+            VENDORS,
+            metrics,
+            refresh_s=settings.breaker_refresh_s,
+        )
         worker: Worker | None = None
         if settings.role in ("all", "worker"):
             worker = Worker(
@@ -250,6 +271,7 @@ async def running_app(
                 providers,
                 metrics,
                 catalog=catalog,
+                breakers=breakers,
                 policy=WorkerPolicy(
                     concurrency=settings.worker_concurrency,
                     lease_s=settings.lease_s,
@@ -295,7 +317,9 @@ async def running_app(
         reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3), blobs=blobs)
         sweeper = Sweeper(deleter, blobs, metrics, interval_s=settings.sweep_interval_s)
         lifecycle = _lifecycle_watcher(settings, catalog, metrics, session_for, sandbox)
-        backgrounds = [readiness.run(), sampler.run(), reaper.run(), sweeper.run()]
+        with contextlib.suppress(StorageError):  # unreachable: readiness says so; the loop retries
+            await breakers.refresh()
+        backgrounds = [readiness.run(), sampler.run(), reaper.run(), breakers.run(), sweeper.run()]
         if lifecycle is not None:
             # At start, before the API serves: the vendor's dates decide the first submits too.
             await lifecycle.refresh_logged()
@@ -324,6 +348,7 @@ async def running_app(
                     providers,
                     metrics,
                     catalog=catalog,
+                    breakers=breakers,
                     reference_allow=parse_networks(settings.reference_allow_networks),
                     deadline_s=settings.job_deadline_s,
                     auth=authenticator,
@@ -338,10 +363,10 @@ async def running_app(
                         pending_estimate=lambda: sampler.pending,
                     ),
                 ),
-                registrar,
+                registrar,  # type: ignore[arg-type]  # the generated function uses add_generic_rpc_handlers only
             )
             services.append(SERVICE_NAME)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)  # type: ignore[arg-type]
         add_reflection(services, registrar)
         grpc_port = _listen(server, settings)
         if grpc_port == 0:
@@ -368,6 +393,7 @@ async def running_app(
             readiness=readiness,
             catalog=catalog,
             lifecycle=lifecycle,
+            breakers=breakers,
         )
         log.info(
             "serving gRPC on %s and HTTP on %s (role %s, database %s)",
@@ -418,10 +444,9 @@ def freeze_startup_heap() -> None:
     """Put what the process built at start-up out of the cyclic collector's sight, for good.
 
     For a process that serves until it stops: modules, the gRPC server, pools and caches live as long as
-    it does, yet every full collection scanned them again, and under load those collections paused the
-    event loop 57 to 86 ms (measured in the submit benchmark, where they set the p99 at half the maximum
-    rate). Frozen, they are skipped; reference counting still frees them. Not for tests, which start
-    many apps in one process and need theirs collected.
+    it does, yet every full collection scans them again, and under load those collections pause the
+    event loop long enough to set the tail latency. Frozen, they are skipped; reference counting still
+    frees them. Not for tests, which start many apps in one process and need theirs collected.
     """
     gc.collect()
     gc.freeze()
@@ -434,11 +459,8 @@ class _Registrar:
     grpc.aio accepts each call of a *registered* method through `asyncio.wait` over one outstanding
     request per registered method (and one for the rest), each re-armed after its call: the cost of
     accepting every call grows with the methods registered. As generic handlers the same handlers
-    are found by name, and every call is accepted through a single outstanding request. With this
-    server's 11 (its own, health's and reflection's), counted with callgrind over 2,000 submits, the
-    server process spent 1,349k instructions per submit registered and 1,282k generic; two callgrind runs
-    of one version later differed by 4% (its batches are smaller than at saturation; see README), so
-    the count is a sign of the saving rather than its size. The echo alone counted 524k and 484k.
+    are found by name, and every call is accepted through a single outstanding request (this server
+    has 11 methods: its own, health's and reflection's).
     """
 
     def __init__(self, server: grpc.aio.Server, metrics: GrpcMetrics) -> None:

@@ -37,7 +37,7 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
         return None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    # What Timestamp.FromDatetime computes, at a third of its cost (it runs in Python, twice per Job)
+    # What Timestamp.FromDatetime computes, at a fraction of its cost (it runs in Python, twice per Job)
     since = value - _EPOCH
     return timestamp_pb2.Timestamp(
         seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1_000
@@ -74,7 +74,14 @@ def job_to_pb(job: Job, signer: ImageUrls) -> pb.Job:
         account_id=job.account_id,
         expire_time=timestamp(job.expire_time),
         served_model=job.served_model,
+        served_provider=job.serving_provider,
     )
+    if spec.fallback_providers:
+        message.fallback_providers.extend(spec.fallback_providers)
+        message.fallback_on_moderation = spec.fallback_on_moderation
+        for name, fallback_options in spec.fallback_options.items():
+            if fallback_options:
+                json_format.ParseDict(dict(fallback_options), message.fallback_provider_options[name])
     if spec.labels:  # building a protobuf map costs even when empty: most jobs have no labels
         message.labels.update(spec.labels)
     if spec.provider_options:

@@ -27,7 +27,7 @@ def add_reflection(services: Sequence[str], server: Registrar) -> None:
     """Serve reflection of `services` (the reflection services' own names included) on `server`."""
     servicer = reflection.aio.ReflectionServicer(list(services))
     # what `reflection.enable_server_reflection` does for a grpc.aio server, which `server` may not be
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)  # type: ignore[arg-type]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     _register_v1_descriptor()
     v1 = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,

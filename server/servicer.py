@@ -25,6 +25,7 @@ from providers.catalog import CATALOG, Catalog, CostQuery
 from providers.references import IPNetwork
 from server import tracing
 from server.auth import Authenticator
+from server.breakers import Breakers
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, EventEncoder, event_to_pb, job_to_pb, timestamp
 from server.errors import Overloaded, ServiceError, abort_with, status_for
 from server.files import ImageUrls
@@ -52,7 +53,7 @@ _EXACT_COUNT_MARGIN = 1_000
 #: a WatchJobs stream that falls this far behind is ended (the client reconnects)
 WATCH_JOBS_MAX_QUEUED = 10_000
 
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
 
 
@@ -112,11 +113,13 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         admission: Admission | None = None,
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
+        breakers: Breakers | None = None,
         max_watch_streams_per_caller: int = 0,
         blobs: BlobStore | None = None,
         deleter: JobDeleter | None = None,
         retention_s: float | None = None,
     ) -> None:
+        self._breakers = breakers
         self._store = store
         self._hub = hub
         self._signer = signer
@@ -143,11 +146,12 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         valid = validate_generate(request, reference_allow=self._reference_allow, catalog=self._catalog)
         if valid.refusal is not None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, valid.refusal)
-        if valid.spec.provider not in self._providers:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"provider {valid.spec.provider} is not configured on this server (set its API key)",
-            )
+        for name in valid.spec.chain:
+            if name not in self._providers:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"provider {name} is not configured on this server (set its API key)",
+                )
         new = NewJob(
             account_id=account,
             spec=valid.spec,
@@ -174,6 +178,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                 deadline_at=now,
                 expire_time=now + timedelta(seconds=new.expire_after_s) if new.expire_after_s else None,
                 served_model=valid.served_model,
+                active_provider=valid.spec.provider,
             )
             message = job_to_pb(preview, self._signer)
             message.ClearField("id")
@@ -308,9 +313,20 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     served_model=model.vendor_model,
                     alias_of=entry.alias_of or "",
                     lifecycle_source=life.source,
+                    **self._health(model.vendor),
                 )
             )
         return pb.ListProvidersResponse(providers=providers)
+
+    def _health(self, vendor: str) -> dict[str, Any]:
+        """The Provider fields of the vendor's circuit breaker, as this replica last read it."""
+        if self._breakers is None:
+            return {"breaker_state": "closed"}
+        state = self._breakers.state(vendor)
+        health: dict[str, Any] = {"breaker_state": state.state, "failure_ratio": state.failure_ratio}
+        if state.state != "closed" and state.probe_at is not None:
+            health["breaker_probe_time"] = timestamp(state.probe_at)
+        return health
 
     # ------------------------------------------------------------ streams
 
@@ -343,6 +359,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                     last = job if job.version == request.after_version else None
                     if last is None:  # events were not written for this range: cannot resume
                         raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, "no events to resume from")
+            assert last is not None  # each branch above found the job's latest state, or raised
             subscription.seen_version = last.version
             while not last.status.terminal:
                 item = await subscription.queue.get()

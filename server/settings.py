@@ -103,6 +103,16 @@ class Settings:
     max_submits_per_minute_per_account: int = 0
     retry_base_s: float = 1.0
     retry_max_s: float = 30.0
+    #: circuit breakers, one per vendor, shared by every replica: a vendor's breaker opens when at least
+    #: BREAKER_MIN_REQUESTS requests in a BREAKER_WINDOW_S window were counted and this share of them failed
+    breaker_failure_ratio: float = 0.5
+    breaker_min_requests: int = 10
+    breaker_window_s: float = 60.0
+    #: how long an open breaker stays open before BREAKER_PROBES requests (across replicas) test the vendor
+    breaker_cooldown_s: float = 30.0
+    breaker_probes: int = 1
+    #: how often each replica adds its counts to the shared breakers and reads them back
+    breaker_refresh_s: float = 1.0
     watch_heartbeat_s: float = 15.0
     #: WatchJob and WatchJobs streams one caller (token) may hold open in this process (0: no cap)
     max_watch_streams_per_caller: int = 1_000
@@ -113,6 +123,12 @@ class Settings:
     bfl_poll_interval_s: float = 1.0
     #: BFL: polls one process makes a second at most, shared by its tasks (past it, each is polled less often)
     bfl_max_polls_per_s: float = 250.0
+    #: while a process's event loop is saturated, how long a submit waits for others to share its commit
+    #: (0: never; lower it where the tail at moderate load matters more than peak throughput)
+    group_commit_linger_s: float = 0.003
+    #: the share of wall time the event loop's thread must lately have been runnable (on a core or waiting
+    #: for one) to count as saturated, which starts the linger above
+    saturated_share: float = 0.8
     #: auto: serve vendors without a key from the in-process sandbox; off: leave them unconfigured
     sandbox: str = "auto"
     #: the model catalog (TOML); default: the one shipped in providers/catalog.toml
@@ -174,7 +190,8 @@ class Settings:
         if self.blob_dir is None:
             changes["blob_dir"] = self.data_dir / "blobs"
         if not self.blob_url:
-            changes["blob_url"] = f"file://{(changes.get('blob_dir') or self.blob_dir).resolve()}"
+            blob_dir: Path = changes.get("blob_dir") or self.blob_dir or self.data_dir / "blobs"
+            changes["blob_url"] = f"file://{blob_dir.resolve()}"
         return dataclasses.replace(self, **changes) if changes else self
 
     def _check_values(self) -> None:
@@ -184,7 +201,13 @@ class Settings:
             raise SettingsError(f"{PREFIX}LOG_FORMAT must be json or text, not {self.log_format!r}")
         if self.sandbox not in ("auto", "off"):
             raise SettingsError(f"{PREFIX}SANDBOX must be auto or off, not {self.sandbox!r}")
-        for name in ("worker_concurrency", "max_attempts", "db_pool_size"):
+        for name in (
+            "worker_concurrency",
+            "max_attempts",
+            "db_pool_size",
+            "breaker_min_requests",
+            "breaker_probes",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be at least 1")
         for name in (
@@ -198,9 +221,18 @@ class Settings:
             "s3_timeout_s",
             "sweep_interval_s",
             "lifecycle_refresh_s",
+            "breaker_window_s",
+            "breaker_cooldown_s",
+            "breaker_refresh_s",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()} must be positive")
+        if self.group_commit_linger_s < 0:
+            raise SettingsError(f"{PREFIX}GROUP_COMMIT_LINGER_S must not be negative")
+        if not 0 < self.saturated_share <= 1:
+            raise SettingsError(f"{PREFIX}SATURATED_SHARE must be in (0, 1]")
+        if not 0 < self.breaker_failure_ratio <= 1:
+            raise SettingsError(f"{PREFIX}BREAKER_FAILURE_RATIO must be in (0, 1]")
         self.vendor_caps()  # raises on a malformed value
         if self.retention_days < 0:
             raise SettingsError(f"{PREFIX}RETENTION_DAYS must be 0 (keep forever) or more")

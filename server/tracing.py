@@ -112,7 +112,9 @@ async def _shutdown(provider: TracerProvider) -> None:
 # ---------------------------------------------------------------- gRPC server spans
 
 
-def traced_handler(handler: grpc.RpcMethodHandler, service: str, method: str) -> grpc.RpcMethodHandler:
+def traced_handler(
+    handler: grpc.RpcMethodHandler[Any, Any], service: str, method: str
+) -> grpc.RpcMethodHandler[Any, Any]:
     """`handler` with a server span around each call (unary) or until the stream is open (streams)."""
     name = f"{service}/{method}"
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}

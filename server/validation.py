@@ -29,6 +29,7 @@ MAX_LABELS = 32
 MAX_URL_CHARS = 2048
 MAX_SEED = 2**32 - 1
 MAX_TTL_S = 3650 * 86_400
+MAX_FALLBACKS = 4
 
 #: PostgreSQL text (and JSON) cannot hold NUL; nobody's prompt needs one
 _NUL = "must not contain NUL characters"
@@ -126,6 +127,9 @@ def validate_generate(
     options = (
         json_format.MessageToDict(request.provider_options) if request.HasField("provider_options") else {}
     )
+    fallback_ids = [name.strip() for name in request.fallback_providers]
+    # a key naming a fallback holds that fallback's own options, not one of the primary's
+    own_options = {key: options.pop(key) for key in fallback_ids if isinstance(options.get(key), dict)}
     options, option_violations = _check_options(limits, options) if options else ({}, [])
     labels = dict(request.labels)
 
@@ -146,6 +150,22 @@ def validate_generate(
         ttl_s, ttl_problem = _ttl(request.ttl)
         if ttl_problem:
             bad.append(FieldViolation("ttl", ttl_problem))
+    shape = _Shape(
+        width=width,
+        height=height,
+        variants=variants,
+        seed=seed,
+        format_value=request.output_format,
+        output_format=output_format,
+        references=len(references),
+        options=options,
+    )
+    fallbacks: list[tuple[ModelSpec, ModelSpec, dict[str, Any]]] = []
+    if fallback_ids:
+        fallbacks, fallback_violations = _check_fallbacks(
+            catalog, entry.id, fallback_ids, own_options, shape, today or utcnow().date()
+        )
+        bad += fallback_violations
     if bad:
         raise InvalidRequest(bad)
 
@@ -162,15 +182,14 @@ def validate_generate(
         reference_image_urls=references,
         provider_options=options,
         labels=labels,
+        fallback_providers=tuple(fb_entry.id for fb_entry, _, _ in fallbacks),
+        fallback_on_moderation=request.fallback_on_moderation and bool(fallbacks),
+        fallback_options={fb_entry.id: fb_options for fb_entry, _, fb_options in fallbacks},
     )
-    estimate = model.estimate_usd_micros(
-        CostQuery(
-            width=width,
-            height=height,
-            num_variants=variants,
-            reference_images=len(references),
-            options=options,
-        )
+    # A budget reserves the most expensive model of the chain; the job is billed at the one that served it.
+    estimate = max(
+        quote(chain_model, shape, chain_options)
+        for chain_model, chain_options in [(model, options), *((m, o) for _, m, o in fallbacks)]
     )
     return ValidatedRequest(
         spec=spec,
@@ -196,6 +215,92 @@ def _ttl(ttl: duration_pb2.Duration) -> tuple[float, str]:
     if seconds > MAX_TTL_S:
         return 0.0, f"must be at most {MAX_TTL_S // 86_400} days"
     return seconds, ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Shape:
+    """What a request asks of whichever model serves it."""
+
+    width: int
+    height: int
+    variants: int
+    seed: int | None
+    format_value: int
+    output_format: str | None
+    references: int
+    options: dict[str, Any]
+
+
+def quote(model: ModelSpec, shape: _Shape, options: dict[str, Any]) -> int:
+    """The model's quote for the request, in USD micros."""
+    return model.estimate_usd_micros(
+        CostQuery(
+            width=shape.width,
+            height=shape.height,
+            num_variants=shape.variants,
+            reference_images=shape.references,
+            options=options,
+        )
+    )
+
+
+def _check_fallbacks(
+    catalog: Catalog,
+    primary: str,
+    names: list[str],
+    own_options: dict[str, Any],
+    shape: _Shape,
+    today: date,
+) -> tuple[list[tuple[ModelSpec, ModelSpec, dict[str, Any]]], list[FieldViolation]]:
+    """Each fallback as (catalog entry, model serving it, its options), and why any cannot take the request.
+
+    A fallback must honour the whole request: nothing it cannot do is dropped or changed on the way.
+    """
+    bad: list[FieldViolation] = []
+    chain: list[tuple[ModelSpec, ModelSpec, dict[str, Any]]] = []
+    if len(names) > MAX_FALLBACKS:
+        bad.append(FieldViolation("fallback_providers", f"at most {MAX_FALLBACKS} fallbacks"))
+    seen = {primary}
+    for index, name in enumerate(names):
+        field = f"fallback_providers[{index}]"
+        if name not in catalog:
+            bad.append(FieldViolation(field, f"unknown provider {name!r}; one of {', '.join(catalog)}"))
+            continue
+        resolution = catalog.resolve(name, today)
+        entry, model = resolution.entry, resolution.model
+        if entry.id in seen:
+            bad.append(FieldViolation(field, f"{entry.id} is already in the chain"))
+            continue
+        seen.add(entry.id)
+        if resolution.refusal is not None:
+            bad.append(FieldViolation(field, resolution.refusal))
+            continue
+        limits = replace(model, id=entry.id) if entry.alias_of else model
+        own = own_options.get(name)
+        options, option_bad = _check_options(limits, dict(own if own is not None else shape.options))
+        problems = [
+            *_shape_violations(limits, shape.width, shape.height, shape.variants),
+            *_feature_violations(limits, shape.seed, shape.format_value, shape.output_format),
+        ]
+        if shape.references > limits.max_reference_images:
+            problems.append(
+                FieldViolation(
+                    "reference_image_urls",
+                    f"{entry.id} takes no reference images"
+                    if limits.max_reference_images == 0
+                    else f"{entry.id} takes at most {limits.max_reference_images} reference images, "
+                    f"got {shape.references}",
+                )
+            )
+        for problem in option_bad:
+            hint = "" if own is not None else f" (give its own options as provider_options.{entry.id})"
+            problems.append(FieldViolation(problem.field, problem.description + hint))
+        bad += [
+            FieldViolation(field, f"{entry.id} cannot take this request's {p.field}: {p.description}")
+            for p in problems
+        ]
+        chain.append((entry, model, options))
+    return chain, bad
 
 
 def _text_violations(raw_prompt: str, prompt: str, negative: str) -> list[FieldViolation]:

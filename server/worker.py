@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from providers.base import (
@@ -25,9 +26,10 @@ from providers.base import (
     InvalidProviderResponse,
     ProviderError,
 )
-from providers.catalog import CATALOG, Catalog
+from providers.catalog import CATALOG, Catalog, CostQuery
 from providers.imaging import FittedImage, fit_image
 from server import tracing
+from server.breakers import GO, Admission, Breakers, counts_against_vendor
 from server.metrics import ServiceMetrics
 from storage.blobs import BlobStore, attempt_prefix, image_key
 from storage.errors import (
@@ -116,8 +118,10 @@ class Worker:
         policy: WorkerPolicy,
         owner: str | None = None,
         catalog: Catalog = CATALOG,
+        breakers: Breakers | None = None,
     ) -> None:
         self._catalog = catalog
+        self._breakers = breakers
         self._store = store
         self._blobs = blobs
         self._providers = providers
@@ -232,9 +236,7 @@ class Worker:
                     )
                     task = asyncio.create_task(self._execute(job), name=f"job-{job.id}")
                     self._running[job.id] = task
-                    task.add_done_callback(
-                        lambda _t, job_id=job.id, provider=job.spec.provider: self._finished(job_id, provider)
-                    )
+                    task.add_done_callback(functools.partial(self._finished, job.id, job.spec.provider))
             if claimed and len(claimed) == min(free, self._policy.claim_batch):
                 continue  # there may be more due jobs right now
             await self._idle(self._policy.poll_interval_s)
@@ -245,7 +247,7 @@ class Worker:
                 await self._wake.wait()
         self._wake.clear()
 
-    def _finished(self, job_id: uuid.UUID, provider: str) -> None:
+    def _finished(self, job_id: uuid.UUID, provider: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
         self._metrics.in_flight.labels(provider).dec()
         if not self._stopping:
@@ -323,16 +325,16 @@ class Worker:
             log.warning("job %s attempt %s: database unreachable (%s)", job.id, job.attempt, exc)
 
     async def _run(self, job: Job, fence: Fence) -> None:
-        spec = job.spec
         now = utcnow()
         if now >= job.deadline_at:
             await self._fail(
                 job, fence, JobError(code="DEADLINE_EXCEEDED", message="the job deadline passed")
             )
             return
-        if job.attempt > self._policy.max_attempts:
+        active = job.serving_provider
+        if job.model_attempt > self._policy.max_attempts:
             last = job.error.message if job.error else "no attempt finished"
-            await self._fail(
+            await self._cannot_run(
                 job,
                 fence,
                 JobError(
@@ -340,35 +342,46 @@ class Worker:
                     message=f"gave up after {self._policy.max_attempts} attempts; last: {last}",
                     retryable=True,
                 ),
+                "attempts_spent",
             )
             return
-        provider = self._providers.get(spec.provider)
+        provider = self._providers.get(active)
         if provider is None:
-            await self._fail(
-                job,
-                fence,
-                JobError(
-                    code="PROVIDER_UNAVAILABLE",
-                    message=f"{spec.provider} is not configured on this server",
-                    retryable=True,
-                ),
+            error = JobError(
+                code="PROVIDER_UNAVAILABLE",
+                message=f"{active} is not configured on this server",
+                retryable=True,
             )
+            await self._cannot_run(job, fence, error, "not_configured")
             return
-        if spec.provider not in self._catalog:
+        if active not in self._catalog:
             # The operator's catalog dropped the id after the job was accepted: nothing can serve it.
-            await self._fail(
-                job,
-                fence,
-                JobError(code="MODEL_UNAVAILABLE", message=f"{spec.provider} is no longer in the catalog"),
-            )
+            error = JobError(code="MODEL_UNAVAILABLE", message=f"{active} is no longer in the catalog")
+            await self._cannot_run(job, fence, error, "model_unavailable")
             return
+        admission = GO
+        # A job holding a vendor task (a checkpoint) resumes it whatever the breaker says: it was paid for.
+        if self._breakers is not None and not job.provider_state:
+            vendor = self._catalog.serving(active).vendor
+            admission = await self._breakers.admit(vendor)  # a dict lookup while the breaker is closed
+            if admission.wait_until is not None:
+                await self._vendor_down(job, fence, vendor, admission.wait_until)
+                return
         request = _generation_request(job, self._catalog)
         remaining = (job.deadline_at - now).total_seconds()
         try:
             async with asyncio.timeout(remaining):
-                result = await provider.generate(
-                    request, _Checkpoint(self._store, fence, lease_s=self._policy.lease_s)
-                )
+                try:
+                    result = await provider.generate(
+                        request, _Checkpoint(self._store, fence, lease_s=self._policy.lease_s)
+                    )
+                except ProviderError as exc:
+                    await self._record(active, admission, failed=counts_against_vendor(exc))
+                    raise
+                except TimeoutError:
+                    await self._record(active, admission, failed=admission.probe)
+                    raise
+                await self._record(active, admission, failed=False)
                 fitted = await self._fit_images(job, result)
         except TimeoutError:
             await self._fail(
@@ -397,7 +410,7 @@ class Worker:
                 ),
             )
             return
-        cost = result.cost_usd_micros if result.cost_usd_micros is not None else job.estimated_cost_usd_micros
+        cost = result.cost_usd_micros if result.cost_usd_micros is not None else self._quote(job)
         try:
             done = await self._durably(
                 fence, lambda: self._store.complete(fence, images=images, cost_usd_micros=cost)
@@ -514,18 +527,106 @@ class Worker:
                 attempt_prefix(job.account_id, job.spec.folder_id, job.id, job.attempt)
             )
 
+    def _quote(self, job: Job) -> int:
+        """The quote of the model that served the job (with fallbacks, the job's own is the chain's most)."""
+        spec = job.spec
+        if not spec.fallback_providers:
+            return job.estimated_cost_usd_micros
+        active = job.serving_provider
+        query = CostQuery(
+            width=spec.width,
+            height=spec.height,
+            num_variants=spec.num_variants,
+            reference_images=len(spec.reference_image_urls),
+            options=spec.options_for(active),
+        )
+        return self._catalog.serving(active).estimate_usd_micros(query)
+
+    async def _record(self, provider: str, admission: Admission, *, failed: bool) -> None:
+        if self._breakers is not None:
+            await self._breakers.record(self._catalog.serving(provider).vendor, admission, failed)
+
+    # ------------------------------------------------------------ fallbacks
+
+    async def _cannot_run(self, job: Job, fence: Fence, error: JobError, reason: str) -> None:
+        """The job's model cannot serve it: the next model of its chain, or failure."""
+        following = _next_model(job)
+        if following is None:
+            await self._fail(job, fence, error)
+        else:
+            why = f"{job.serving_provider}: {error.message} ({error.code})"
+            await self._switch(job, fence, following, reason, why, error)
+
+    async def _vendor_down(self, job: Job, fence: Fence, vendor: str, until: datetime) -> None:
+        """The vendor's breaker is open: on to the next model, or wait without spending an attempt."""
+        following = _next_model(job)
+        if following is not None:
+            await self._switch(
+                job, fence, following, "breaker_open", f"{vendor} unavailable (breaker open)", None
+            )
+            return
+        at = min(until, job.deadline_at)
+        error = JobError(code="BREAKER_OPEN", message=f"{vendor} unavailable (breaker open)", retryable=True)
+        message = f"waiting: {vendor} unavailable (breaker open); trying again at {at:%H:%M:%S} UTC"
+        await self._durably(
+            fence,
+            lambda: self._store.wait_for_vendor(
+                fence, at=at, error=error, message=message, attempt_base=job.attempt_base + 1
+            ),
+        )
+        log.info("job waits for its vendor", extra=_fields(job, "waiting", vendor=vendor))
+        delay = max(0.0, (at - utcnow()).total_seconds())
+        asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    async def _switch(
+        self, job: Job, fence: Fence, following: str, reason: str, why: str, error: JobError | None
+    ) -> None:
+        spec = job.spec
+        served = (
+            self._catalog.serving(following).vendor_model_for(spec.options_for(following))
+            if following in self._catalog
+            else ""
+        )
+        message = f"{why}; continuing on {following}"
+        await self._durably(
+            fence,
+            lambda: self._store.switch_model(
+                fence, provider=following, served_model=served, error=error, message=message
+            ),
+        )
+        self._metrics.fallbacks.labels(job.serving_provider, following, reason).inc()
+        log.info("job falls back", extra=_fields(job, "fallback", fallback=following, reason=reason))
+        self._wake.set()
+
+    def _fallback_reason(self, job: Job, exc: ProviderError) -> str | None:
+        """Why this failure moves the job to its next model, or None if it does not."""
+        if exc.code in ("MODEL_UNAVAILABLE", "PROVIDER_AUTH"):
+            return exc.code.lower()
+        if exc.code == "CONTENT_MODERATED":
+            return "content_moderated" if job.spec.fallback_on_moderation else None
+        if exc.retryable and job.model_attempt >= self._policy.max_attempts:
+            return "attempts_spent"
+        return None
+
     async def _provider_failed(self, job: Job, fence: Fence, exc: ProviderError) -> None:
         error = JobError(code=exc.code, message=exc.message, retryable=exc.retryable)
+        if job.spec.fallback_providers and (following := _next_model(job)) is not None:
+            reason = self._fallback_reason(job, exc)
+            if reason is not None:
+                spent = f" after {job.model_attempt} attempts" if reason == "attempts_spent" else ""
+                why = f"{job.serving_provider} failed{spent}: {exc.message} ({exc.code})"
+                await self._switch(job, fence, following, reason, why, error)
+                return
         if not exc.retryable:
             await self._fail(job, fence, error)
             return
-        if job.attempt >= self._policy.max_attempts:
+        if job.model_attempt >= self._policy.max_attempts:
             await self._fail(
                 job,
                 fence,
                 JobError(
                     code=exc.code,
-                    message=f"{exc.message} (gave up after {job.attempt} attempts)",
+                    message=f"{exc.message} (gave up after {job.model_attempt} attempts)",
                     retryable=True,
                 ),
             )
@@ -545,7 +646,7 @@ class Worker:
             return
         message = (
             f"retrying in {delay:.1f} s after: {exc.message} "
-            f"(attempt {job.attempt + 1} of {self._policy.max_attempts})"
+            f"(attempt {job.model_attempt + 1} of {self._policy.max_attempts})"
         )
         await self._durably(
             fence, lambda: self._store.retry_later(fence, error=error, at=at, message=message)
@@ -643,9 +744,17 @@ def _fields(job: Job, outcome: str, **extra: Any) -> dict[str, Any]:
     return fields
 
 
+def _next_model(job: Job) -> str | None:
+    """The model after the one the job is on, in its chain; None at the end."""
+    chain = job.spec.chain
+    position = chain.index(job.serving_provider) if job.serving_provider in chain else len(chain)
+    return chain[position + 1] if position + 1 < len(chain) else None
+
+
 def _generation_request(job: Job, catalog: Catalog) -> GenerationRequest:
     spec = job.spec
-    model = catalog.serving(spec.provider)
+    active = job.serving_provider
+    model = catalog.serving(active)
     prompt, negative = spec.prompt, spec.negative_prompt or None
     if negative and not model.supports_negative_prompt:
         # No model of the catalog takes a negative prompt natively; saying it in the prompt is what
@@ -653,7 +762,7 @@ def _generation_request(job: Job, catalog: Catalog) -> GenerationRequest:
         prompt, negative = f"{prompt}\n\nAvoid: {negative}", None
     return GenerationRequest(
         job_id=str(job.id),
-        model=spec.provider,
+        model=active,
         prompt=prompt,
         width=spec.width,
         height=spec.height,
@@ -662,7 +771,7 @@ def _generation_request(job: Job, catalog: Catalog) -> GenerationRequest:
         seed=spec.seed,
         output_format=spec.output_format,
         reference_image_urls=spec.reference_image_urls,
-        options=spec.provider_options,
+        options=spec.options_for(active),
         resume_state=job.provider_state,
         spec=model,
         # what the job was accepted for, even if the catalog has moved on since

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 import obstore
@@ -26,6 +26,9 @@ from obstore.store import S3Store
 
 from storage.errors import BlobExists, BlobNotFound, BlobStoreUnavailable
 from storage.models import ROOT_FOLDER
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, S3Config
 
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
@@ -123,7 +126,8 @@ class LocalBlobStore:
 
     async def size(self, key: str) -> int:
         """The size of `key`'s file."""
-        return int((await self._io(self.path(key).stat, missing=key)).st_size)
+        stat: os.stat_result = await self._io(self.path(key).stat, missing=key)
+        return stat.st_size
 
     async def delete_prefix(self, prefix: str) -> None:
         """Remove the directory of `prefix` and everything below it."""
@@ -135,7 +139,8 @@ class LocalBlobStore:
 
     async def remove_temporaries(self, older_than_s: float) -> int:
         """Delete `.name.hex.tmp` files older than `older_than_s` (a put that crashed mid-write)."""
-        return await self._io(self._remove_temporaries, time.time() - older_than_s)
+        removed: int = await self._io(self._remove_temporaries, time.time() - older_than_s)
+        return removed
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -266,7 +271,7 @@ class S3BlobStore:
             )
         )
 
-    def _config(self, endpoint: str) -> dict[str, Any]:
+    def _config(self, endpoint: str) -> S3Config:
         config: dict[str, Any] = {}
         if endpoint:
             config["endpoint"] = endpoint.rstrip("/")
@@ -280,10 +285,10 @@ class S3BlobStore:
         ):
             if value:
                 config[key] = value
-        return config
+        return cast("S3Config", config)
 
     @staticmethod
-    def _client(endpoint: str, timeout_s: float) -> dict[str, Any]:
+    def _client(endpoint: str, timeout_s: float) -> ClientConfig:
         return {
             "allow_http": endpoint.startswith("http://"),
             "timeout": timedelta(seconds=timeout_s),
@@ -360,11 +365,11 @@ class _ObstoreErrors:
     async def __aenter__(self) -> None:
         return None
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any) -> bool:
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any) -> None:
         if exc is None or not isinstance(exc, Exception):
-            return False
+            return
         if isinstance(exc, BlobKeyError):
-            return False
+            return
         if isinstance(exc, AlreadyExistsError | PreconditionError | FileExistsError):
             raise BlobExists(self._key) from exc
         if isinstance(exc, NotFoundError | FileNotFoundError):

@@ -29,7 +29,15 @@ canonical_json = json.JSONEncoder(
 
 def spec_hash(spec: JobSpec) -> str:
     """A digest of the canonical request, to tell a retried submit from a different one."""
-    return hashlib.sha256(canonical_json(spec.to_json()).encode()).hexdigest()
+    canonical = spec.to_json()
+    if not spec.fallback_providers:
+        # the digest of a request without fallbacks is what it was before they existed
+        for key in _FALLBACK_KEYS:
+            del canonical[key]
+    return hashlib.sha256(canonical_json(canonical).encode()).hexdigest()
+
+
+_FALLBACK_KEYS = ("fallback_providers", "fallback_on_moderation", "fallback_options")
 
 
 #: the jobs columns kept as JSON
@@ -37,7 +45,16 @@ JSON_COLUMNS = frozenset(column.name for column in jobs.c if isinstance(column.t
 
 #: the jobs columns a fenced transition may set that are Job fields of the same name and value
 PLAIN_TRANSITION_COLUMNS = frozenset(
-    ("cost_usd_micros", "end_time", "lease_owner", "lease_expires_at", "next_attempt_at")
+    (
+        "cost_usd_micros",
+        "end_time",
+        "lease_owner",
+        "lease_expires_at",
+        "next_attempt_at",
+        "active_provider",
+        "attempt_base",
+        "served_model",
+    )
 )
 
 
@@ -65,6 +82,7 @@ CREATED_ALIKE = (
     "version",
     "attempt",
     "images",
+    "attempt_base",
     "cost_usd_micros",
     "reserved_usd_micros",
 )
@@ -89,6 +107,7 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         # per job: an alias's or a deprecation's notice rides on its first event
         "message": job.message,
         "served_model": job.served_model,
+        "active_provider": job.active_provider,
         "create_time": created,
         "update_time": created,
         "next_attempt_at": created,
@@ -102,7 +121,7 @@ def notice(job: Job) -> JobNotice:
     return JobNotice(job_id=job.id, version=job.version, status=job.status, account_id=job.account_id)
 
 
-def notice_from_row(row: Row[Any]) -> JobNotice:
+def notice_from_row(row: Row[Any, Any, Any, Any]) -> JobNotice:
     """`notice` from a row of (id, version, status, account_id)."""
     return JobNotice(
         job_id=row.id, version=row.version, status=JobStatus(row.status), account_id=row.account_id
@@ -128,6 +147,8 @@ def job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "cost_usd_micros": 0,
         "reserved_usd_micros": job.reserved_usd_micros,
         "served_model": job.served_model,
+        "active_provider": job.active_provider,
+        "attempt_base": job.attempt_base,
         "create_time": job.create_time,
         "update_time": job.update_time,
         "expire_time": job.expire_time,
@@ -150,6 +171,9 @@ def spec_values(spec: JobSpec) -> dict[str, Any]:
         "reference_image_urls": list(spec.reference_image_urls),
         "provider_options": dict(spec.provider_options),
         "labels": dict(spec.labels),
+        "fallback_providers": list(spec.fallback_providers),
+        "fallback_on_moderation": spec.fallback_on_moderation,
+        "fallback_options": {key: dict(value) for key, value in spec.fallback_options.items()},
     }
 
 
@@ -178,6 +202,9 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
             reference_image_urls=tuple(m["reference_image_urls"]),
             provider_options=m["provider_options"],
             labels=m["labels"],
+            fallback_providers=tuple(m["fallback_providers"]),
+            fallback_on_moderation=m["fallback_on_moderation"],
+            fallback_options=m["fallback_options"],
         ),
         request_id=m["request_id"] or "",
         images=tuple(StoredImage.from_json(image) for image in m["images"]),
@@ -199,6 +226,8 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         message=m["message"],
         expire_time=m.get("expire_time"),
         served_model=m["served_model"],
+        active_provider=m["active_provider"],
+        attempt_base=m["attempt_base"],
         trace_context=m["trace_context"],
     )
 
@@ -227,6 +256,8 @@ def job_to_json(job: Job) -> dict[str, Any]:
         "message": job.message,
         "expire_time": job.expire_time.isoformat() if job.expire_time else None,
         "served_model": job.served_model,
+        "active_provider": job.active_provider,
+        "attempt_base": job.attempt_base,
     }
 
 
@@ -234,6 +265,7 @@ def job_from_json(data: Mapping[str, Any]) -> Job:
     """Inverse of `job_to_json`."""
     spec = dict(data["spec"])
     spec["reference_image_urls"] = tuple(spec["reference_image_urls"])
+    spec["fallback_providers"] = tuple(spec.get("fallback_providers", ()))
     error = data["error"]
 
     def when(key: str) -> datetime | None:
@@ -261,6 +293,8 @@ def job_from_json(data: Mapping[str, Any]) -> Job:
         expire_time=when("expire_time") if "expire_time" in data else None,
         # events written before the column existed have none
         served_model=data.get("served_model", ""),
+        active_provider=data.get("active_provider", ""),
+        attempt_base=data.get("attempt_base", 0),
     )
 
 

@@ -143,7 +143,8 @@ async def unavailable_on_connection_errors() -> AsyncIterator[None]:
             or _is_connection_error(exc)
         ):
             raise StoreUnavailable(f"database unreachable: {exc.orig!s}") from exc
-        raise_if_schema_behind(exc.orig)
+        if exc.orig is not None:
+            raise_if_schema_behind(exc.orig)
         raise
     except (OSError, TimeoutError, sqlalchemy.exc.TimeoutError) as exc:
         raise StoreUnavailable(f"database unreachable: {exc!s}") from exc
@@ -179,7 +180,9 @@ async def _discard_if_broken(conn: AsyncConnection, exc: sqlalchemy.exc.DBAPIErr
 
 
 def _is_connection_error(exc: sqlalchemy.exc.DBAPIError) -> bool:
-    cause = getattr(exc.orig, "__cause__", None)
+    if exc.orig is None:
+        return False
+    cause = exc.orig.__cause__
     return is_lost_connection(exc.orig) or (cause is not None and is_lost_connection(cause))
 
 

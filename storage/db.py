@@ -56,7 +56,7 @@ def make_engine(
         parsed,
         # A fixed set of connections: an overflow connection is opened for one checkout and closed at its
         # return, and under load that churn (a PostgreSQL backend forked, asyncpg's type introspection,
-        # SQLAlchemy's codec set-up, for each) held every submit about a second in the pipeline benchmark.
+        # SQLAlchemy's codec set-up, for each) stalls every submit behind it.
         # Past `pool_size`, callers queue for a connection (up to `pool_timeout`) instead.
         pool_size=pool_size,
         max_overflow=0,
@@ -83,7 +83,7 @@ def _discard_confused_connections(engine: AsyncEngine) -> None:
     def is_disconnect_or_confused(error: Any, connection: Any, cursor: Any) -> bool:
         return is_disconnect(error, connection, cursor) or "another operation is in progress" in str(error)
 
-    dialect.is_disconnect = is_disconnect_or_confused  # type: ignore[method-assign]
+    dialect.is_disconnect = is_disconnect_or_confused  # type: ignore[method-assign,assignment]
 
 
 class _PrePing:
@@ -97,12 +97,12 @@ class _PrePing:
 
     A connection is handed out without a ping when it came back to the pool less than `idle_s` ago, its
     socket is still open, and no connection has been invalidated since it came back (HikariCP makes the
-    same bet with its 500 ms `aliveBypassWindowMs`). Measured alone, a checkout cost 177 µs of CPU with
-    the ping and 60 µs without; every submit batch and worker transition takes one, most of them within
-    milliseconds of the last. A database restart closes the sockets, which asyncpg notices, and the first
-    disconnect it causes makes every connection returned before it ping again; what the bet gives up is a
-    connection whose backend died silently in the window, whose statement then fails with UNAVAILABLE as
-    it would had the backend died just after a ping.
+    same bet with its `aliveBypassWindowMs`). The ping is most of a checkout's CPU, and every submit
+    batch and worker transition takes one, most of them within milliseconds of the last. A database
+    restart closes the sockets, which asyncpg notices, and the first disconnect it causes makes every
+    connection returned before it ping again; what the bet gives up is a connection whose backend died
+    silently in the window, whose statement then fails with UNAVAILABLE as it would had the backend died
+    just after a ping.
     """
 
     def __init__(self, idle_s: float) -> None:

@@ -440,14 +440,14 @@ async def claimable(
             runnable = runnable.where(
                 or_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.account_id.not_in(full))
             )
-    query = runnable.where(jobs.c.provider.not_in(sorted(capped))) if capped else runnable
+    query = runnable.where(jobs.c.active_provider.not_in(sorted(capped))) if capped else runnable
     rows = list((await conn.execute(first(query, limit))).all())
     for cap in caps:
         in_use = (
             await conn.execute(
                 select(func.coalesce(func.sum(jobs.c.num_variants), 0)).where(
                     jobs.c.status == JobStatus.PROCESSING.value,
-                    jobs.c.provider.in_(sorted(cap.providers)),
+                    jobs.c.active_provider.in_(sorted(cap.providers)),
                 )
             )
         ).scalar_one()
@@ -456,7 +456,7 @@ async def claimable(
             continue
         for row in (
             await conn.execute(
-                first(runnable.where(jobs.c.provider.in_(sorted(cap.providers))), min(limit, room))
+                first(runnable.where(jobs.c.active_provider.in_(sorted(cap.providers))), min(limit, room))
             )
         ).all():
             # a taken-over job's tasks are already counted (it is still PROCESSING)

@@ -26,12 +26,12 @@ class Releasable(Protocol):
 
 
 #: how long a group commit waits for more writes before it writes, while its event loop is saturated
+#: (the default of the setting IMAGEGEN_GROUP_COMMIT_LINGER_S)
 GROUP_COMMIT_LINGER_S = 0.003
 #: how long a group commit's writer keeps its pooled connection with nothing to write
 GROUP_COMMIT_HOLD_S = 0.05
-#: the smallest pool a writer keeps a connection from: two writers then hold at most half of it
-HOLD_MIN_POOL_SIZE = 4
 #: the share of wall time the event loop's thread must lately have been runnable to count as saturated
+#: (the default of the setting IMAGEGEN_SATURATED_SHARE)
 SATURATED_SHARE = 0.8
 
 
@@ -69,10 +69,12 @@ class ThreadLoad:
         self,
         *,
         period_s: float = 0.05,
+        saturated_share: float = SATURATED_SHARE,
         wall_clock: Callable[[], float] = time.monotonic,
         busy_clock: Callable[[], float] = thread_runnable_time,
     ) -> None:
         self._period_s = period_s
+        self._saturated_share = saturated_share
         self._wall_clock, self._busy_clock = wall_clock, busy_clock
         self._since: tuple[float, float] | None = None  # (wall, busy), taken by the thread that asks
         self._share = 0.0
@@ -89,8 +91,8 @@ class ThreadLoad:
         return self._share
 
     def saturated(self) -> bool:
-        """Whether the thread has lately been runnable `SATURATED_SHARE` of the time or more."""
-        return self.share() >= SATURATED_SHARE
+        """Whether the thread has lately been runnable `saturated_share` of the time or more."""
+        return self.share() >= self._saturated_share
 
 
 class GroupCommit(Generic[_T, _R]):
@@ -137,6 +139,11 @@ class GroupCommit(Generic[_T, _R]):
         #: set while a writer waits for more writes with its connection held; a submit wakes it
         self._idle: asyncio.Future[None] | None = None
 
+    @property
+    def queued(self) -> int:
+        """How many writes wait for a commit."""
+        return len(self._waiting)
+
     async def submit(self, item: _T) -> _R:
         """Queue `item` for the next commit and wait for its outcome."""
         future: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
@@ -176,7 +183,7 @@ class GroupCommit(Generic[_T, _R]):
         finally:
             # Leave in the step that found nothing waiting. A done callback would run steps later, and a
             # submit in between would count this writer as running and wait for the next submit's.
-            self._writers.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._writers.discard(asyncio.current_task())
 
     async def _more(self) -> bool:
         """Whether there is a write to make, waiting up to `hold_s` for one when the connection is held."""

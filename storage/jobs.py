@@ -82,12 +82,19 @@ class SqlJobStore(JobReads, Budgets):
         *,
         on_commit: Callable[[Sequence[JobNotice]], None] | None = None,
         hold_s: float = GROUP_COMMIT_HOLD_S,
+        linger_s: float = GROUP_COMMIT_LINGER_S,
+        saturated_share: float = SATURATED_SHARE,
     ):
         self._dialect = dialect_for(engine)
         self._db: Connections = self._dialect.connections
         self._on_commit = on_commit
         self._creates = GroupCommit[Submit, tuple[Job, bool]](
-            self._create_batch, name="create-commit", held=self._dialect.create_conn, hold_s=hold_s
+            self._create_batch,
+            name="create-commit",
+            linger_s=linger_s,
+            saturated=ThreadLoad(saturated_share=saturated_share).saturated,
+            held=self._dialect.create_conn,
+            hold_s=hold_s,
         )
         # No linger for checkpoints: from a vendor accepting a task to the commit of its id, a crash pays
         # for the task twice, so that window stays as short as a commit (one per job; not the hot path).
@@ -139,6 +146,7 @@ class SqlJobStore(JobReads, Budgets):
             message=f"accepted; {new.notice}" if new.notice else "accepted",
             served_model=new.served_model,
             expire_time=now + timedelta(seconds=new.expire_after_s) if new.expire_after_s else None,
+            active_provider=new.spec.provider,
             trace_context=new.trace_context,
         )
         return await self._creates.submit(Submit(job=job, request_hash=spec_hash(new.spec)))
@@ -407,6 +415,50 @@ class SqlJobStore(JobReads, Budgets):
                 "next_attempt_at": at,
                 "lease_owner": None,
                 "lease_expires_at": None,
+            },
+            utcnow(),
+        )
+
+    async def switch_model(
+        self, fence: Fence, *, provider: str, served_model: str, error: JobError | None, message: str
+    ) -> Job:
+        """PROCESSING → PENDING at once on the next model of the chain, with a fresh count of attempts.
+
+        The previous vendor's checkpoint is dropped: its task ids mean nothing to the next vendor.
+        """
+        now = utcnow()
+        values: dict[str, Any] = {
+            "active_provider": provider,
+            "served_model": served_model,
+            "attempt_base": fence.attempt,
+            "provider_state": None,
+            "next_attempt_at": now,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        if error is not None:
+            values.update(error_code=error.code, error_message=error.message, error_retryable=error.retryable)
+        # the general path: a switch is rare, and it writes a column the one-statement path does not map
+        unclaimed = Fence(job_id=fence.job_id, attempt=fence.attempt, owner=fence.owner)
+        return await self._fenced_transition(unclaimed, JobStatus.PENDING, message, values, now)
+
+    async def wait_for_vendor(
+        self, fence: Fence, *, at: datetime, error: JobError, message: str, attempt_base: int
+    ) -> Job:
+        """PROCESSING → PENDING until `at` without spending an attempt (the vendor's breaker is open):
+        `attempt_base` is the job's, plus one for the claim that did not run."""
+        return await self._fenced_transition(
+            fence,
+            JobStatus.PENDING,
+            message,
+            {
+                "error_code": error.code,
+                "error_message": error.message,
+                "error_retryable": error.retryable,
+                "next_attempt_at": at,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "attempt_base": attempt_base,
             },
             utcnow(),
         )

@@ -90,7 +90,8 @@ class PgListener:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(connection.close(), timeout=1.0)
 
-    def _received(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _received(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
+        assert isinstance(payload, str)  # asyncpg hands NOTIFY payloads over as text
         if not self._wanted():
             return  # every replica's commits are notified: an API process nobody watches skips them
         notices = []

@@ -31,7 +31,7 @@ def head_revision() -> str | None:
     """The newest migration in this build.
 
     Read once: it cannot change while the process runs, and reading it loads and compiles every migration
-    script (2 ms on the event loop, which readiness paid every 2 s)."""
+    script on the event loop, which readiness would pay at every check."""
     return ScriptDirectory.from_config(_config()).get_current_head()
 
 

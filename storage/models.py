@@ -107,6 +107,21 @@ class JobSpec:
     reference_image_urls: tuple[str, ...] = ()
     provider_options: Mapping[str, Any] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: models to continue on, in order, when `provider` cannot serve the job
+    fallback_providers: tuple[str, ...] = ()
+    #: whether a moderation refusal also moves the job to the next model
+    fallback_on_moderation: bool = False
+    #: each fallback's options, validated for it at submit
+    fallback_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """Every model the job may run on, in order: `provider`, then the fallbacks."""
+        return (self.provider, *self.fallback_providers)
+
+    def options_for(self, provider: str) -> Mapping[str, Any]:
+        """The options of one model of the chain."""
+        return self.provider_options if provider == self.provider else self.fallback_options.get(provider, {})
 
     def to_json(self) -> dict[str, Any]:
         """A canonical JSON form: equal specs give equal JSON (used for idempotency checks)."""
@@ -123,6 +138,9 @@ class JobSpec:
             "reference_image_urls": list(self.reference_image_urls),
             "provider_options": dict(self.provider_options),
             "labels": dict(self.labels),
+            "fallback_providers": list(self.fallback_providers),
+            "fallback_on_moderation": self.fallback_on_moderation,
+            "fallback_options": {key: dict(value) for key, value in self.fallback_options.items()},
         }
 
 
@@ -177,10 +195,26 @@ class Job:
     message: str = ""
     #: when the retention sweeper deletes the job (once it is terminal); None: kept until DeleteJob
     expire_time: datetime | None = None
-    #: the vendor model the job is sent to, recorded at submit ("" for jobs from before it was recorded)
+    #: the vendor model the job is sent to, recorded at submit ("" for jobs from before it was recorded);
+    #: after a fallback, the fallback's
     served_model: str = ""
+    #: the model of the chain the job runs on ("" for jobs from before fallbacks: `spec.provider`)
+    active_provider: str = ""
+    #: attempts spent on the chain's earlier models, or waiting out an open breaker: `attempt` minus this
+    #: is the attempt on `serving_provider`
+    attempt_base: int = 0
     #: the submitting span's W3C traceparent (attempts link to it), or None
     trace_context: str | None = None
+
+    @property
+    def serving_provider(self) -> str:
+        """The model of the chain the job runs on, or that served it."""
+        return self.active_provider or self.spec.provider
+
+    @property
+    def model_attempt(self) -> int:
+        """Which attempt on `serving_provider` the latest claim is."""
+        return self.attempt - self.attempt_base
 
     def evolve(self, **changes: Any) -> Job:
         """A copy with some fields changed."""

@@ -155,6 +155,18 @@ class JobQueue(Protocol):
         """PROCESSING → PENDING until `at`, keeping the attempt's error."""
         ...
 
+    async def switch_model(
+        self, fence: Fence, *, provider: str, served_model: str, error: JobError | None, message: str
+    ) -> Job:
+        """PROCESSING → PENDING at once on the next model of the job's fallback chain."""
+        ...
+
+    async def wait_for_vendor(
+        self, fence: Fence, *, at: datetime, error: JobError, message: str, attempt_base: int
+    ) -> Job:
+        """PROCESSING → PENDING until `at` without spending an attempt: the vendor's breaker is open."""
+        ...
+
     async def release(self, fence: Fence, *, message: str) -> Job:
         """PROCESSING → PENDING at once: a worker shutting down hands its job back."""
         ...

@@ -51,7 +51,9 @@ _SNAPSHOT = f"""jsonb_build_object(
             'num_variants', num_variants, 'folder_id', folder_id, 'negative_prompt', negative_prompt,
             'seed', seed, 'output_format', output_format,
             'reference_image_urls', reference_image_urls,
-            'provider_options', provider_options, 'labels', labels),
+            'provider_options', provider_options, 'labels', labels,
+            'fallback_providers', fallback_providers, 'fallback_on_moderation', fallback_on_moderation,
+            'fallback_options', fallback_options),
         'request_id', coalesce(request_id, ''), 'images', images,
         'error', CASE WHEN coalesce(error_code, '') = '' THEN NULL ELSE jsonb_build_object(
             'code', error_code, 'message', coalesce(error_message, ''),
@@ -61,6 +63,7 @@ _SNAPSHOT = f"""jsonb_build_object(
         'create_time', {_iso_utc("create_time")}, 'update_time', {_iso_utc("update_time")},
         'start_time', {_iso_utc("start_time")}, 'end_time', {_iso_utc("end_time")},
         'deadline_at', {_iso_utc("deadline_at")}, 'message', message, 'served_model', served_model,
+        'active_provider', active_provider, 'attempt_base', attempt_base,
         'expire_time', {_iso_utc("expire_time")})"""
 #: `JobNotice.encode` in SQL, over the same values
 _NOTICE_PAYLOAD = "id::text || ' ' || version::text || ' ' || status || ' ' || account_id"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -19,7 +20,10 @@ from storage.schema import job_events, jobs
 
 
 class JobReads:
-    """The store's reads (a part of `SqlJobStore`); none takes a lock or writes."""
+    """The store's reads (a part of `SqlJobStore`); none takes a lock or writes.
+
+    (`builtins.list` in annotations: in this class, `list` is the ListJobs read.)
+    """
 
     _db: Connections
 
@@ -87,7 +91,7 @@ class JobReads:
 
     async def events(
         self, job_id: uuid.UUID, *, after_version: int, up_to: int | None = None
-    ) -> list[JobEvent]:
+    ) -> builtins.list[JobEvent]:
         """The job's events with version > after_version (and ≤ up_to), oldest first."""
         query = select(job_events).where(job_events.c.job_id == job_id, job_events.c.version > after_version)
         if up_to is not None:
@@ -96,9 +100,9 @@ class JobReads:
             rows = (await conn.execute(query.order_by(job_events.c.version))).all()
         return [event_from_row(row) for row in rows]
 
-    async def events_after(self, bases: Mapping[uuid.UUID, int]) -> dict[uuid.UUID, list[JobEvent]]:
+    async def events_after(self, bases: Mapping[uuid.UUID, int]) -> dict[uuid.UUID, builtins.list[JobEvent]]:
         """For many jobs at once: each job's events with version > its base, oldest first."""
-        found: dict[uuid.UUID, list[JobEvent]] = {}
+        found: dict[uuid.UUID, builtins.list[JobEvent]] = {}
         job_ids = list(bases)
         async with self._db.connection() as conn:
             for start in range(0, len(job_ids), 500):
@@ -114,9 +118,9 @@ class JobReads:
                         found.setdefault(row.job_id, []).append(event_from_row(row))
         return found
 
-    async def versions(self, job_ids: Sequence[uuid.UUID]) -> list[JobNotice]:
+    async def versions(self, job_ids: Sequence[uuid.UUID]) -> builtins.list[JobNotice]:
         """The current version of each of these jobs (for the event hub's periodic catch-up)."""
-        notices: list[JobNotice] = []
+        notices: builtins.list[JobNotice] = []
         async with self._db.connection() as conn:
             for start in range(0, len(job_ids), 500):
                 chunk = job_ids[start : start + 500]
@@ -128,7 +132,7 @@ class JobReads:
                 notices.extend(notice_from_row(row) for row in rows)
         return notices
 
-    async def changed_since(self, account_ids: Sequence[str], since: datetime) -> list[JobNotice]:
+    async def changed_since(self, account_ids: Sequence[str], since: datetime) -> builtins.list[JobNotice]:
         """Jobs of these accounts that changed at or after `since` (for the event hub's catch-up)."""
         if not account_ids:
             return []
@@ -144,7 +148,7 @@ class JobReads:
         """How many jobs wait and run, and how long the oldest due job has waited."""
         now = utcnow()
         async with self._db.connection() as conn:
-            counts = dict(
+            counts: dict[str, int] = dict(
                 (
                     await conn.execute(
                         select(jobs.c.status, func.count())

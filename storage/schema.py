@@ -46,7 +46,8 @@ class UtcDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        stamp: datetime = value
+        return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
 
 
 Json = JSON().with_variant(JSONB(), "postgresql")
@@ -83,6 +84,12 @@ jobs = Table(
     Column("reference_image_urls", Json, nullable=False),
     Column("provider_options", Json, nullable=False),
     Column("labels", Json, nullable=False),
+    Column("fallback_providers", Json, nullable=False, server_default=text("'[]'")),
+    Column("fallback_on_moderation", Boolean, nullable=False, server_default=text("false")),
+    Column("fallback_options", Json, nullable=False, server_default=text("'{}'")),
+    # the model of the chain the job runs on (vendor caps count it), and the attempts before it
+    Column("active_provider", String(64), nullable=False, server_default=""),
+    Column("attempt_base", Integer, nullable=False, server_default=text("0")),
     # the queue
     Column("next_attempt_at", UtcDateTime, nullable=True),
     Column("deadline_at", UtcDateTime, nullable=False),
@@ -184,4 +191,24 @@ ledger = Table(
     Column("time", UtcDateTime, nullable=False),
     Column("note", Text, nullable=False, server_default=""),
     Index("ix_ledger_account_id", "account_id", "id"),
+)
+
+#: each vendor's circuit breaker, shared by every replica (see storage.breakers)
+provider_breakers = Table(
+    "provider_breakers",
+    metadata,
+    Column("vendor", String(32), primary_key=True),
+    # closed | open | half_open
+    Column("state", String(16), nullable=False, server_default="closed"),
+    # the failure window: requests and failures counted since window_start
+    Column("window_start", UtcDateTime, nullable=False),
+    Column("requests", Integer, nullable=False, server_default=text("0")),
+    Column("failures", Integer, nullable=False, server_default=text("0")),
+    Column("opened_at", UtcDateTime, nullable=True),
+    # while open: when probes may start; while half-open: when unanswered probe slots are given out again
+    Column("probe_at", UtcDateTime, nullable=True),
+    Column("probes_claimed", Integer, nullable=False, server_default=text("0")),
+    Column("probes_succeeded", Integer, nullable=False, server_default=text("0")),
+    Column("probes_failed", Integer, nullable=False, server_default=text("0")),
+    Column("update_time", UtcDateTime, nullable=False),
 )

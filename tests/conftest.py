@@ -84,7 +84,7 @@ async def database_url(pg_url: str) -> str:
     """The run's PostgreSQL database, emptied for this test."""
     connection = await asyncpg.connect(make_url(pg_url).render_as_string(hide_password=False), timeout=10)
     try:
-        await connection.execute("TRUNCATE jobs, job_events, accounts, ledger")
+        await connection.execute("TRUNCATE jobs, job_events, accounts, ledger, provider_breakers")
     finally:
         await connection.close()
     return pg_url
@@ -121,7 +121,7 @@ class _Bearer:
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
         metadata.add("authorization", f"Bearer {self._token}")
-        if "x-account-id" not in metadata:
+        if "x-account-id" not in metadata:  # type: ignore[comparison-overlap]  # `in` looks at keys
             metadata.add("x-account-id", self._account)
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
@@ -130,12 +130,12 @@ class _Bearer:
 
 # grpc.aio files an interceptor under the first kind it matches, so each kind needs its own class
 class _UnaryBearer(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+    async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
 
 class _StreamBearer(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+    async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
 
@@ -165,6 +165,10 @@ def test_settings(data_dir: Path, database_url: str, *, secured: bool = False, *
         "sandbox_latency_s": 0.0,
         "bfl_poll_interval_s": 0.05,
         "db_pool_size": 5,
+        "breaker_refresh_s": 0.1,
+        # tests of one fault each fail many requests on purpose: a breaker opening across them would make
+        # their outcomes depend on timing (tests/test_fallbacks.py sets its own thresholds)
+        "breaker_min_requests": 1000,
     }
     if secured:
         values["auth_tokens_file"] = write_tokens_file(data_dir)
@@ -183,7 +187,7 @@ async def app(tmp_path: Path, database_url: str) -> AsyncIterator[App]:
 
 
 @pytest.fixture
-async def stub(app: App) -> AsyncIterator[pb_grpc.ImageGenerationStub]:
+async def stub(app: App) -> AsyncIterator[pb_grpc.ImageGenerationAsyncStub]:
     """A client of `app`."""
     async with grpc.aio.insecure_channel(app.grpc_target) as channel:
         yield pb_grpc.ImageGenerationStub(channel)
@@ -197,7 +201,7 @@ async def secured_app(tmp_path: Path, database_url: str) -> AsyncIterator[App]:
 
 
 @pytest.fixture
-async def secured_stub(secured_app: App) -> AsyncIterator[pb_grpc.ImageGenerationStub]:
+async def secured_stub(secured_app: App) -> AsyncIterator[pb_grpc.ImageGenerationAsyncStub]:
     """A client of `secured_app` holding TEST_TOKEN (every account; "default" unless x-account-id says)."""
     async with authed_channel(secured_app.grpc_target) as channel:
         yield pb_grpc.ImageGenerationStub(channel)

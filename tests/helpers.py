@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -34,7 +35,7 @@ def bad_fields(error: grpc.aio.AioRpcError) -> dict[str, str]:
 
 
 async def events_until_end(
-    stub: pb_grpc.ImageGenerationStub,
+    stub: pb_grpc.ImageGenerationAsyncStub,
     job_id: str,
     *,
     after_version: int = 0,
@@ -52,7 +53,7 @@ async def events_until_end(
 
 
 async def finished(
-    stub: pb_grpc.ImageGenerationStub,
+    stub: pb_grpc.ImageGenerationAsyncStub,
     job_id: str,
     *,
     timeout: float = 20.0,
@@ -65,17 +66,20 @@ async def finished(
     return job
 
 
+async def next_event(stream: grpc.aio.UnaryStreamCall[Any, pb.JobEvent]) -> pb.JobEvent:
+    """The next event of a watch stream (the test fails if the stream ended instead)."""
+    event = await stream.read()
+    assert isinstance(event, pb.JobEvent), "the stream ended"
+    return event
+
+
 async def first_event_with_status(
-    stream: grpc.aio.UnaryStreamCall,
-    status: int,
-    *,
-    timeout: float = 10.0,  # type: ignore[type-arg]
+    stream: grpc.aio.UnaryStreamCall[Any, pb.JobEvent], status: int, *, timeout: float = 10.0
 ) -> pb.JobEvent:
     """Read a watch stream until an event whose job has `status`."""
     async with asyncio.timeout(timeout):
         while True:
-            event = await stream.read()
-            assert event is not grpc.aio.EOF, "stream ended before the status was seen"
+            event = await next_event(stream)
             if event.job.status == status:
                 return event
 

@@ -21,6 +21,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from storage.blobs import S3BlobStore, S3Options
 from storage.errors import BlobStoreUnavailable
@@ -125,7 +126,7 @@ class SeaweedS3:
         """An IMAGEGEN_BLOB_URL for `prefix` in the test bucket."""
         return f"s3://{BUCKET}/{prefix}"
 
-    def settings(self, prefix: str) -> dict[str, object]:
+    def settings(self, prefix: str) -> dict[str, Any]:
         """Settings overrides that put a server's images here, under `prefix`."""
         return {
             "blob_url": self.url(prefix),

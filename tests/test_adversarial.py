@@ -10,7 +10,7 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import aiohttp
@@ -37,7 +37,7 @@ async def secured(tmp_path: Path, database_url: str) -> AsyncIterator[App]:
 
 async def _raw_unary(target: str, method: str, data: bytes) -> grpc.aio.AioRpcError | bytes:
     async with authed_channel(target) as channel:
-        call = channel.unary_unary(SERVICE + method)
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(SERVICE + method)
         try:
             return await call(data, timeout=10)
         except grpc.aio.AioRpcError as error:
@@ -105,7 +105,8 @@ async def test_undecodable_requests_are_invalid_argument_and_counted(secured: Ap
 
 async def test_undecodable_stream_requests_are_invalid_argument(secured: App) -> None:
     async with authed_channel(secured.grpc_target) as channel:
-        call = channel.unary_stream(SERVICE + "WatchJobs")(b"\x0a\x05ab", timeout=10)
+        watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(SERVICE + "WatchJobs")
+        call = watch(b"\x0a\x05ab", timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in call:
                 pass
@@ -422,7 +423,7 @@ async def test_an_unmigrated_database_answers_unavailable_saying_to_migrate(
     settings = test_settings(tmp_path, unmigrated_url)
     async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:
         stub = pb_grpc.ImageGenerationStub(channel)
-        calls = [
+        calls: list[Awaitable[object]] = [
             stub.GenerateImage(pb.GenerateImageRequest(prompt="p")),
             stub.GetJob(pb.GetJobRequest(job_id="00000000-0000-0000-0000-000000000001")),
             stub.ListJobs(pb.ListJobsRequest()),
@@ -550,7 +551,7 @@ async def test_ending_a_job_removes_the_images_of_its_other_attempts(
             )
         [claim] = await api.store.claim(owner="killed-replica", limit=1, lease_s=0.2)
         assert claim.job.attempt == 1
-        blobs = LocalBlobStore(api.settings.blob_dir)
+        blobs = LocalBlobStore(_blob_dir(api))
         await blobs.put(image_key("default", "", claim.job.id, 1, 0, "image/png"), b"half of a result")
     job_dir = blobs.path(f"default/root/{job.id}")
     assert [p.name for p in job_dir.iterdir()] == ["1"]
@@ -577,7 +578,7 @@ async def test_cancelling_a_job_removes_the_images_of_its_attempts(tmp_path: Pat
         stub = pb_grpc.ImageGenerationStub(channel)
         job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="p"))
         [claim] = await api.store.claim(owner="killed-replica", limit=1, lease_s=60)
-        blobs = LocalBlobStore(api.settings.blob_dir)
+        blobs = LocalBlobStore(_blob_dir(api))
         await blobs.put(image_key("default", "", claim.job.id, 1, 0, "image/png"), b"half of a result")
         cancelled = await stub.CancelJob(pb.CancelJobRequest(job_id=job.id))
     assert cancelled.status == pb.JOB_STATUS_CANCELLED
@@ -624,3 +625,9 @@ async def test_a_database_turning_connections_away_answers_unavailable(
         record for record in caplog.records if record.exc_info and "53300" in str(record.exc_info[1])
     ]
     assert not tracebacks, [record.getMessage() for record in tracebacks]
+
+
+def _blob_dir(app: App) -> Path:
+    """Where the app keeps its images (settings fill the default in)."""
+    assert app.settings.blob_dir is not None
+    return app.settings.blob_dir

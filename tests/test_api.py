@@ -120,7 +120,7 @@ async def test_unconfigured_provider_is_a_failed_precondition(tmp_path, database
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GenerateImage(pb.GenerateImageRequest(prompt="a poster", provider="gpt_image_1_5"))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "gpt_image_1_5" in caught.value.details()
+        assert "gpt_image_1_5" in (caught.value.details() or "")
         listed = await stub.ListProviders(pb.ListProvidersRequest())
         assert not any(provider.configured for provider in listed.providers)
         assert await _count_rows(app) == (0, 0)
@@ -154,7 +154,7 @@ async def test_request_id_makes_submit_idempotent(secured_stub, secured_app) -> 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await secured_stub.GenerateImage(pb.GenerateImageRequest(prompt="a dog", request_id="req-1"))
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert first.id in caught.value.details()
+    assert first.id in (caught.value.details() or "")
 
     # request ids are per account: another account's identical key is a different job
     other = await secured_stub.GenerateImage(

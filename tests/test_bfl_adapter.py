@@ -15,10 +15,8 @@ from yarl import URL
 
 from providers.base import (
     ContentModerated,
-    InvalidProviderResponse,
     ModelUnavailable,
     ProviderAuthError,
-    ProviderError,
     ProviderRejected,
     ProviderUnavailable,
 )
@@ -255,36 +253,6 @@ async def test_unknown_task_is_forgotten(
 
 
 # --- faults ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("tag", "error_class", "fragment"),
-    [
-        ("moderated", ContentModerated, "input moderation) of task"),
-        ("moderated-output", ContentModerated, '"Content Moderated"'),
-        ("rate-limited", ProviderUnavailable, "BFL answered HTTP 429 (rate limited)"),
-        ("server-error", ProviderUnavailable, "HTTP 500"),
-        ("down", ProviderUnavailable, "HTTP 503"),
-        ("malformed", ProviderUnavailable, "not valid JSON"),
-        ("no-image", InvalidProviderResponse, "no image URL"),
-        ("disconnect", ProviderUnavailable, "dropped mid-response"),
-        ("expired-url", ProviderUnavailable, "pays for a new one"),
-        ("error", ProviderUnavailable, 'status "Error"'),
-        ("no-credits", ProviderAuthError, "HTTP 402"),
-    ],
-)
-async def test_fault_maps_to_error(
-    provider: BflProvider,
-    checkpoint: RecordingCheckpoint,
-    tag: str,
-    error_class: type[ProviderError],
-    fragment: str,
-) -> None:
-    error = await generate_error(provider, make_request(f"a fox [sandbox:{tag}]"), checkpoint)
-
-    assert type(error) is error_class
-    assert fragment in error.message
-    assert error.retryable is error_class.retryable
 
 
 async def test_moderation_names_the_reasons(provider: BflProvider, checkpoint: RecordingCheckpoint) -> None:

@@ -265,6 +265,18 @@ async def test_generate_on_a_retired_seed_id_shows_the_model_that_served_it(
     assert "by gpt-image-2.6-sunburst" in captured.out + captured.err
 
 
+async def test_generate_with_a_fallback_shows_the_model_that_served_it(
+    app: App, tmp_path: Path, capsys
+) -> None:
+    code = await imagegen(
+        "--address", app.grpc_target, "generate", "a kite [sandbox:no-credits@bfl]",
+        "--fallback", "seedream_4", "--size", "256x256", "--out", str(tmp_path),
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_OK, captured.err
+    assert "by seedream-4-0-250828 (fallback seedream_4)" in captured.out + captured.err
+
+
 async def test_providers_table_and_json(app: App, capsys) -> None:
     assert await imagegen("--address", app.grpc_target, "providers") == 0
     table = capsys.readouterr().out.splitlines()

@@ -9,6 +9,7 @@ import io
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -239,8 +240,8 @@ class _FlakyServicer(pb_grpc.ImageGenerationServicer):
         self.metadata: list[dict[str, str]] = []
 
     async def GenerateImage(
-        self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Job:  # type: ignore[type-arg]
+        self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Job:
         self.requests.append(request)
         self.metadata.append({key: str(value) for key, value in context.invocation_metadata() or ()})
         if len(self.requests) <= self.failures:
@@ -257,11 +258,7 @@ class _FlakyServicer(pb_grpc.ImageGenerationServicer):
 
 
 async def _abort(
-    context: grpc.aio.ServicerContext,
-    code: int,
-    message: str,
-    *,  # type: ignore[type-arg]
-    retry_s: float,
+    context: grpc.aio.ServicerContext[Any, Any], code: int, message: str, *, retry_s: float
 ) -> None:
     detail = any_pb2.Any()
     delay = duration_pb2.Duration()
@@ -272,7 +269,7 @@ async def _abort(
 
 
 async def test_unavailable_submits_are_retried_with_one_request_id_and_the_metadata() -> None:
-    servicer = _FlakyServicer(failures=2)
+    servicer = _FlakyServicer(failures=2)  # type: ignore[abstract]  # serves only GenerateImage
     server = grpc.aio.server()
     pb_grpc.add_ImageGenerationServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -318,7 +315,7 @@ async def test_watch_survives_the_server_being_restarted_mid_job(tmp_path: Path,
 
     # The vendor outlives our server, as BFL does: the restarted worker resumes polling the same task.
     async with Sandbox.running() as vendor, contextlib.AsyncExitStack() as stack:
-        overrides = {
+        overrides: dict[str, Any] = {
             "bfl": VendorSettings(api_key="test-key", base_url=vendor.base_url),
             "shutdown_grace_s": 0.2,
         }

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from storage.db import make_engine
 from tests.helpers import eventually
@@ -32,11 +32,17 @@ async def engines(pg_url: str) -> AsyncIterator[Callable[..., AsyncEngine]]:
         await engine.dispose()
 
 
+async def _asyncpg_of(connection: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a SQLAlchemy one."""
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert isinstance(driver, asyncpg.Connection)
+    return driver
+
+
 async def _driver(engine: AsyncEngine) -> asyncpg.Connection:
     """Check a connection out and back in; its asyncpg connection."""
     async with engine.connect() as connection:
-        raw = await connection.get_raw_connection()
-        return raw.driver_connection
+        return await _asyncpg_of(connection)
 
 
 def _log_queries(driver: asyncpg.Connection) -> list[str]:
@@ -49,8 +55,7 @@ async def _select_one(engine: AsyncEngine) -> asyncpg.Connection:
     """Run a statement on a checked-out connection; the asyncpg connection it ran on."""
     async with engine.connect() as connection:
         assert (await connection.execute(text("SELECT 1"))).scalar_one() == 1
-        raw = await connection.get_raw_connection()
-        return raw.driver_connection
+        return await _asyncpg_of(connection)
 
 
 @pytest.mark.parametrize(("idle_s", "pings"), [(LONG_S, 0), (0.0, 1)])
@@ -87,7 +92,7 @@ async def test_after_an_invalidation_every_connection_returned_before_it_is_ping
 ) -> None:
     engine = engines(pool_size=2, ping_after_idle_s=LONG_S)
     async with engine.connect() as first, engine.connect() as second:
-        drivers = [(await c.get_raw_connection()).driver_connection for c in (first, second)]
+        drivers = [await _asyncpg_of(c) for c in (first, second)]
     logs = {id(driver): _log_queries(driver) for driver in drivers}
 
     async with engine.connect() as connection:

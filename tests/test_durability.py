@@ -58,7 +58,7 @@ class Replica(Process):
     channel: grpc.aio.Channel | None = None
 
     @property
-    def stub(self) -> pb_grpc.ImageGenerationStub:
+    def stub(self) -> pb_grpc.ImageGenerationAsyncStub:
         assert self.channel is not None
         return pb_grpc.ImageGenerationStub(self.channel)
 
@@ -185,7 +185,8 @@ async def _db(database_url: str) -> asyncpg.Connection:
 async def _status_counts(database_url: str) -> dict[str, int]:
     connection = await _db(database_url)
     try:
-        return dict(await connection.fetch("SELECT status, count(*) FROM jobs GROUP BY status"))
+        rows = await connection.fetch("SELECT status, count(*) FROM jobs GROUP BY status")
+        return {row["status"]: row["count"] for row in rows}
     finally:
         await connection.close()
 
@@ -236,7 +237,8 @@ async def test_replicas_survive_a_kill_and_a_restart_with_no_job_lost_or_paid_tw
 
         connection = await _db(database_url)
         try:
-            counts = dict(await connection.fetch("SELECT status, count(*) FROM jobs GROUP BY status"))
+            rows = await connection.fetch("SELECT status, count(*) FROM jobs GROUP BY status")
+            counts: dict[str, int] = {row["status"]: row["count"] for row in rows}
             completions = await connection.fetch(
                 "SELECT job_id, count(*) AS n FROM job_events WHERE status = 'completed' GROUP BY job_id"
             )
@@ -340,9 +342,8 @@ async def test_cut_database_connections_lose_no_acknowledged_job(database_url: s
                 await admin.close()
             return cuts
 
-        results = await asyncio.gather(*(submitter(n) for n in range(4)), cutter())
-        cuts = results[-1]
-        assert cuts > 0
+        *_, cuts = await asyncio.gather(*(submitter(n) for n in range(4)), cutter())
+        assert isinstance(cuts, int) and cuts > 0
         await eventually(lambda: _all_terminal_of(database_url, acknowledged), timeout=60, interval=0.2)
         connection = await _db(database_url)
         try:
@@ -376,13 +377,13 @@ async def _all_terminal_of(database_url: str, job_ids: list[str]) -> bool:
         )
     finally:
         await connection.close()
-    return count == len(job_ids)
+    return bool(count == len(job_ids))
 
 
 @pytest.fixture
 async def api_only(
     tmp_path: Path, database_url: str
-) -> AsyncIterator[tuple[pb_grpc.ImageGenerationStub, str]]:
+) -> AsyncIterator[tuple[pb_grpc.ImageGenerationAsyncStub, str]]:
     """An API server without workers: jobs stay as GenerateImage wrote them."""
     async with (
         running_app(test_settings(tmp_path, database_url, role="api", max_pending_jobs_per_account=0)) as app,
@@ -408,7 +409,7 @@ async def test_concurrent_retries_across_replicas_create_one_job(tmp_path: Path,
 _PROVIDERS = st.sampled_from(
     ["", "flux_2_pro", "gpt_image_1_5", "seedream_4", "nano_banana", "bogus", "FLUX_2_PRO"]
 )
-_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60)
+_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=60)
 
 
 @st.composite
@@ -426,7 +427,7 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateImageRequest:
             )
         ),
         negative_prompt=draw(st.one_of(st.just(""), _TEXT)),
-        output_format=draw(st.integers(0, 5)),
+        output_format=draw(st.integers(0, 5)),  # type: ignore[arg-type]  # out-of-range values on purpose
         reference_image_urls=draw(
             st.lists(st.one_of(st.just("https://img.example/a.png"), _TEXT), max_size=3)
         ),
@@ -436,6 +437,8 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateImageRequest:
                 st.one_of(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True), _TEXT), _TEXT, max_size=3
             )
         ),
+        fallback_providers=draw(st.lists(_PROVIDERS, max_size=3)),
+        fallback_on_moderation=draw(st.booleans()),
     )
     if draw(st.booleans()):
         request.seed = draw(st.integers(-(2**40), 2**40))
@@ -445,7 +448,7 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateImageRequest:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=generate_requests())
 async def test_every_request_makes_one_valid_job_or_a_precise_error_and_nothing_else(
-    api_only: tuple[pb_grpc.ImageGenerationStub, str], request: pb.GenerateImageRequest
+    api_only: tuple[pb_grpc.ImageGenerationAsyncStub, str], request: pb.GenerateImageRequest
 ) -> None:
     stub, database_url = api_only
     before = await _row_counts(database_url)
@@ -467,6 +470,7 @@ async def test_every_request_makes_one_valid_job_or_a_precise_error_and_nothing_
     assert 1 <= len(job.prompt) <= 2000 and job.prompt == job.prompt.strip()
     assert 256 <= job.width <= 2048 and 256 <= job.height <= 2048 and 1 <= job.num_variants <= 4
     assert job.provider == (request.provider or "flux_2_pro")
+    assert list(job.fallback_providers) == list(request.fallback_providers)  # each checked, none dropped
     assert job.estimated_cost_usd_micros > 0
 
 

@@ -132,7 +132,7 @@ def payloads(draw: st.DrawFn) -> tuple[Method, bytes]:
 @dataclass
 class Target:
     channel: grpc.aio.Channel
-    database: asyncpg.Connection  # type: ignore[type-arg]
+    database: asyncpg.Connection
 
 
 @pytest.fixture
@@ -159,15 +159,19 @@ async def _call(channel: grpc.aio.Channel, method: Method, data: bytes) -> grpc.
     """The status the call ended with; None for a stream still open after its first answer or a moment."""
     if method.kind == "unary":
         try:
-            await channel.unary_unary(method.path)(data, timeout=10)
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method.path)
+            await unary(data, timeout=10)
         except grpc.aio.AioRpcError as error:
             assert "Traceback" not in (error.details() or "")
             return error.code()
         return grpc.StatusCode.OK
+    call: grpc.aio.UnaryStreamCall[bytes, bytes] | grpc.aio.StreamStreamCall[bytes, bytes]
     if method.kind == "server_stream":
-        call = channel.unary_stream(method.path)(data, timeout=10)
+        server_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(method.path)
+        call = server_stream(data, timeout=10)
     else:
-        call = channel.stream_stream(method.path)(iter([data]), timeout=10)
+        bidi: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(method.path)
+        call = bidi(iter([data]), timeout=10)
     try:
         async with asyncio.timeout(0.3):  # a valid watch stays open: its first answer, or this, is enough
             await call.read()

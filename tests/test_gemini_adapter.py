@@ -388,38 +388,6 @@ async def test_pro_answer_carries_thoughts_and_the_adapter_takes_the_final_image
 # --- faults ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("tag", "error_class", "fragment"),
-    [
-        ("moderated", ContentModerated, "reference images (blockReason PROHIBITED_CONTENT)"),
-        ("moderated-output", ContentModerated, "withheld the image (finishReason IMAGE_SAFETY)"),
-        ("rate-limited", ProviderUnavailable, "HTTP 429 RESOURCE_EXHAUSTED"),
-        ("server-error", ProviderUnavailable, "HTTP 500 INTERNAL"),
-        ("down", ProviderUnavailable, "HTTP 503 UNAVAILABLE to generateContent: The model is overloaded"),
-        ("malformed", ProviderUnavailable, "not valid JSON"),
-        ("no-image", InvalidProviderResponse, "returned no image (finishReason STOP)"),
-        ("disconnect", ProviderUnavailable, "dropped mid-response"),
-        ("no-credits", ProviderAuthError, "prepayment credits are depleted"),
-        ("error", InvalidProviderResponse, "no image (finishReason IMAGE_OTHER)"),
-    ],
-)
-@pytest.mark.parametrize("model", [FLASH, PRO])
-async def test_fault_maps_to_error(
-    provider: GeminiProvider,
-    checkpoint: RecordingCheckpoint,
-    model: str,
-    tag: str,
-    error_class: type[ProviderError],
-    fragment: str,
-) -> None:
-    error = await generate_error(provider, make_request(f"a fox [sandbox:{tag}]", model=model), checkpoint)
-
-    assert type(error) is error_class
-    assert fragment in error.message
-    assert error.retryable is error_class.retryable
-    assert checkpoint.saves == []
-
-
 async def test_output_moderation_quotes_googles_message(
     provider: GeminiProvider, checkpoint: RecordingCheckpoint
 ) -> None:
@@ -454,20 +422,6 @@ async def test_rate_limit_retry_info_becomes_retry_after(
 
     assert type(error) is ProviderUnavailable
     assert error.retry_after_s == seconds
-
-
-@pytest.mark.parametrize("tag", ["rate-limited", "server-error", "disconnect"])
-async def test_first_attempt_fails_and_the_retry_succeeds(
-    provider: GeminiProvider, sandbox: Sandbox, checkpoint: RecordingCheckpoint, tag: str
-) -> None:
-    request = make_request(f"a fox [sandbox:{tag}]")
-
-    error = await generate_error(provider, request, checkpoint)
-    assert error.retryable
-
-    result = await generate(provider, request, checkpoint)
-    assert len(result.images) == 1
-    assert sandbox.counters["gemini.generate"] == 1
 
 
 async def test_slow_answer_still_arrives(provider: GeminiProvider, checkpoint: RecordingCheckpoint) -> None:

@@ -17,7 +17,7 @@ import pytest
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.catalog import SHIPPED_CATALOG_FILE, CatalogError, load_catalog
-from server.app import running_app
+from server.app import App, running_app
 from storage.models import utcnow
 from tests.conftest import test_settings
 from tests.helpers import events_until_end, eventually
@@ -89,7 +89,7 @@ STALE = [
 ]
 
 
-async def _first_message(app, job_id: str) -> str:  # type: ignore[no-untyped-def]
+async def _first_message(app: App, job_id: str) -> str:
     """The message of the job's first event (version 1, its creation), as stored and replayed to watchers."""
     events = await app.store.events(uuid.UUID(job_id), after_version=0)
     assert events[0].version == 1
@@ -171,8 +171,8 @@ source = "GEMINI_DEPRECATIONS"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GenerateImage(pb.GenerateImageRequest(prompt="a kite", provider="seedream_4"))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "seedream_4 is retired" in caught.value.details()
-        assert "use seedream_5 instead" in caught.value.details()
+        assert "seedream_4 is retired" in (caught.value.details() or "")
+        assert "use seedream_5 instead" in (caught.value.details() or "")
         assert await app.store.list("default", page_size=10) == ([], None)  # nothing half-written
 
         job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a kite", provider="nano_banana_pro"))
@@ -203,7 +203,11 @@ async def test_the_shipped_aliases_are_served_with_a_notice(app, stub) -> None:
     assert events[-1].job.status == pb.JOB_STATUS_COMPLETED
     # the fast tier is an option of the same id
     fast = await stub.GenerateImage(
-        pb.GenerateImageRequest(prompt="SALE", provider="gpt_image_2_6", provider_options={"tier": "flare"})
+        pb.GenerateImageRequest(
+            prompt="SALE",
+            provider="gpt_image_2_6",
+            provider_options={"tier": "flare"},  # type: ignore[arg-type]  # protobuf makes the Struct
+        )
     )
     assert fast.served_model == "gpt-image-2.6-flare"
     plain = await stub.GenerateImage(pb.GenerateImageRequest(prompt="SALE", provider="gpt_image_2_6"))
@@ -267,7 +271,7 @@ async def test_openais_shutdown_dates_win_over_the_catalogs(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GenerateImage(pb.GenerateImageRequest(prompt="SALE", provider=provider))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "shut down gpt-image-2.6-sunburst on 2026-01-01" in caught.value.details()
+        assert "shut down gpt-image-2.6-sunburst on 2026-01-01" in (caught.value.details() or "")
 
     # OpenAI withdraws the date: the vendor's word still wins
     app.sandbox.openai.shutdown_dates["gpt-image-2.6-sunburst"] = None

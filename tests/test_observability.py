@@ -92,9 +92,8 @@ async def mixed_run(app: App) -> AsyncIterator[tuple[App, str]]:
         for job in (plain, retried, moderated):
             await finished(stub, job.id)
         assert app.worker is not None
-        async with asyncio.timeout(10):
-            while app.worker.in_flight:
-                await asyncio.sleep(0.01)
+        worker = app.worker
+        await eventually(lambda: not worker.in_flight)
         # the queue gauges come from the database; read them now rather than waiting for the sampler
         from server.metrics import QueueSampler
 
@@ -102,7 +101,7 @@ async def mixed_run(app: App) -> AsyncIterator[tuple[App, str]]:
         yield app, await _scrape(app)
 
 
-def _metrics_of(app: App):  # type: ignore[no-untyped-def]
+def _metrics_of(app: App):
     assert app.worker is not None
     return app.worker._metrics  # the one ServiceMetrics of this app
 
@@ -184,7 +183,7 @@ async def test_promtool_accepts_the_exposition_and_the_rules(mixed_run: tuple[Ap
         timeout=30,
     )
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 11 rules found" in rules.stdout
+    assert "SUCCESS: 12 rules found" in rules.stdout
 
 
 def test_promtool_unit_tests_of_the_model_alerts() -> None:
@@ -250,9 +249,11 @@ async def test_a_real_prometheus_scrape_sees_the_values(mixed_run: tuple[App, st
                 except aiohttp.ClientError:
                     return []
 
-            async with asyncio.timeout(30):
-                while not await query('imagegen_jobs_submitted_total{job="imagegen"}'):
-                    await asyncio.sleep(0.2)  # Prometheus scrapes on its own clock: poll its API
+            async def scraped() -> bool:
+                return bool(await query('imagegen_jobs_submitted_total{job="imagegen"}'))
+
+            # Prometheus scrapes on its own clock: poll its API
+            await eventually(scraped, timeout=30, interval=0.2)
             [up] = await query('up{job="imagegen"}')
             assert up["value"][1] == "1"
             [submitted] = await query('sum(imagegen_jobs_submitted_total{job="imagegen"})')

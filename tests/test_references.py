@@ -163,7 +163,7 @@ async def test_inward_urls_are_refused_at_submit(stub) -> None:
 
 
 @pytest.fixture
-async def allowing_stub(tmp_path: Path, database_url: str) -> AsyncIterator[pb_grpc.ImageGenerationStub]:
+async def allowing_stub(tmp_path: Path, database_url: str) -> AsyncIterator[pb_grpc.ImageGenerationAsyncStub]:
     """A server whose reference fetches may reach 127.0.0.1 (the test's image host), and nothing else."""
     settings = test_settings(tmp_path, database_url, reference_allow_networks="127.0.0.1/32")
     async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:

@@ -15,6 +15,7 @@ import aiohttp
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
@@ -39,6 +40,11 @@ def _store_settings(kind: str, request: pytest.FixtureRequest) -> dict[str, Any]
     return server.settings(f"retention-{uuid.uuid4().hex[:8]}")
 
 
+def _engine(app: App) -> AsyncEngine:
+    assert isinstance(app.store, SqlJobStore)
+    return app.store.engine
+
+
 def _blobs(settings: Settings) -> BlobStore:
     return open_blob_store(settings.blob_url, s3=s3_options(settings))
 
@@ -46,7 +52,7 @@ def _blobs(settings: Settings) -> BlobStore:
 @pytest.fixture(params=["file", "s3"])
 async def served(
     request: pytest.FixtureRequest, tmp_path: Path, database_url: str
-) -> AsyncIterator[tuple[App, pb_grpc.ImageGenerationStub]]:
+) -> AsyncIterator[tuple[App, pb_grpc.ImageGenerationAsyncStub]]:
     """The service on each blob store."""
     settings = test_settings(tmp_path, database_url, **_store_settings(request.param, request))
     async with running_app(settings) as app, grpc.aio.insecure_channel(app.grpc_target) as channel:
@@ -54,7 +60,7 @@ async def served(
 
 
 async def test_delete_job_removes_its_images_row_and_events(
-    served: tuple[App, pb_grpc.ImageGenerationStub],
+    served: tuple[App, pb_grpc.ImageGenerationAsyncStub],
 ) -> None:
     app, stub = served
     job = await stub.GenerateImage(pb.GenerateImageRequest(prompt="to be deleted", num_variants=2))
@@ -107,12 +113,12 @@ async def test_a_running_job_cannot_be_deleted_until_it_is_cancelled(
         assert app.registry.get_sample_value("imagegen_jobs_deleted_total", {"reason": "requested"}) == 1
 
 
-async def _status(stub: pb_grpc.ImageGenerationStub, job_id: str, status: int) -> bool:
+async def _status(stub: pb_grpc.ImageGenerationAsyncStub, job_id: str, status: int) -> bool:
     return bool((await stub.GetJob(pb.GetJobRequest(job_id=job_id))).status == status)
 
 
 async def test_ttl_sets_expire_time_and_the_sweeper_deletes_the_job_once_it_has_passed(
-    served: tuple[App, pb_grpc.ImageGenerationStub],
+    served: tuple[App, pb_grpc.ImageGenerationAsyncStub],
 ) -> None:
     app, stub = served
     kept = await stub.GenerateImage(pb.GenerateImageRequest(prompt="kept"))
@@ -124,7 +130,7 @@ async def test_ttl_sets_expire_time_and_the_sweeper_deletes_the_job_once_it_has_
     assert done.expire_time == job.expire_time
     await finished(stub, kept.id)
     blobs = _blobs(app.settings)
-    deleter = JobDeleter(app.store.engine, blobs)
+    deleter = JobDeleter(_engine(app), blobs)
 
     assert await deleter.sweep() == []  # not yet expired
     assert await deleter.sweep(now=utcnow() + timedelta(seconds=601)) == [uuid.UUID(job.id)]
@@ -183,7 +189,7 @@ async def test_the_sweeper_never_deletes_a_running_jobs_images(tmp_path: Path, d
         # what an attempt would have written so far
         written = image_key("default", "", uuid.UUID(job.id), 1, 0, "image/png")
         await blobs.put(written, b"half-way")
-        deleter = JobDeleter(app.store.engine, blobs)
+        deleter = JobDeleter(_engine(app), blobs)
 
         assert await deleter.sweep(now=utcnow() + timedelta(hours=1)) == []
         assert await blobs.get(written) == b"half-way"

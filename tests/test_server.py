@@ -24,14 +24,17 @@ from storage import migrate
 from storage.db import make_engine
 from storage.jobs import SqlJobStore
 from storage.models import JobNotice, JobSpec, JobStatus, NewJob
-from tests.helpers import events_until_end, finished
+from tests.helpers import events_until_end, eventually, finished
 
 
 async def test_grpc_health_and_readyz_agree(app: App) -> None:
     async with grpc.aio.insecure_channel(app.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "imagegen.v1.ImageGeneration"):
-            response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            # the health and reflection stubs are typed for sync channels only
+            response = await health.Check(  # type: ignore[attr-defined]
+                health_pb2.HealthCheckRequest(service=service)
+            )
             assert response.status == health_pb2.HealthCheckResponse.SERVING
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{app.http_url}/healthz") as response:
@@ -66,8 +69,8 @@ async def test_readiness_follows_the_schema_through_a_rollout(
 
 async def test_reflection_lists_the_service(app: App) -> None:
     async with grpc.aio.insecure_channel(app.grpc_target) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]
+        responses = stub.ServerReflectionInfo(  # type: ignore[operator]
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])
         )
         async for response in responses:
@@ -167,9 +170,7 @@ async def test_watch_jobs_streams_the_accounts_events(secured_stub, secured_app:
 
     for stream in (everything, in_folder, foreign):
         stream.cancel()
-    async with asyncio.timeout(5):
-        while secured_app.hub.open_subscriptions:
-            await asyncio.sleep(0.01)
+    await eventually(lambda: not secured_app.hub.open_subscriptions, timeout=5)
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in secured_stub.WatchJobs(pb.WatchJobsRequest(folder_id="../x")):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -19,6 +17,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import event, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
 
 from storage import migrate
 from storage.codec import job_from_json, job_to_json
@@ -446,7 +445,10 @@ async def test_reaper_requeues_expired_leases_and_fails_overdue_jobs(store: SqlJ
     assert reaped[running.id].status is JobStatus.PENDING and reaped[running.id].lease_owner is None
     assert "returned to the queue" in reaped[running.id].message
     assert reaped[overdue.id].status is JobStatus.FAILED and reaped[overdue.id].error is not None
-    assert reaped[overdue.id].error.code == "DEADLINE_EXCEEDED" and reaped[overdue.id].cost_usd_micros == 0
+    assert reaped[overdue.id].error == JobError(
+        code="DEADLINE_EXCEEDED", message="the job deadline passed before it could finish", retryable=True
+    )
+    assert reaped[overdue.id].cost_usd_micros == 0
     assert await store.reap() == []
     with pytest.raises(LeaseLost):  # the worker that lost the lease cannot finish the job any more
         await store.complete(Fence(job_id=running.id, attempt=1, owner="w1"), images=[], cost_usd_micros=1)
@@ -509,10 +511,11 @@ async def test_a_shared_commit_reserves_for_budgeted_accounts_only(store: SqlJob
         *(store.create(_new(f"f {i % 3}", account="free", request_id=f"r{i % 3}")) for i in range(6)),
         return_exceptions=True,
     )
-    metered, free = outcomes[:4], outcomes[4:]
+    metered, answered = outcomes[:4], outcomes[4:]
     assert sum(isinstance(o, InsufficientCredit) for o in metered) == 2
     assert all(job.reserved_usd_micros == 30_000 for job, _ in (o for o in metered if isinstance(o, tuple)))
-    assert not [o for o in free if isinstance(o, BaseException)]
+    free = [o for o in answered if isinstance(o, tuple)]
+    assert len(free) == len(answered)  # no exception among them
     assert sum(created for _, created in free) == 3  # three request ids, each created once
     assert all(job.reserved_usd_micros == 0 for job, _ in free)
     assert await store.budget("metered") == 0
@@ -601,7 +604,7 @@ async def test_a_transition_from_the_claimed_job_writes_what_the_general_path_wo
     # statement). The row, the event, the returned job and the notice must be as the general path makes them.
     await store.create(_new())
     await store.create(_new())
-    outcomes = []
+    outcomes: list[Job] = []
     for claim in await store.claim(owner="w1", limit=2, lease_s=30):
         trusted = not outcomes  # the first carries the claimed job, the second takes the general path
         fence = Fence(
@@ -679,9 +682,9 @@ async def test_a_writer_keeps_its_connection_between_batches_until_the_store_clo
         for index in range(3):  # one after another, each its own batch, as at moderate load
             await store.create(_new(f"job {index}"))
         await asyncio.gather(*(store.create(_new(f"burst {index}")) for index in range(5)))
-        assert len(checked_out) == 1 and engine.sync_engine.pool.checkedout() == 1  # kept by the writer
+        assert len(checked_out) == 1 and _checked_out(engine) == 1  # kept by the writer
         await store.close()
-        assert engine.sync_engine.pool.checkedout() == 0  # given back at once, however long the hold
+        assert _checked_out(engine) == 0  # given back at once, however long the hold
         page, _ = await store.list("acct", page_size=100)
         assert len(page) == 8
     finally:
@@ -694,7 +697,7 @@ async def test_a_writer_gives_its_connection_back_once_nothing_comes(database_ur
     store = SqlJobStore(engine, hold_s=0.05)
     try:
         await store.create(_new())
-        await eventually(lambda: engine.sync_engine.pool.checkedout() == 0)
+        await eventually(lambda: _checked_out(engine) == 0)
         await store.create(_new("later"))  # and checks one out again for the next
     finally:
         await store.close()
@@ -735,10 +738,23 @@ async def test_a_writer_keeps_no_connection_from_a_small_pool(
     store = SqlJobStore(engine, hold_s=LONG_S)
     try:
         await store.create(_new())
-        assert engine.sync_engine.pool.checkedout() == 0
+        assert _checked_out(engine) == 0
     finally:
         await store.close()
         await engine.dispose()
+
+
+def _set(event: asyncio.Event) -> bool:
+    """Set `event`, and say the loop is saturated."""
+    event.set()
+    return True
+
+
+def _checked_out(engine: AsyncEngine) -> int:
+    """How many connections of the engine's pool are checked out."""
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
+    return pool.checkedout()
 
 
 class _RecordedWrites:
@@ -755,11 +771,15 @@ class _RecordedWrites:
 async def test_a_group_commit_lingers_for_more_writes_only_while_its_loop_is_saturated(
     saturated: bool, batches: list[list[int]]
 ) -> None:
-    writes = _RecordedWrites()
-    group = GroupCommit[int, int](writes, name="test", linger_s=0.5, saturated=lambda: saturated)
+    writes, asked = _RecordedWrites(), asyncio.Event()
+
+    def is_saturated() -> bool:
+        asked.set()  # the writer is about to write, or to linger first
+        return saturated
+
+    group = GroupCommit[int, int](writes, name="test", linger_s=0.5, saturated=is_saturated)
     first = asyncio.create_task(group.submit(1))
-    for _ in range(2):  # the writer starts: it writes [1] at once, or lingers
-        await asyncio.sleep(0)
+    await asked.wait()  # the writer has written [1] at once, or lingers
     later = [asyncio.create_task(group.submit(item)) for item in (2, 3)]
     async with asyncio.timeout(10):  # a writer that left without seeing 2 and 3 would leave them waiting
         assert await asyncio.gather(first, *later) == [10, 20, 30]
@@ -767,10 +787,10 @@ async def test_a_group_commit_lingers_for_more_writes_only_while_its_loop_is_sat
 
 
 async def test_a_caller_that_goes_away_leaves_the_shared_commit_to_the_others() -> None:
-    writes = _RecordedWrites()
-    group = GroupCommit[int, int](writes, name="test", linger_s=0.5, saturated=lambda: True)
+    writes, lingering = _RecordedWrites(), asyncio.Event()
+    group = GroupCommit[int, int](writes, name="test", linger_s=0.5, saturated=lambda: _set(lingering))
     gone, staying = (asyncio.create_task(group.submit(item)) for item in (1, 2))
-    await asyncio.sleep(0)  # both queued; the writer lingers
+    await lingering.wait()  # both queued; the writer lingers
     gone.cancel()
     async with asyncio.timeout(10):
         assert await staying == 20
@@ -794,7 +814,7 @@ class _SlowRelease:
 async def test_a_group_commit_writer_waits_for_more_with_its_connection_until_closed() -> None:
     writes, held = _RecordedWrites(), _SlowRelease()
     held.may_finish.set()
-    group = GroupCommit[int, int](writes, name="test", linger_s=0, held=held, hold_s=LONG_S)  # type: ignore[arg-type]
+    group = GroupCommit[int, int](writes, name="test", linger_s=0, held=held, hold_s=LONG_S)
     assert await group.submit(1) == 10
     assert await group.submit(2) == 20  # written by the same writer, which was waiting for more
     assert held.released == 0
@@ -805,12 +825,12 @@ async def test_a_group_commit_writer_waits_for_more_with_its_connection_until_cl
 
 async def test_a_write_submitted_while_the_connection_goes_back_is_written() -> None:
     writes, held = _RecordedWrites(), _SlowRelease()
-    group = GroupCommit[int, int](writes, name="test", linger_s=0, held=held, hold_s=0.01)  # type: ignore[arg-type]
+    group = GroupCommit[int, int](writes, name="test", linger_s=0, held=held, hold_s=0.01)
     assert await group.submit(1) == 10
     async with asyncio.timeout(10):
         await held.releasing.wait()  # nothing came for hold_s: the writer is giving its connection back
         later = asyncio.create_task(group.submit(2))
-        await asyncio.sleep(0)  # queued while the writer is still in release
+        await eventually(lambda: group.queued == 1)  # queued while the writer is still in release
         held.may_finish.set()
         assert await later == 20
         await group.close()
@@ -832,30 +852,15 @@ def test_thread_load_is_runnable_time_over_wall_time_per_period() -> None:
     assert load.share() == pytest.approx(0.1)
 
 
-def test_a_thread_counts_as_busy_while_it_waits_for_a_core_and_idle_while_it_sleeps() -> None:
+def test_a_thread_is_runnable_while_it_computes_and_not_while_it_sleeps() -> None:
     if not os.path.exists("/proc/thread-self/schedstat"):
         pytest.skip("the scheduler's per-thread times are Linux's")
     before = thread_runnable_time()
     time.sleep(0.2)
     assert thread_runnable_time() - before < 0.05
 
-    # This thread and a spinning process share one core: each runs about half the time.
-    core = min(os.sched_getaffinity(0))
-    allowed = os.sched_getaffinity(0)
-    spin = f"import os\nos.sched_setaffinity(0, {{{core}}})\nprint(flush=True)\nwhile True: pass"
-    with subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE) as spinner:
-        try:
-            assert spinner.stdout is not None and spinner.stdout.readline() == b"\n"  # it spins on the core
-            os.sched_setaffinity(0, {core})  # this thread only
-            try:
-                wall0, cpu0, busy0 = time.monotonic(), time.thread_time(), thread_runnable_time()
-                while time.monotonic() - wall0 < 0.5:
-                    pass
-                wall = time.monotonic() - wall0
-                cpu, busy = time.thread_time() - cpu0, thread_runnable_time() - busy0
-            finally:
-                os.sched_setaffinity(0, allowed)
-        finally:
-            spinner.kill()
-    assert cpu / wall < 0.8  # it shared the core
-    assert busy / wall > 0.9  # and was runnable throughout
+    cpu0, runnable0 = time.thread_time(), thread_runnable_time()
+    while time.thread_time() - cpu0 < 0.05:
+        pass
+    # on a core or waiting for one: never less than the CPU time itself
+    assert thread_runnable_time() - runnable0 >= (time.thread_time() - cpu0) * 0.9

@@ -74,7 +74,9 @@ def attrs(span: trace_pb2.Span) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for attribute in span.attributes:
         value = attribute.value
-        values[attribute.key] = getattr(value, value.WhichOneof("value"))
+        kind = value.WhichOneof("value")
+        assert kind is not None, attribute
+        values[attribute.key] = getattr(value, kind)
     return values
 
 

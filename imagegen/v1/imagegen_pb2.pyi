@@ -145,6 +145,8 @@ class GenerateImageRequest(_message.Message):
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    FALLBACK_PROVIDERS_FIELD_NUMBER: _builtins.int
+    FALLBACK_ON_MODERATION_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Required, 1-2000 characters after trimming surrounding white space."""
     provider: _builtins.str
@@ -165,13 +167,21 @@ class GenerateImageRequest(_message.Message):
     """Idempotency key (AIP-155): the same key with the same body returns the first job."""
     validate_only: _builtins.bool
     """Validate and quote without creating a job: the returned Job has no id and status UNSPECIFIED."""
+    fallback_on_moderation: _builtins.bool
+    """Also fall back when a model's moderation refuses the prompt or the image (off: CONTENT_MODERATED ends
+    the job).
+    """
     @_builtins.property
     def reference_image_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Reference (input) images, for models that support them."""
 
     @_builtins.property
     def provider_options(self) -> _struct_pb2.Struct:
-        """Model-specific options, validated against the model's allowed keys (ListProviders)."""
+        """Model-specific options, validated against the model's allowed keys (ListProviders). A key naming a
+        model of fallback_providers holds that fallback's own options (e.g. {"quality": "high",
+        "seedream_4_5": {"watermark": false}}); a fallback without such a key takes the top-level options,
+        and the submit is refused if it cannot.
+        """
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -182,6 +192,15 @@ class GenerateImageRequest(_message.Message):
         """How long after its creation the job (images, row and events) is deleted (AIP-214; input only,
         returned as Job.expire_time). Unset: the server's retention, which may keep jobs forever.
         At most 3650 days.
+        """
+
+    @_builtins.property
+    def fallback_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models to continue on, in order, when `provider` cannot serve the job: its attempts are spent on
+        transient failures, the vendor answers MODEL_UNAVAILABLE or PROVIDER_AUTH, or its vendor's circuit
+        breaker is open. Each must take the whole request (size, variants, references, seed, options, output
+        format), or the submit is refused naming it. The quote (and a budget's reservation) is the most
+        expensive of the chain; the job is billed at the model that served it.
         """
 
     def __init__(
@@ -202,10 +221,12 @@ class GenerateImageRequest(_message.Message):
         validate_only: _builtins.bool = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        fallback_providers: _abc.Iterable[_builtins.str] | None = ...,
+        fallback_on_moderation: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "provider_options", b"provider_options", "seed", b"seed", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "folder_id", b"folder_id", "height", b"height", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "seed", b"seed", "ttl", b"ttl", "validate_only", b"validate_only", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "fallback_on_moderation", b"fallback_on_moderation", "fallback_providers", b"fallback_providers", "folder_id", b"folder_id", "height", b"height", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "seed", b"seed", "ttl", b"ttl", "validate_only", b"validate_only", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -442,6 +463,9 @@ class Provider(_message.Message):
     SERVED_MODEL_FIELD_NUMBER: _builtins.int
     ALIAS_OF_FIELD_NUMBER: _builtins.int
     LIFECYCLE_SOURCE_FIELD_NUMBER: _builtins.int
+    BREAKER_STATE_FIELD_NUMBER: _builtins.int
+    FAILURE_RATIO_FIELD_NUMBER: _builtins.int
+    BREAKER_PROBE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     display_name: _builtins.str
     vendor: _builtins.str
@@ -475,10 +499,20 @@ class Provider(_message.Message):
     """For an id kept for older callers: the id whose model serves it (limits, options and price are its)."""
     lifecycle_source: _builtins.str
     """Where the lifecycle facts come from (the vendor's deprecations page)."""
+    breaker_state: _builtins.str
+    """The circuit breaker of the model's vendor, shared by every replica: "closed" (healthy), "open"
+    (failing; jobs fall back or wait) or "half_open" (a few probe requests are let through).
+    """
+    failure_ratio: _builtins.float
+    """Failed share of the vendor's requests in the breaker's current window (0-1)."""
     @_builtins.property
     def output_formats(self) -> _containers.RepeatedScalarFieldContainer[Global___OutputFormat.ValueType]: ...
     @_builtins.property
     def provider_option_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def breaker_probe_time(self) -> _timestamp_pb2.Timestamp:
+        """While open: when probes are next let through."""
+
     def __init__(
         self,
         *,
@@ -506,10 +540,13 @@ class Provider(_message.Message):
         served_model: _builtins.str = ...,
         alias_of: _builtins.str = ...,
         lifecycle_source: _builtins.str = ...,
+        breaker_state: _builtins.str = ...,
+        failure_ratio: _builtins.float = ...,
+        breaker_probe_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["breaker_probe_time", b"breaker_probe_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_of", b"alias_of", "configured", b"configured", "display_name", b"display_name", "id", b"id", "lifecycle_source", b"lifecycle_source", "lifecycle_state", b"lifecycle_state", "max_height", b"max_height", "max_reference_images", b"max_reference_images", "max_variants", b"max_variants", "max_width", b"max_width", "min_height", b"min_height", "min_width", b"min_width", "output_formats", b"output_formats", "price_1024_usd_micros", b"price_1024_usd_micros", "price_summary", b"price_summary", "price_table_version", b"price_table_version", "provider_option_keys", b"provider_option_keys", "replacement", b"replacement", "served_model", b"served_model", "shutdown_date", b"shutdown_date", "strengths", b"strengths", "supports_negative_prompt", b"supports_negative_prompt", "supports_seed", b"supports_seed", "vendor", b"vendor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_of", b"alias_of", "breaker_probe_time", b"breaker_probe_time", "breaker_state", b"breaker_state", "configured", b"configured", "display_name", b"display_name", "failure_ratio", b"failure_ratio", "id", b"id", "lifecycle_source", b"lifecycle_source", "lifecycle_state", b"lifecycle_state", "max_height", b"max_height", "max_reference_images", b"max_reference_images", "max_variants", b"max_variants", "max_width", b"max_width", "min_height", b"min_height", "min_width", b"min_width", "output_formats", b"output_formats", "price_1024_usd_micros", b"price_1024_usd_micros", "price_summary", b"price_summary", "price_table_version", b"price_table_version", "provider_option_keys", b"provider_option_keys", "replacement", b"replacement", "served_model", b"served_model", "shutdown_date", b"shutdown_date", "strengths", b"strengths", "supports_negative_prompt", b"supports_negative_prompt", "supports_seed", b"supports_seed", "vendor", b"vendor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -534,6 +571,27 @@ class Job(_message.Message):
             value: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class FallbackProviderOptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Struct: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Struct | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
         _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -570,6 +628,10 @@ class Job(_message.Message):
     ESTIMATED_COST_USD_MICROS_FIELD_NUMBER: _builtins.int
     SERVED_MODEL_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    FALLBACK_PROVIDERS_FIELD_NUMBER: _builtins.int
+    FALLBACK_ON_MODERATION_FIELD_NUMBER: _builtins.int
+    SERVED_PROVIDER_FIELD_NUMBER: _builtins.int
+    FALLBACK_PROVIDER_OPTIONS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """UUID."""
     status: Global___JobStatus.ValueType
@@ -598,7 +660,14 @@ class Job(_message.Message):
     """The account the job belongs to."""
     estimated_cost_usd_micros: _builtins.int
     served_model: _builtins.str
-    """The vendor model the job was sent to, recorded at submit (e.g. "gemini-3-pro-image")."""
+    """The vendor model the job was sent to, recorded at submit (e.g. "gemini-3-pro-image"); after a
+    fallback, the fallback's.
+    """
+    fallback_on_moderation: _builtins.bool
+    served_provider: _builtins.str
+    """The model of the chain the job runs on, or that served it: `provider` or one of fallback_providers.
+    Its cost is cost_usd_micros.
+    """
     @_builtins.property
     def reference_image_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -630,6 +699,14 @@ class Job(_message.Message):
         """When the job is deleted (from the request's ttl or the server's retention); unset: kept until
         DeleteJob. A job still running then is deleted once it has finished.
         """
+
+    @_builtins.property
+    def fallback_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The fallback chain as requested (see GenerateImageRequest.fallback_providers)."""
+
+    @_builtins.property
+    def fallback_provider_options(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Struct]:
+        """Each fallback's options, as validated at submit."""
 
     def __init__(
         self,
@@ -665,10 +742,14 @@ class Job(_message.Message):
         estimated_cost_usd_micros: _builtins.int = ...,
         served_model: _builtins.str = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        fallback_providers: _abc.Iterable[_builtins.str] | None = ...,
+        fallback_on_moderation: _builtins.bool = ...,
+        served_provider: _builtins.str = ...,
+        fallback_provider_options: _abc.Mapping[_builtins.str, _struct_pb2.Struct] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "provider_options", b"provider_options", "seed", b"seed", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "account_id", b"account_id", "attempt", b"attempt", "cost_cents", b"cost_cents", "cost_usd_micros", b"cost_usd_micros", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "estimated_cost_cents", b"estimated_cost_cents", "estimated_cost_usd_micros", b"estimated_cost_usd_micros", "expire_time", b"expire_time", "folder_id", b"folder_id", "height", b"height", "id", b"id", "images", b"images", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "result_urls", b"result_urls", "seed", b"seed", "served_model", b"served_model", "start_time", b"start_time", "status", b"status", "update_time", b"update_time", "version", b"version", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "account_id", b"account_id", "attempt", b"attempt", "cost_cents", b"cost_cents", "cost_usd_micros", b"cost_usd_micros", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "estimated_cost_cents", b"estimated_cost_cents", "estimated_cost_usd_micros", b"estimated_cost_usd_micros", "expire_time", b"expire_time", "fallback_on_moderation", b"fallback_on_moderation", "fallback_provider_options", b"fallback_provider_options", "fallback_providers", b"fallback_providers", "folder_id", b"folder_id", "height", b"height", "id", b"id", "images", b"images", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "result_urls", b"result_urls", "seed", b"seed", "served_model", b"served_model", "served_provider", b"served_provider", "start_time", b"start_time", "status", b"status", "update_time", b"update_time", "version", b"version", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -736,7 +817,8 @@ class JobError(_message.Message):
     code: _builtins.str
     """CONTENT_MODERATED, PROVIDER_UNAVAILABLE, DEADLINE_EXCEEDED, INVALID_PROVIDER_RESPONSE,
     PROVIDER_REJECTED, PROVIDER_AUTH, MODEL_UNAVAILABLE (the vendor no longer serves the model; not
-    retried), STORAGE_UNAVAILABLE (the images could not be stored), INTERNAL.
+    retried), BREAKER_OPEN (while waiting: the vendor's circuit breaker is open), STORAGE_UNAVAILABLE
+    (the images could not be stored), INTERNAL.
     """
     message: _builtins.str
     retryable: _builtins.bool
