@@ -529,3 +529,30 @@ async def test_the_api_and_worker_containers_serve_as_the_manifests_configure_th
     for container in (api, worker):
         code, stderr = await container.stop()
         assert code == 0, stderr[-2000:]
+
+
+def test_the_readmes_first_rollout_step_applies_the_migration_without_the_deployments(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    # README "Deploying": kubectl apply -f imagegen.yaml -l 'app.kubernetes.io/component notin (api,worker)'
+    # (a `notin` selector also takes the objects without the label)
+    objects = rendered["example"]
+    first = {
+        (
+            o["kind"],
+            o["metadata"]["name"].rsplit("-", 1)[0]
+            if o["kind"] in ("ConfigMap", "Secret")
+            else o["metadata"]["name"],
+        )
+        for o in objects
+        if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") not in ("api", "worker")
+    }
+    assert {
+        ("Namespace", "imagegen"),
+        ("ServiceAccount", "imagegen"),
+        ("ConfigMap", "imagegen-config"),
+        ("Secret", "imagegen-secrets"),
+        ("Secret", "imagegen-tokens"),
+        ("Job", "imagegen-migrate"),
+    } <= first
+    assert not {kind for kind, _ in first} & {"Deployment", "ScaledObject"}
