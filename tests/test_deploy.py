@@ -135,8 +135,8 @@ def _image() -> dict[str, Any]:
                 image["env"][key] = value
         elif keyword.upper() in ("ENTRYPOINT", "CMD"):
             image[keyword.lower()] = json.loads(rest)
-        elif keyword.upper() == "USER":
-            image["user"] = rest
+        elif keyword.upper() in ("USER", "WORKDIR"):
+            image[keyword.lower()] = rest
     return image
 
 
@@ -376,6 +376,7 @@ async def test_the_workers_scale_on_the_backlog_query_for_their_own_caps(
     assert settings.role == "worker"
     [trigger] = scaled["spec"]["triggers"]
     assert trigger["type"] == "postgresql"
+    assert "replicas" not in worker["spec"]  # the autoscaler's to set
     expected = claimable_sql(
         vendor_caps(settings), per_account=settings.max_in_flight_per_account, with_processing=True
     )
@@ -452,15 +453,19 @@ class _Container:
             assert int(port) == next(p["containerPort"] for p in self.container["ports"] if p["name"] == name)
             self.ports[name] = _free_port()
             self.env[variable] = f"{host}:{self.ports[name]}"
+        self.workdir = self.paths[image["workdir"]]  # the image's WORKDIR, a mounted volume
         self.grace_s = spec["terminationGracePeriodSeconds"]
         self.process: asyncio.subprocess.Process | None = None
 
-    async def start(self, database_url: str) -> None:
-        self.env["IMAGEGEN_DATABASE_URL"] = database_url  # the secret's placeholder → the test database
+    async def start(self, database_url: str, s3: dict[str, str]) -> None:
+        # the services outside the pod: the secret's placeholder URL → the test database; the bucket and
+        # its credentials → the tests' S3 server, where there is one
+        self.env["IMAGEGEN_DATABASE_URL"] = database_url
+        self.env.update(s3)
         self.process = await asyncio.create_subprocess_exec(
             *self.argv,
             env=self.env,
-            cwd=self.paths.get("/var/lib/imagegen", ROOT),
+            cwd=self.workdir,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -511,10 +516,14 @@ async def containers(
 
 
 async def test_the_api_and_worker_containers_serve_as_the_manifests_configure_them(
-    containers: dict[str, _Container], database_url: str
+    containers: dict[str, _Container], database_url: str, request: pytest.FixtureRequest
 ) -> None:
+    try:
+        s3 = request.getfixturevalue("s3_server").env(f"deploy-{os.getpid()}")
+    except pytest.FixtureLookupError:  # a build whose images are on local disk only
+        s3 = {}
     for container in containers.values():
-        await container.start(database_url)
+        await container.start(database_url, s3)
     for container in containers.values():
         probe = container.container["readinessProbe"]["grpc"].get("service", "")
         await eventually(lambda c=container, s=probe: c.serving(s), timeout=30, interval=0.2)
