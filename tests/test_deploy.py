@@ -44,8 +44,6 @@ DEPLOY = ROOT / "deploy" / "kubernetes"
 TREES = {"base": DEPLOY / "base", "example": DEPLOY / "overlays" / "example"}
 SCHEMAS = Path(__file__).with_name("k8s_schemas")
 CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
-#: the defaults of the settings the manifests may leave unset (server/settings.py)
-DEFAULTS = Settings()
 
 
 def _tool(name: str) -> str:
