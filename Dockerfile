@@ -16,8 +16,10 @@ RUN pip --python /opt/imagegen/bin/python install --no-cache-dir . \
     && /opt/imagegen/bin/python -m compileall -q /opt/imagegen
 
 FROM ${PYTHON_IMAGE}
-# the final stage gets the installed environment only: no pip cache, no source tree, no build step
-RUN groupadd --system --gid 10001 imagegen \
+# the final stage gets the installed environment only: no source tree, no build step, and not even the
+# base image's packaging tools (nothing installs anything at run time)
+RUN python -m pip uninstall --yes --no-cache-dir pip setuptools wheel \
+    && groupadd --system --gid 10001 imagegen \
     && useradd --system --uid 10001 --gid imagegen --home-dir /var/lib/imagegen --no-create-home imagegen \
     && install -d -o imagegen -g imagegen -m 0750 /var/lib/imagegen
 COPY --from=build /opt/imagegen /opt/imagegen

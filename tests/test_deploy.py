@@ -206,7 +206,8 @@ def test_the_image_is_slim_python_non_root_and_has_no_healthcheck() -> None:
     assert image["user"].split(":")[0] not in ("", "0", "root")
     assert "HEALTHCHECK" not in image["instructions"]
     # nothing is built or installed in the final stage: no package manager, compiler or pip run there
-    assert not [line for line in image["final"] if any(t in line for t in ("apt-get", "gcc", "pip "))]
+    building = ("apt-get install", "apk add", "pip install", "gcc", "build-essential", "COPY . ")
+    assert not [line for line in image["final"] if any(word in line for word in building)]
     assert image["entrypoint"] + image["cmd"] == ["python", "-m", "server", "serve"]
     dockerignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in dockerignore and "!.venv" not in dockerignore
