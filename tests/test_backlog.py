@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, text, update
 
-from server.__main__ import main
 from storage import backlog
 from storage.db import make_engine
 from storage.jobs import ConcurrencyCap, SqlJobStore
@@ -113,13 +115,26 @@ async def test_uncapped_and_empty(store: SqlJobStore) -> None:
     assert (await backlog.backlog(store.engine)).claimable == 2
 
 
-def test_the_command_prints_the_statement_for_the_settings(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("IMAGEGEN_VENDOR_CONCURRENCY", "bfl=24,openai=0,gemini=8")
-    monkeypatch.setenv("IMAGEGEN_MAX_IN_FLIGHT_PER_ACCOUNT", "3")
-    assert main(["backlog", "--sql", "--with-processing"]) == 0
-    printed = capsys.readouterr().out
+def _command(*args: str, **env: str) -> str:
+    """`python -m server backlog …` as a process (it sets up logging for the whole process)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "server", "backlog", *args],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_the_command_prints_the_statement_for_the_settings() -> None:
+    printed = _command(
+        "--sql",
+        "--with-processing",
+        IMAGEGEN_VENDOR_CONCURRENCY="bfl=24,openai=0,gemini=8",
+        IMAGEGEN_MAX_IN_FLIGHT_PER_ACCOUNT="3",
+    )
     assert "WHEN provider IN ('flux_2_pro') THEN 'bfl'" in printed
     assert "WHEN provider IN ('nano_banana', 'nano_banana_pro') THEN 'gemini'" in printed
     assert "'openai'" not in printed  # 0: uncapped
@@ -132,20 +147,12 @@ def test_names_that_are_not_plain_identifiers_are_refused() -> None:
         backlog.claimable_sql([evil])
 
 
-async def test_the_command_counts_against_the_database(
-    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("IMAGEGEN_DATABASE_URL", database_url)
-    engine = make_engine(database_url)
-    store = SqlJobStore(engine)
-    try:
-        for _ in range(3):
-            await _add(store, "seedream_4", 1)
-        await store.claim(owner="w", limit=1, lease_s=30)
-    finally:
-        await store.close()
-        await engine.dispose()
-    # main() runs its own event loop: give it a thread of its own, as the command line would
-    assert await asyncio.to_thread(main, ["backlog"]) == 0
-    assert await asyncio.to_thread(main, ["backlog", "--with-processing"]) == 0
-    assert capsys.readouterr().out.split() == ["2", "3"]
+async def test_the_command_counts_against_the_database(store: SqlJobStore, database_url: str) -> None:
+    for _ in range(3):
+        await _add(store, "seedream_4", 1)
+    await store.claim(owner="w", limit=1, lease_s=30)
+    counted = [
+        await asyncio.to_thread(_command, *args, IMAGEGEN_DATABASE_URL=database_url)
+        for args in ((), ("--with-processing",))
+    ]
+    assert [c.strip() for c in counted] == ["2", "3"]
