@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-GEN_OUT := server/_gen
+#: the generated protobuf/gRPC code: a package of its own, which server and client both import
+GEN_OUT := imagegen
 STAMP := $(VENV)/.installed
 # protoc finds the mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) on PATH
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -33,9 +34,10 @@ migrate: $(STAMP)  ## bring the database at IMAGEGEN_DATABASE_URL to the newest 
 test: $(STAMP) tools check-protos lint  ## the whole suite, against PostgreSQL (IMAGEGEN_TEST_DATABASE_URL) and SQLite
 	$(PY) -m pytest
 
-lint: $(STAMP)  ## ruff: the rules and formatting in pyproject.toml
+lint: $(STAMP)  ## ruff (rules, formatting) and import-linter (the layering contracts) from pyproject.toml
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # bench/ is also a directory: without .PHONY, make would find "bench" up to date and run nothing.
 .PHONY: bench
@@ -56,25 +58,25 @@ tools:  ## the system tools the suite uses: promtool and prometheus (Debian's pr
 	      { apt-get update -qq >/dev/null && apt-get install -y -qq prometheus >/dev/null; }; \
 	  else echo "make test needs promtool and prometheus: sudo apt-get install prometheus"; exit 1; fi; }
 
-protos: $(STAMP)  ## regenerate server/_gen from protos/
+protos: $(STAMP)  ## regenerate $(GEN_OUT)/ from protos/
 	rm -rf $(GEN_OUT) && mkdir -p $(GEN_OUT)
-	$(PY) -m grpc_tools.protoc -I$(GEN_OUT)=protos --python_out=. --grpc_python_out=. \
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
 	  --mypy_out=. --mypy_grpc_out=. $$(find protos -name '*.proto' | sort)
 	find $(GEN_OUT) -type d -exec touch {}/__init__.py \;
 
 check-protos: $(STAMP)  ## fail when the committed generated code differs from what `make protos` makes
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && mkdir -p "$$tmp/$(GEN_OUT)" && \
-	$(PY) -m grpc_tools.protoc -I$(GEN_OUT)=protos --python_out="$$tmp" --grpc_python_out="$$tmp" \
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out="$$tmp" --grpc_python_out="$$tmp" \
 	  --mypy_out="$$tmp" --mypy_grpc_out="$$tmp" $$(find protos -name '*.proto' | sort) && \
 	find "$$tmp/$(GEN_OUT)" -type d -exec touch {}/__init__.py \; && \
 	diff -r -x __pycache__ "$$tmp/$(GEN_OUT)" $(GEN_OUT) >/dev/null || \
-	{ echo "server/_gen is stale: run 'make protos' and commit the result"; exit 1; }
+	{ echo "$(GEN_OUT)/ is stale: run 'make protos' and commit the result"; exit 1; }
 
 manifests: $(STAMP)  ## regenerate deploy/kubernetes/base's PrometheusRule (from alerts.yml) and backlog query
 	$(PY) deploy/kubernetes/generate.py
 
 sandbox: $(STAMP)  ## run the vendor sandbox alone (prints its base URL)
-	$(PY) -m providers.sandbox --host 127.0.0.1 --port 8090
+	$(PY) -m sandbox --host 127.0.0.1 --port 8090
 
 clean:  ## remove the virtualenv and local data
 	rm -rf $(VENV) var

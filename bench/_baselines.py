@@ -32,8 +32,8 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from bench._harness import raise_open_files_limit
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
 _OPTIONS = [("grpc.max_pending_requests", 20_000), ("grpc.so_reuseport", 0)]
 _TERMINAL = (pb.JOB_STATUS_COMPLETED, pb.JOB_STATUS_FAILED, pb.JOB_STATUS_CANCELLED)

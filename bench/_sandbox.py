@@ -15,7 +15,7 @@ import signal
 import sys
 
 from bench._harness import raise_open_files_limit
-from providers.sandbox import Sandbox
+from sandbox import Sandbox
 
 #: "no cap": more than any scenario submits
 UNCAPPED = 1_000_000

@@ -32,8 +32,8 @@ from typing import Any
 import grpc
 
 from bench._harness import raise_open_files_limit
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
 
 class Watchers:

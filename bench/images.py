@@ -33,7 +33,7 @@ from PIL import Image, ImageFilter, ImageOps
 from bench._harness import Figure, RunContext, ScenarioResult, children, ms, start_child
 from providers.catalog import bfl_native_size
 from providers.imaging import fit_image
-from providers.sandbox.drawing import draw_placeholder
+from sandbox.drawing import draw_placeholder
 
 NAME = "images"
 

@@ -41,8 +41,8 @@ from bench._harness import (
     start_sandbox,
     start_server,
 )
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from storage.db import make_engine
 from storage.jobs import SqlJobStore
 from storage.models import JobSpec, NewJob

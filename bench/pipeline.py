@@ -48,10 +48,10 @@ from bench._harness import (
     start_sandbox,
     start_server,
 )
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.imaging import fit_image
-from providers.sandbox.drawing import draw_placeholder
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from sandbox.drawing import draw_placeholder
 from storage.blobs import LocalBlobStore
 from storage.db import make_engine
 

@@ -25,7 +25,7 @@ Then the echo again, twice, with its event loop kept busy 300 µs and 1 ms per i
 (`bench._baselines --busy-us`): grpc.aio admits one RPC per few loop iterations, so its RPC rate falls
 with the length of an iteration, whatever fills it. That is why the service's submits slow down when
 its own worker shares the loop (the pipeline scenario), and why group commits linger while the loop is
-saturated (`storage.jobs._GroupCommit`).
+saturated (`storage.group_commit.GroupCommit`).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ from bench._harness import (
     start_server,
 )
 from bench._load import LoadResult, closed_loop, open_loop
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
 NAME = "submit"
 

@@ -32,7 +32,7 @@ from client._errors import (
     Unavailable,
     from_rpc_error,
 )
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2 as pb
 
 __all__ = [
     "OUTPUT_FORMATS",

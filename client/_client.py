@@ -19,8 +19,8 @@ from google.protobuf import struct_pb2
 
 from client._download import save_images as _save_images
 from client._errors import ImagegenError, Unavailable, from_rpc_error
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ import aiohttp
 import grpc
 
 from client._errors import ImagegenError
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2 as pb
 
 EXTENSIONS: Final[Mapping[str, str]] = MappingProxyType(
     {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}

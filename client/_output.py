@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from client._client import TERMINAL_STATUSES, status_name
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2 as pb
 
 _FORMAT_NAMES: Final[Mapping[int, str]] = MappingProxyType(
     {

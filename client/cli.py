@@ -30,7 +30,7 @@ from client._output import (
     to_dict,
     usd,
 )
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2 as pb
 
 EXIT_OK: Final = 0
 EXIT_JOB_FAILED: Final = 1

@@ -16,7 +16,13 @@ from typing import Any
 
 import aiohttp
 
-from providers.base import InvalidProviderResponse, ProviderError, ProviderRejected, ProviderUnavailable
+from providers.base import (
+    InvalidProviderResponse,
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+    RetryReason,
+)
 
 __all__ = [
     "Reply",
@@ -63,7 +69,8 @@ def json_object(reply: Reply, *, vendor: str, stage: str) -> Mapping[str, Any]:
         # Most likely cut short on the way: worth another attempt.
         raise ProviderUnavailable(
             f"{vendor} answered the {stage} with HTTP {reply.status} but a body that is not valid JSON "
-            f"({len(reply.raw)} bytes: {snippet(reply.raw)})"
+            f"({len(reply.raw)} bytes: {snippet(reply.raw)})",
+            reason=RetryReason.CONNECTION,
         )
     if not isinstance(body, dict):
         raise InvalidProviderResponse(

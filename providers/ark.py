@@ -44,6 +44,7 @@ from providers.base import (
     ProviderImage,
     ProviderRejected,
     ProviderUnavailable,
+    RetryReason,
 )
 from providers.catalog import CATALOG, ModelSpec
 
@@ -201,7 +202,9 @@ class ArkProvider:
                     request_id=response.headers.get("X-Request-Id"),
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"Ark image generation call failed: {describe(exc)}") from exc
+            raise ProviderUnavailable(
+                f"Ark image generation call failed: {describe(exc)}", reason=RetryReason.of_transport(exc)
+            ) from exc
 
     async def _download(self, url: str, reply: _Reply) -> bytes:
         stage = "download of Ark's image"
@@ -215,11 +218,14 @@ class ArkProvider:
                     )
                 if not 200 <= response.status < 300:
                     raise ProviderUnavailable(
-                        f"Ark's storage answered HTTP {response.status} to the {stage}{_rid(reply)}"
+                        f"Ark's storage answered HTTP {response.status} to the {stage}{_rid(reply)}",
+                        reason=RetryReason.of_status(response.status),
                     )
                 return await read_limited(response, _MAX_IMAGE_BYTES, f"the {stage}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"the {stage} failed: {describe(exc)}{_rid(reply)}") from exc
+            raise ProviderUnavailable(
+                f"the {stage} failed: {describe(exc)}{_rid(reply)}", reason=RetryReason.of_transport(exc)
+            ) from exc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,7 +279,8 @@ def _json_object(reply: _Reply) -> Mapping[str, Any]:
     if body is None:
         raise ProviderUnavailable(
             f"Ark answered HTTP {reply.status} with a body that is not valid JSON "
-            f"({len(reply.raw)} bytes: {snippet(reply.raw)}){_rid(reply)}"
+            f"({len(reply.raw)} bytes: {snippet(reply.raw)}){_rid(reply)}",
+            reason=RetryReason.CONNECTION,
         )
     if not isinstance(body, dict):
         raise InvalidProviderResponse(f"Ark's answer is not a JSON object: {snippet(reply.raw)}{_rid(reply)}")
@@ -339,7 +346,8 @@ def _coded_error(error: Mapping[str, Any], reply: _Reply, *, status: int | None)
         # A per-image failure of a call Ark accepted: its internal errors are worth another attempt.
         return ProviderUnavailable(
             f"Ark accepted the call but failed to generate the image ({code or 'no code'}): "
-            f"{detail}{_rid(reply, detail)}"
+            f"{detail}{_rid(reply, detail)}",
+            reason=RetryReason.SERVER_ERROR,
         )
     error_class, meaning = classify_status(status, _HTTP_ERRORS)
     if code in _TRANSIENT_CODES:
@@ -347,7 +355,7 @@ def _coded_error(error: Mapping[str, Any], reply: _Reply, *, status: int | None)
     label = f"{meaning}, {code}" if code else meaning
     text = f"Ark answered HTTP {status} ({label})" + (f": {detail}" if detail else "") + _rid(reply, detail)
     wait_s = retry_after_s(reply.retry_after) if status in (429, 503) else None
-    return error_class(text, retry_after_s=wait_s)
+    return error_class(text, retry_after_s=wait_s, reason=RetryReason.of_status(status))
 
 
 def _moderation_subject(code: str) -> str | None:

@@ -7,6 +7,7 @@ and decides retries from `ProviderError.retryable` and `retry_after_s`.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -75,6 +76,33 @@ class ImageProvider(Protocol):
         """Produce `request.num_variants` images or raise `ProviderError`."""
 
 
+class RetryReason(enum.StrEnum):
+    """Why a transient failure happened: a bounded label for metrics and logs."""
+
+    RATE_LIMITED = "rate_limited"
+    TIMEOUT = "timeout"
+    SERVER_ERROR = "server_error"
+    #: the connection failed, dropped, or cut a body short
+    CONNECTION = "connection"
+    OTHER = "other"
+
+    @classmethod
+    def of_status(cls, status: int) -> RetryReason:
+        """The reason an HTTP status gives."""
+        if status == 429:
+            return cls.RATE_LIMITED
+        if status in (408, 504):
+            return cls.TIMEOUT
+        if status >= 500:
+            return cls.SERVER_ERROR
+        return cls.OTHER
+
+    @classmethod
+    def of_transport(cls, exc: BaseException) -> RetryReason:
+        """The reason a transport failure (no HTTP answer) gives."""
+        return cls.TIMEOUT if isinstance(exc, TimeoutError) else cls.CONNECTION
+
+
 class ProviderError(Exception):
     """The provider did not produce the images."""
 
@@ -83,11 +111,15 @@ class ProviderError(Exception):
     #: whether trying the same request again may succeed
     retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, reason: RetryReason = RetryReason.OTHER
+    ) -> None:
         super().__init__(message)
         self.message = message
         #: the vendor's own hint (Retry-After, RetryInfo) of how long to wait before trying again
         self.retry_after_s = retry_after_s
+        #: why it happened, for a retryable failure's metrics and logs
+        self.reason = reason
 
 
 class ProviderUnavailable(ProviderError):

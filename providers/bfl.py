@@ -41,6 +41,7 @@ from providers.base import (
     ProviderImage,
     ProviderRejected,
     ProviderUnavailable,
+    RetryReason,
 )
 from providers.catalog import bfl_native_size
 
@@ -241,11 +242,16 @@ class BflProvider:
                         "and pays for a new one",
                     )
                 if not 200 <= response.status < 300:
-                    raise ProviderUnavailable(f"BFL answered HTTP {response.status} to the {stage}")
+                    raise ProviderUnavailable(
+                        f"BFL answered HTTP {response.status} to the {stage}",
+                        reason=RetryReason.of_status(response.status),
+                    )
                 data = await read_limited(response, _MAX_IMAGE_BYTES, f"BFL's {stage}")
                 content_type = response.content_type
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"BFL {stage} failed: {describe(exc)}") from exc
+            raise ProviderUnavailable(
+                f"BFL {stage} failed: {describe(exc)}", reason=RetryReason.of_transport(exc)
+            ) from exc
         if not data:
             raise InvalidProviderResponse(f"BFL's image for task {task.id} is empty (0 bytes)")
         if not content_type.startswith("image/"):
@@ -263,7 +269,9 @@ class BflProvider:
                 retry_after = response.headers.get("Retry-After")
                 reply = Reply(status=response.status, raw=raw, retry_after=retry_after)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"BFL {stage} failed: {describe(exc)}") from exc
+            raise ProviderUnavailable(
+                f"BFL {stage} failed: {describe(exc)}", reason=RetryReason.of_transport(exc)
+            ) from exc
         return reply
 
 
@@ -358,7 +366,7 @@ def _http_error(stage: str, reply: Reply) -> ProviderError:
     detail = _error_detail(reply)
     message = f"BFL answered HTTP {status} ({meaning}) to the {stage}" + (f": {detail}" if detail else "")
     wait_s = retry_after_s(reply.retry_after) if status in (429, 503) else None
-    return error_class(message, retry_after_s=wait_s)
+    return error_class(message, retry_after_s=wait_s, reason=RetryReason.of_status(status))
 
 
 def _error_detail(reply: Reply) -> str:
@@ -396,7 +404,7 @@ def _details(body: Mapping[str, Any]) -> str:
 def _public(error: BaseException) -> BaseException:
     # _TaskLost only tells `generate` which task to forget; the worker sees the public class.
     if isinstance(error, _TaskLost):
-        return ProviderUnavailable(error.message, retry_after_s=error.retry_after_s)
+        return ProviderUnavailable(error.message, retry_after_s=error.retry_after_s, reason=error.reason)
     return error
 
 

@@ -53,6 +53,7 @@ from providers.base import (
     ProviderImage,
     ProviderRejected,
     ProviderUnavailable,
+    RetryReason,
 )
 from providers.catalog import CATALOG
 from providers.references import check_reference_image
@@ -261,7 +262,9 @@ class GeminiProvider:
                 raw = await read_limited(response, _MAX_ANSWER_BYTES, "Gemini's answer")
                 status, retry_after = response.status, response.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"Gemini generateContent failed: {describe(exc)}") from exc
+            raise ProviderUnavailable(
+                f"Gemini generateContent failed: {describe(exc)}", reason=RetryReason.of_transport(exc)
+            ) from exc
         if status != 200:
             raise _http_error(status, raw, retry_after)
         # A multi-megabyte JSON parse and base64 decode: keep the event loop free for other jobs.
@@ -296,7 +299,9 @@ class GeminiProvider:
                     )
                 data = await read_limited(response, self._max_reference_bytes, what, error=ProviderRejected)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"could not download {what}: {describe(exc)}") from exc
+            raise ProviderUnavailable(
+                f"could not download {what}: {describe(exc)}", reason=RetryReason.of_transport(exc)
+            ) from exc
         if not data:
             raise ProviderRejected(f"{what} is empty (0 bytes)")
         await asyncio.to_thread(check_reference_image, data, what)
@@ -355,7 +360,8 @@ def _read_answer(raw: bytes) -> _Answer:
     except ValueError:
         raise ProviderUnavailable(
             "Gemini answered HTTP 200 but a body that is not valid JSON "
-            f"({len(raw)} bytes: {snippet(raw)}); it was probably cut short"
+            f"({len(raw)} bytes: {snippet(raw)}); it was probably cut short",
+            reason=RetryReason.CONNECTION,
         ) from None
     if not isinstance(body, dict):
         raise InvalidProviderResponse(f"Gemini's answer is not a JSON object: {snippet(raw)}")
@@ -488,7 +494,11 @@ def _http_error(status: int, raw: bytes, retry_after: str | None) -> ProviderErr
         # Out of prepaid credit looks like throttling but a retry cannot cure it: it is the account's problem.
         return ProviderAuthError(text)
     if status in (408, 429, 499) or status >= 500:
-        return ProviderUnavailable(text, retry_after_s=_retry_delay_s(details) or retry_after_s(retry_after))
+        return ProviderUnavailable(
+            text,
+            retry_after_s=_retry_delay_s(details) or retry_after_s(retry_after),
+            reason=RetryReason.of_status(status),
+        )
     if 400 <= status < 500:
         return ProviderRejected(text)
     return InvalidProviderResponse(text)
@@ -526,7 +536,7 @@ def _retry_delay_s(details: Sequence[Any]) -> float | None:
 def _reference_http_error(what: str, status: int) -> ProviderError:
     message = f"{what} answered HTTP {status}"
     if status in (408, 429) or status >= 500:
-        return ProviderUnavailable(message)
+        return ProviderUnavailable(message, reason=RetryReason.of_status(status))
     # Gone, forbidden or not found: retrying the same URL will not help; the request must change.
     return ProviderRejected(message)
 

@@ -49,6 +49,7 @@ from providers.base import (
     ProviderImage,
     ProviderRejected,
     ProviderUnavailable,
+    RetryReason,
 )
 from providers.catalog import CATALOG
 from providers.references import check_reference_image
@@ -243,7 +244,9 @@ class OpenAIProvider:
                     retry_after=headers.get("retry-after"),
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"OpenAI {endpoint} call failed: {describe(exc)}") from exc
+            raise ProviderUnavailable(
+                f"OpenAI {endpoint} call failed: {describe(exc)}", reason=RetryReason.of_transport(exc)
+            ) from exc
 
     async def _fetch_references(self, urls: Sequence[str]) -> list[_Reference]:
         # Every fetch runs to its end (no cancel on the first failure), so that the error reported does
@@ -268,7 +271,9 @@ class OpenAIProvider:
             ) as response:
                 status = response.status
                 if status == 429 or status >= 500:
-                    raise ProviderUnavailable(f"could not fetch {what}: HTTP {status}")
+                    raise ProviderUnavailable(
+                        f"could not fetch {what}: HTTP {status}", reason=RetryReason.of_status(status)
+                    )
                 if not 200 <= status < 300:
                     raise ProviderRejected(f"could not fetch {what}: HTTP {status}")
                 if not response.content_type.startswith("image/"):
@@ -277,7 +282,9 @@ class OpenAIProvider:
                     )
                 data = await read_limited(response, self._max_reference_bytes, what, error=ProviderRejected)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"could not fetch {what}: {describe(exc)}") from exc
+            raise ProviderUnavailable(
+                f"could not fetch {what}: {describe(exc)}", reason=RetryReason.of_transport(exc)
+            ) from exc
         content_type = sniff_content_type(data)
         if content_type not in _REFERENCE_FORMATS:
             raise ProviderRejected(
@@ -405,7 +412,11 @@ def _http_error(reply: _Reply) -> ProviderError:
         return ProviderAuthError(f"{where} ({code or 'unauthorised'}): {detail}")
     if status in (408, 409, 429) or status >= 500:
         meaning = "rate limited" if status == 429 else code or kind or "server error"
-        return ProviderUnavailable(f"{where} ({meaning}): {detail}", retry_after_s=_retry_after_s(reply))
+        return ProviderUnavailable(
+            f"{where} ({meaning}): {detail}",
+            retry_after_s=_retry_after_s(reply),
+            reason=RetryReason.of_status(status),
+        )
     if 400 <= status < 500:
         return ProviderRejected(f"{where} ({code or kind or 'client error'}): {detail}")
     return InvalidProviderResponse(f"{where} (unexpected status): {detail}")

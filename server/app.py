@@ -18,15 +18,12 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from providers.ark import ArkProvider
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.base import ImageProvider
-from providers.bfl import BflProvider
 from providers.catalog import CATALOG
-from providers.gemini import GeminiProvider
-from providers.openai import OpenAIProvider
 from providers.references import PublicOnlyConnector, parse_networks
-from providers.sandbox import Sandbox
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from providers.vendors import VENDORS
+from sandbox import Sandbox
 from server.auth import LOCAL_ACCOUNT, Authenticator
 from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness
@@ -40,8 +37,9 @@ from server.worker import Worker, WorkerPolicy
 from storage import migrate
 from storage.blobs import LocalBlobStore
 from storage.db import is_postgres, make_engine
-from storage.jobs import ConcurrencyCap, SqlJobStore
+from storage.jobs import SqlJobStore
 from storage.listener import PgListener
+from storage.port import ConcurrencyCap, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ class App:
     settings: Settings
     grpc_port: int
     http_port: int
-    store: SqlJobStore
+    store: JobStore
     hub: EventHub
     worker: Worker | None
     registry: CollectorRegistry
@@ -78,19 +76,6 @@ class App:
         return f"http://{host}:{self.http_port}"
 
 
-#: each vendor's adapter class and production base URL
-_VENDORS: Mapping[str, tuple[Callable[..., ImageProvider], str]] = {
-    "bfl": (BflProvider, "https://api.bfl.ai"),
-    "openai": (OpenAIProvider, "https://api.openai.com"),
-    "ark": (ArkProvider, "https://ark.ap-southeast.bytepluses.com"),
-    "gemini": (GeminiProvider, "https://generativelanguage.googleapis.com"),
-}
-
-
-#: vendors whose adapters fetch reference images themselves (the others pass the URLs on)
-_INLINE_REFERENCES = frozenset({"openai", "gemini"})
-
-
 def build_providers(
     settings: Settings,
     session_for: Callable[[str], aiohttp.ClientSession],
@@ -99,24 +84,24 @@ def build_providers(
 ) -> dict[str, ImageProvider]:
     """An adapter per model: the vendor's real API when its key is set, else the sandbox (when running)."""
     providers: dict[str, ImageProvider] = {}
-    for vendor, (adapter_class, production_url) in _VENDORS.items():
+    for vendor, info in VENDORS.items():
         configured = settings.vendor(vendor)
         # vendors that take reference images inline download them, through the guarded session
         extra: dict[str, Any] = (
-            {"references_session": references} if vendor in _INLINE_REFERENCES and references else {}
+            {"references_session": references} if info.inline_references and references else {}
         )
-        if vendor == "bfl":
+        if info.polls:
             extra["poll_interval_s"] = settings.bfl_poll_interval_s
             extra["max_polls_per_s"] = settings.bfl_max_polls_per_s
         if configured.api_key:
-            adapter = adapter_class(
+            adapter = info.adapter(
                 session_for(vendor),
-                base_url=configured.base_url or production_url,
+                base_url=configured.base_url or info.production_url,
                 api_key=configured.api_key,
                 **extra,
             )
         elif sandbox is not None:
-            adapter = adapter_class(
+            adapter = info.adapter(
                 session_for(vendor),
                 base_url=configured.base_url or sandbox.base_url,
                 api_key="sandbox",
@@ -144,7 +129,7 @@ def vendor_caps(settings: Settings) -> tuple[ConcurrencyCap, ...]:
 
 def needs_sandbox(settings: Settings) -> bool:
     """Whether some vendor has no key and the sandbox should stand in for it."""
-    return settings.sandbox == "auto" and any(not settings.vendor(vendor).api_key for vendor in _VENDORS)
+    return settings.sandbox == "auto" and any(not settings.vendor(vendor).api_key for vendor in VENDORS)
 
 
 @contextlib.asynccontextmanager
@@ -199,7 +184,7 @@ async def running_app(
                     port=port, cluster_port=port + 1 if port else 0, latency_s=settings.sandbox_latency_s
                 )
             )
-            missing = [vendor for vendor in _VENDORS if not settings.vendor(vendor).api_key]
+            missing = [vendor for vendor in VENDORS if not settings.vendor(vendor).api_key]
             log.warning(
                 "no API key for %s: serving them from the local SANDBOX at %s; their images are "
                 "placeholders, "

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from imagegen.v1 import imagegen_pb2 as pb
 from providers.catalog import usd_micros_to_cents
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from server.files import UrlSigner
 from storage.models import EventKind, Job, JobEvent, JobStatus
 

@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2 as pb
 from storage import migrate
 from storage.errors import StoreUnavailable
-from storage.jobs import SqlJobStore
+from storage.port import StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class Readiness:
 
     def __init__(
         self,
-        store: SqlJobStore,
+        store: StoreHealth,
         health_servicer: health.aio.HealthServicer,
         *,
         on_change: Callable[[bool], None] | None = None,
@@ -41,7 +41,7 @@ class Readiness:
         """Check once and publish the outcome."""
         try:
             await self._store.ping()
-            current = await migrate.current_revision(self._store.engine)
+            current = await self._store.schema_revision()
             head = migrate.head_revision()
             ready, reason = (
                 (current == head),

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from storage.errors import StorageError
-from storage.jobs import SqlJobStore
 from storage.models import JobEvent, JobNotice, JobStatus, utcnow
+from storage.port import JobEvents
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class EventHub:
 
     def __init__(
         self,
-        store: SqlJobStore,
+        store: JobEvents,
         *,
         poll_interval_s: float,
         heartbeat_s: float | None = None,

@@ -18,9 +18,10 @@ import aiohttp
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from providers.vendors import endpoint_of
 from storage.errors import StorageError
-from storage.jobs import SqlJobStore
 from storage.models import Job, JobStatus, utcnow
+from storage.port import StoreHealth
 
 log = logging.getLogger(__name__)
 
@@ -213,25 +214,6 @@ class ServiceMetrics:
         config.on_request_end.append(on_headers)
         config.on_request_exception.append(on_exception)
         return config
-
-
-#: vendor API paths, matched by suffix, to a bounded endpoint label; anything else is a file download
-_ENDPOINTS = (
-    ("/v1/flux-2-pro", "submit"),
-    ("/v1/get_result", "poll"),
-    ("/v1/images/generations", "generations"),
-    ("/v1/images/edits", "edits"),
-    ("/api/v3/images/generations", "generations"),
-    (":generateContent", "generate_content"),
-)
-
-
-def endpoint_of(path: str) -> str:
-    """The endpoint label of a vendor URL path."""
-    for suffix, name in _ENDPOINTS:
-        if path.endswith(suffix):
-            return name
-    return "download"
 
 
 class GrpcMetrics:
@@ -451,7 +433,7 @@ def _code_name(code: Any) -> str:
 class QueueSampler:
     """Reads the queue's size and age from the database into gauges, periodically (one small query)."""
 
-    def __init__(self, store: SqlJobStore, metrics: ServiceMetrics, *, interval_s: float) -> None:
+    def __init__(self, store: StoreHealth, metrics: ServiceMetrics, *, interval_s: float) -> None:
         self._store, self._metrics, self._interval_s = store, metrics, interval_s
         #: pending jobs at the last sample (backpressure reads it rather than counting per submit)
         self.pending = 0

@@ -7,16 +7,16 @@ import logging
 
 from server.metrics import ServiceMetrics
 from storage.errors import StorageError
-from storage.jobs import SqlJobStore
 from storage.models import JobStatus
+from storage.port import JobQueue
 
 log = logging.getLogger(__name__)
 
 
 class Reaper:
-    """Runs `SqlJobStore.reap` periodically; safe in any number of replicas (rows are taken SKIP LOCKED)."""
+    """Runs `JobQueue.reap` periodically; safe in any number of replicas (rows are taken SKIP LOCKED)."""
 
-    def __init__(self, store: SqlJobStore, metrics: ServiceMetrics, *, interval_s: float) -> None:
+    def __init__(self, store: JobQueue, metrics: ServiceMetrics, *, interval_s: float) -> None:
         self._store, self._metrics, self._interval_s = store, metrics, interval_s
 
     async def reap_once(self) -> int:

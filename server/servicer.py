@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 import grpc
 
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.base import ImageProvider
 from providers.catalog import CATALOG, PRICE_TABLE_VERSION, CostQuery
 from providers.references import IPNetwork
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.auth import Authenticator
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, EventEncoder, event_to_pb, job_to_pb, timestamp
 from server.errors import Overloaded, ServiceError, abort_with, status_for
@@ -34,8 +34,8 @@ from server.validation import (
     normalise_folder,
     validate_generate,
 )
-from storage.jobs import JobFilter, PageCursor, SqlJobStore
 from storage.models import EventKind, Job, JobEvent, JobStatus, NewJob, utcnow
+from storage.port import JobFilter, JobStore, JobSubmissions, PageCursor
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     def __init__(
         self,
-        store: SqlJobStore,
+        store: JobStore,
         hub: EventHub,
         signer: UrlSigner,
         providers: Mapping[str, ImageProvider],
@@ -363,7 +363,7 @@ class Admission:
     pending_estimate: Callable[[], int] = lambda: 0
     retry_after_s: float = 5.0
 
-    async def check(self, store: SqlJobStore, account: str) -> None:
+    async def check(self, store: JobSubmissions, account: str) -> None:
         """Raise Overloaded when the queue or the account's share is full."""
         if self.max_pending and self.pending_estimate() >= self.max_pending:
             raise Overloaded(

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from google.protobuf import json_format
 
+from imagegen.v1 import imagegen_pb2 as pb
 from providers.catalog import (
     CATALOG,
     DEFAULT_MODEL,
@@ -20,7 +21,6 @@ from providers.catalog import (
     ModelSpec,
 )
 from providers.references import IPNetwork, is_public
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from storage.models import ROOT_FOLDER, JobSpec
 
 DEFAULT_SIDE = 1024

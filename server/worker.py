@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,8 +30,8 @@ from providers.imaging import FittedImage, fit_image
 from server.metrics import ServiceMetrics
 from storage.blobs import LocalBlobStore, attempt_prefix, image_key
 from storage.errors import LeaseLost, StorageError, StoreUnavailable
-from storage.jobs import Claim, ConcurrencyCap, Fence, SqlJobStore
 from storage.models import Job, JobError, JobNotice, JobStatus, StoredImage, utcnow
+from storage.port import Claim, ConcurrencyCap, Fence, JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class WorkerPolicy:
 class _Checkpoint:
     """providers.base.Checkpoint backed by the job row, fenced like every other write of the attempt."""
 
-    def __init__(self, store: SqlJobStore, fence: Fence) -> None:
+    def __init__(self, store: JobQueue, fence: Fence) -> None:
         self._store, self._fence = store, fence
 
     async def save(self, state: Mapping[str, Any]) -> None:
@@ -71,7 +70,7 @@ class Worker:
 
     def __init__(
         self,
-        store: SqlJobStore,
+        store: JobQueue,
         blobs: LocalBlobStore,
         providers: Mapping[str, ImageProvider],
         metrics: ServiceMetrics,
@@ -400,14 +399,14 @@ class Worker:
         await self._durably(
             fence, lambda: self._store.retry_later(fence, error=error, at=at, message=message)
         )
-        self._metrics.observe_retry(job, retry_reason(exc))
+        self._metrics.observe_retry(job, exc.reason.value)
         log.info(
             "job retrying",
             extra=_fields(
                 job,
                 "retry",
                 code=exc.code,
-                reason=retry_reason(exc),
+                reason=exc.reason.value,
                 delay_s=round(delay, 3),
                 error=exc.message,
             ),
@@ -473,22 +472,6 @@ def _fields(job: Job, outcome: str, **extra: Any) -> dict[str, Any]:
     }
     fields.update(extra)
     return fields
-
-
-_REASONS = (
-    (re.compile(r"\b429\b|rate.?limit|throttl|RESOURCE_EXHAUSTED", re.I), "rate_limited"),
-    (re.compile(r"time[ds]? ?out|deadline", re.I), "timeout"),
-    (re.compile(r"\b5\d\d\b|server error|overloaded|unavailable", re.I), "server_error"),
-    (re.compile(r"connect|disconnect|dropped|truncat|reset", re.I), "connection"),
-)
-
-
-def retry_reason(exc: ProviderError) -> str:
-    """A bounded label for why a transient failure happened, read from the adapter's message."""
-    for pattern, reason in _REASONS:
-        if pattern.search(exc.message):
-            return reason
-    return "other"
 
 
 def _generation_request(job: Job) -> GenerationRequest:

@@ -17,8 +17,8 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from storage.db import normalise_url
-from storage.jobs import NOTIFY_CHANNEL
 from storage.models import JobNotice
+from storage.postgres_sql import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from sqlalchemy.engine import make_url
 
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
 from server.auth import caller_entry
 from server.settings import Settings

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2 as pb
 from server.app import App
 from tests.helpers import bad_fields, status_details
 
@@ -107,7 +107,7 @@ async def test_valid_provider_options_are_normalised(stub) -> None:
 
 
 async def test_unconfigured_provider_is_a_failed_precondition(tmp_path, database_url) -> None:
-    from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+    from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
     from server.app import running_app
     from tests.conftest import test_settings
 
@@ -288,7 +288,7 @@ async def test_store_outage_answers_unavailable_with_retry_info(tmp_path, databa
         running_app(test_settings(tmp_path, dead, db_timeout_s=1.0)) as app,
         grpc.aio.insecure_channel(app.grpc_target) as channel,
     ):
-        from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+        from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 
         stub = pb_grpc.ImageGenerationStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -299,7 +299,7 @@ async def test_store_outage_answers_unavailable_with_retry_info(tmp_path, databa
 
 
 async def test_backpressure_answers_resource_exhausted_with_retry_info(tmp_path, database_url) -> None:
-    from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+    from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
     from server.app import running_app
     from tests.conftest import authed_channel, test_settings
 
@@ -318,7 +318,7 @@ async def test_backpressure_answers_resource_exhausted_with_retry_info(tmp_path,
 
 
 async def test_submits_per_minute_are_limited_per_account(tmp_path, database_url) -> None:
-    from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+    from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
     from server.app import running_app
     from tests.conftest import authed_channel, test_settings
 

@@ -28,8 +28,8 @@ from providers.base import (
     ProviderUnavailable,
 )
 from providers.catalog import CATALOG
-from providers.sandbox import Sandbox
-from providers.sandbox.ark import render_image
+from sandbox import Sandbox
+from sandbox.ark import render_image
 from tests import vendor_fixtures
 from tests.vendor_fixtures import RecordingCheckpoint, decode, request_maker
 

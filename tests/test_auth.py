@@ -14,8 +14,8 @@ import aiohttp
 import grpc
 import pytest
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
 from server.auth import AuthConfigError, Authenticator, token_digest
 from tests.conftest import ACME_TOKEN, TEST_TOKEN, authed_channel, test_settings

@@ -22,8 +22,8 @@ from providers.base import (
     ProviderUnavailable,
 )
 from providers.bfl import BflProvider
-from providers.sandbox import Sandbox
-from providers.sandbox.drawing import draw_placeholder
+from sandbox import Sandbox
+from sandbox.drawing import draw_placeholder
 from tests.vendor_fixtures import RecordingCheckpoint, decode, generate, generate_error, request_maker
 
 API_KEY = "test-key"
@@ -454,7 +454,7 @@ async def test_command_line_serves_until_sigterm(session: aiohttp.ClientSession)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "providers.sandbox",
+        "sandbox",
         "--port",
         "0",
         cwd=PROJECT_ROOT,

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from PIL import Image
 
+from imagegen.v1 import imagegen_pb2 as pb
 from providers.catalog import CATALOG
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
 from tests.helpers import bad_fields, events_until_end
 
 MODELS = sorted(CATALOG)

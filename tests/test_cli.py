@@ -18,8 +18,8 @@ from PIL import Image
 
 from client import cli
 from client._output import Progress
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
 from tests.conftest import TEST_TOKEN, test_settings
 from tests.helpers import finished

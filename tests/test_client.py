@@ -30,9 +30,9 @@ from client import (
     Unauthenticated,
     Unavailable,
 )
-from providers.sandbox import Sandbox
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from sandbox import Sandbox
 from server.app import App, running_app
 from server.settings import VendorSettings
 from tests.conftest import ACME_TOKEN, TEST_TOKEN, test_settings

@@ -13,8 +13,8 @@ import pytest
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
 from tests.conftest import authed_channel, test_settings
 from tests.helpers import finished, status_details

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import running_app
 from tests.conftest import test_settings
 from tests.helpers import eventually
@@ -69,7 +69,7 @@ async def _start_sandbox(tmp: Path, *, latency_s: float) -> tuple[Process, str]:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "providers.sandbox",
+            "sandbox",
             "--host",
             "127.0.0.1",
             "--port",

@@ -23,8 +23,8 @@ from providers.base import (
     ProviderUnavailable,
 )
 from providers.gemini import GeminiProvider, NativeSize, closest_aspect_ratio, native_size
-from providers.sandbox import Sandbox
-from providers.sandbox.drawing import draw_placeholder
+from sandbox import Sandbox
+from sandbox.drawing import draw_placeholder
 from tests.vendor_fixtures import (
     RecordingCheckpoint,
     decode,

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from PIL import Image
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
 from tests.conftest import authed_channel, test_settings
 from tests.helpers import events_until_end, eventually, finished, first_event_with_status

@@ -24,9 +24,9 @@ from providers.base import (
 )
 from providers.catalog import CATALOG, CostQuery
 from providers.openai import TOKEN_PRICES, OpenAIProvider, TokenPrices, native_size, usage_cost_usd_micros
-from providers.sandbox import Sandbox
-from providers.sandbox.drawing import draw_placeholder
-from providers.sandbox.openai import output_tokens_per_image, placeholder_seed
+from sandbox import Sandbox
+from sandbox.drawing import draw_placeholder
+from sandbox.openai import output_tokens_per_image, placeholder_seed
 from tests.vendor_fixtures import (
     RecordingCheckpoint,
     decode,

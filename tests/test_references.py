@@ -15,9 +15,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from PIL import Image
 
+from imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.references import ForbiddenAddress, PublicOnlyConnector, parse_networks
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
-from server._gen.imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import running_app
 from tests.conftest import test_settings
 from tests.helpers import bad_fields, finished

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from server._gen.imagegen.v1 import imagegen_pb2 as pb
+from imagegen.v1 import imagegen_pb2 as pb
 from server.app import App
 from server.files import UrlSigner
 from server.hub import Closed, EventHub, Subscription

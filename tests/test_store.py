@@ -21,6 +21,7 @@ from sqlalchemy import event, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from storage import migrate
+from storage.codec import job_from_json, job_to_json
 from storage.db import make_engine
 from storage.errors import (
     IdempotencyConflict,
@@ -30,18 +31,8 @@ from storage.errors import (
     LeaseLost,
     NoBudget,
 )
-from storage.jobs import (
-    NOTIFY_CHANNEL,
-    ConcurrencyCap,
-    Fence,
-    JobFilter,
-    SqlJobStore,
-    ThreadLoad,
-    _GroupCommit,
-    job_from_json,
-    job_to_json,
-    thread_runnable_time,
-)
+from storage.group_commit import GroupCommit, ThreadLoad, thread_runnable_time
+from storage.jobs import SqlJobStore
 from storage.listener import PgListener
 from storage.models import (
     NOTICES_PER_NOTIFY,
@@ -54,6 +45,8 @@ from storage.models import (
     StoredImage,
     utcnow,
 )
+from storage.port import ConcurrencyCap, Fence, JobFilter
+from storage.postgres_sql import NOTIFY_CHANNEL
 from storage.schema import job_events, jobs, metadata
 from tests.helpers import eventually, full_spec
 
@@ -619,7 +612,7 @@ async def test_a_transition_from_the_claimed_job_writes_what_the_general_path_wo
         store.set_on_commit(seen.extend)
         with monkeypatch.context() as patch:
             if trusted and store.engine.dialect.name == "postgresql":
-                patch.setattr(store, "_transaction", None)  # the general path is not taken
+                patch.setattr(store._db, "transaction", None)  # the general path is not taken
             job = await _TRANSITIONS[transition](store, fence)
         assert job == await store.get("acct", claim.job.id)
         assert job.provider_state == {"tasks": [{"id": "t1"}]} and job.version == claim.job.version + 1
@@ -763,7 +756,7 @@ async def test_a_group_commit_lingers_for_more_writes_only_while_its_loop_is_sat
     saturated: bool, batches: list[list[int]]
 ) -> None:
     writes = _RecordedWrites()
-    group = _GroupCommit[int, int](writes, name="test", linger_s=0.5, saturated=lambda: saturated)
+    group = GroupCommit[int, int](writes, name="test", linger_s=0.5, saturated=lambda: saturated)
     first = asyncio.create_task(group.submit(1))
     for _ in range(2):  # the writer starts: it writes [1] at once, or lingers
         await asyncio.sleep(0)
@@ -775,7 +768,7 @@ async def test_a_group_commit_lingers_for_more_writes_only_while_its_loop_is_sat
 
 async def test_a_caller_that_goes_away_leaves_the_shared_commit_to_the_others() -> None:
     writes = _RecordedWrites()
-    group = _GroupCommit[int, int](writes, name="test", linger_s=0.5, saturated=lambda: True)
+    group = GroupCommit[int, int](writes, name="test", linger_s=0.5, saturated=lambda: True)
     gone, staying = (asyncio.create_task(group.submit(item)) for item in (1, 2))
     await asyncio.sleep(0)  # both queued; the writer lingers
     gone.cancel()
@@ -801,7 +794,7 @@ class _SlowRelease:
 async def test_a_group_commit_writer_waits_for_more_with_its_connection_until_closed() -> None:
     writes, held = _RecordedWrites(), _SlowRelease()
     held.may_finish.set()
-    group = _GroupCommit[int, int](writes, name="test", linger_s=0, held=held, hold_s=LONG_S)  # type: ignore[arg-type]
+    group = GroupCommit[int, int](writes, name="test", linger_s=0, held=held, hold_s=LONG_S)  # type: ignore[arg-type]
     assert await group.submit(1) == 10
     assert await group.submit(2) == 20  # written by the same writer, which was waiting for more
     assert held.released == 0
@@ -812,7 +805,7 @@ async def test_a_group_commit_writer_waits_for_more_with_its_connection_until_cl
 
 async def test_a_write_submitted_while_the_connection_goes_back_is_written() -> None:
     writes, held = _RecordedWrites(), _SlowRelease()
-    group = _GroupCommit[int, int](writes, name="test", linger_s=0, held=held, hold_s=0.01)  # type: ignore[arg-type]
+    group = GroupCommit[int, int](writes, name="test", linger_s=0, held=held, hold_s=0.01)  # type: ignore[arg-type]
     assert await group.submit(1) == 10
     async with asyncio.timeout(10):
         await held.releasing.wait()  # nothing came for hold_s: the writer is giving its connection back

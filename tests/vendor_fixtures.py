@@ -21,7 +21,7 @@ from aiohttp import web
 from PIL import Image
 
 from providers.base import GenerationRequest, GenerationResult, ImageProvider, ProviderError
-from providers.sandbox import Sandbox
+from sandbox import Sandbox
 
 __all__ = [
     "RecordingCheckpoint",

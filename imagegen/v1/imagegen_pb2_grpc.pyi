@@ -7,7 +7,7 @@ models, and every status change is streamed to watchers.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from server._gen.imagegen.v1 import imagegen_pb2 as _imagegen_pb2
+from imagegen.v1 import imagegen_pb2 as _imagegen_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -22,7 +22,7 @@ What is validated, as OpenAI answers it (400 unless stated):
   "Invalid value: '1254x836'. Supported values are: '1024x1024', '1024x1536', '1536x1024', and 'auto'."
 - A body that is not JSON: OpenAI's "We could not parse the JSON body of your request. ..." (no code).
 
-Faults (`providers/sandbox/faults.py`), checked after validation, in this order:
+Faults (`sandbox/faults.py`), checked after validation, in this order:
 - `[sandbox:down]`: 503 `server_error` on every call. `[sandbox:no-credits]`: 429 `insufficient_quota`
   on every call (OpenAI has no 402). `[sandbox:rate-limited]`: 429 `rate_limit_exceeded` (type
   `requests`) on the first call with this prompt; `=S` adds `retry-after: ⌈S⌉`, `retry-after-ms: S·1000`
@@ -82,13 +82,13 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from PIL import Image, UnidentifiedImageError
 
-from providers.sandbox.drawing import draw_placeholder
-from providers.sandbox.faults import Faults, parse_faults, strip_fault_tags
+from sandbox.drawing import draw_placeholder
+from sandbox.faults import Faults, drop_connection, parse_faults, strip_fault_tags
 
 if TYPE_CHECKING:
     from multidict import MultiDictProxy
 
-    from providers.sandbox.app import Sandbox
+    from sandbox.app import Sandbox
 
 __all__ = [
     "GPT_IMAGE_MODELS",
@@ -394,7 +394,13 @@ class OpenAIApi:
             and faults.disconnect
             and self._sandbox.first_time(VENDOR, "disconnect", params.prompt)
         ):
-            return await _drop_connection(request, json.dumps(body).encode(), request_id)
+            encoded = json.dumps(body).encode()
+            return await drop_connection(
+                request,
+                encoded[: len(encoded) // 3],
+                promised=len(encoded),
+                headers={"x-request-id": request_id},
+            )
         record.status, record.usage = 200, usage
         return web.json_response(body)
 
@@ -869,17 +875,3 @@ def _masked(key: str) -> str:
 
 def _size_name(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
-
-
-async def _drop_connection(request: web.Request, body: bytes, request_id: str) -> web.StreamResponse:
-    # Promise the whole body, send a third of it, then close the socket: the client sees a truncated
-    # payload, as when a proxy drops a multi-megabyte base64 answer.
-    response = web.StreamResponse(
-        status=200, headers={"Content-Type": "application/json", "x-request-id": request_id}
-    )
-    response.content_length = len(body)
-    await response.prepare(request)
-    await response.write(body[: len(body) // 3])
-    if request.transport is not None:
-        request.transport.close()
-    return response

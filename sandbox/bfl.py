@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from providers.sandbox.drawing import CONTENT_TYPES, draw_placeholder
-from providers.sandbox.faults import Faults, parse_faults, strip_fault_tags
+from sandbox.drawing import CONTENT_TYPES, draw_placeholder
+from sandbox.faults import Faults, drop_connection, parse_faults, strip_fault_tags
 
 if TYPE_CHECKING:
-    from providers.sandbox.app import Sandbox
+    from sandbox.app import Sandbox
 
 __all__ = ["MAX_PIXELS", "BflApi", "BflTask", "Flux2Inputs", "flux_2_pro_credits", "validate_inputs"]
 
@@ -199,7 +199,7 @@ class BflApi:
             return web.json_response(_result_response(task_id, "Task not found"))
         task.polls += 1
         if task.faults.disconnect and task.polls == 1:
-            return await _drop_connection(request)
+            return await drop_connection(request, b'{"id": "', promised=4096)
         if task.faults.malformed:
             return web.Response(text=f'{{"id": "{task.id}", "status": "Rea', content_type="application/json")
         return web.json_response(self._result_of(task))
@@ -409,15 +409,3 @@ def _result_response(
         "details": details,
         "preview": None,
     }
-
-
-async def _drop_connection(request: web.Request) -> web.StreamResponse:
-    # Promise more body than is sent, then close the socket: the client sees a truncated payload,
-    # as when a proxy or the vendor's server dies mid-response.
-    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
-    response.content_length = 4096
-    await response.prepare(request)
-    await response.write(b'{"id": "')
-    if request.transport is not None:
-        request.transport.close()
-    return response

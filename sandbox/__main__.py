@@ -1,4 +1,4 @@
-"""Run a sandbox from a shell: `python -m providers.sandbox --host 127.0.0.1 --port 8400 [--latency 2]`.
+"""Run a sandbox from a shell: `python -m sandbox --host 127.0.0.1 --port 8400 [--latency 2]`.
 
 Prints one line, the base URL to point adapters at, then serves until SIGINT or SIGTERM.
 """
@@ -10,13 +10,13 @@ import asyncio
 import signal
 import sys
 
-from providers.sandbox.app import Sandbox
+from sandbox.app import Sandbox
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve until interrupted."""
     parser = argparse.ArgumentParser(
-        prog="python -m providers.sandbox", description="Serve local stand-ins for the vendor image APIs."
+        prog="python -m sandbox", description="Serve local stand-ins for the vendor image APIs."
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port of the API host (default 0: any free port)")

@@ -30,10 +30,10 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from providers.sandbox.ark import ArkApi
-from providers.sandbox.bfl import BflApi
-from providers.sandbox.gemini import GeminiApi
-from providers.sandbox.openai import OpenAIApi
+from sandbox.ark import ArkApi
+from sandbox.bfl import BflApi
+from sandbox.gemini import GeminiApi
+from sandbox.openai import OpenAIApi
 
 __all__ = ["SANDBOX", "DeliveryRenderer", "KeyCheck", "Sandbox"]
 

@@ -86,11 +86,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from PIL import Image, UnidentifiedImageError
 
-from providers.sandbox.drawing import draw_placeholder
-from providers.sandbox.faults import Faults, parse_faults, strip_fault_tags
+from sandbox.drawing import draw_placeholder
+from sandbox.faults import Faults, drop_connection, parse_faults, strip_fault_tags
 
 if TYPE_CHECKING:
-    from providers.sandbox.app import Sandbox
+    from sandbox.app import Sandbox
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -325,7 +325,12 @@ class GeminiApi:
             return _json(call, answer)
         await asyncio.sleep(sandbox.latency_s + faults.slow_s)
         if faults.disconnect and sandbox.first_time(VENDOR, "disconnect", inputs.prompt):
-            return await _drop_connection(request)
+            return await drop_connection(
+                request,
+                b'{"candidates": [{"content": {"role": "model", "parts": [{"inlineData": {"mimeT',
+                promised=1 << 20,
+                content_type=_JSON_TYPE,
+            )
         if faults.malformed:
             return web.Response(
                 text='{"candidates": [{"content": {"role": "model", "parts": [{"inlineData": {"mimeTy',
@@ -931,15 +936,3 @@ def _bad_request(violations: list[tuple[str | None, str]]) -> web.Response:
         "\n".join(description for _, description in violations),
         [{"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": field_violations}],
     )
-
-
-async def _drop_connection(request: web.Request) -> web.StreamResponse:
-    # Promise more body than is sent, then close the socket: the client sees a truncated payload,
-    # as when a proxy cuts a multi-megabyte answer short.
-    response = web.StreamResponse(status=200, headers={"Content-Type": _JSON_TYPE})
-    response.content_length = 1 << 20
-    await response.prepare(request)
-    await response.write(b'{"candidates": [{"content": {"role": "model", "parts": [{"inlineData": {"mimeT')
-    if request.transport is not None:
-        request.transport.close()
-    return response

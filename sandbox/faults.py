@@ -23,9 +23,12 @@ sandbox does no harm):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Faults", "parse_faults", "strip_fault_tags"]
+from aiohttp import web
+
+__all__ = ["Faults", "drop_connection", "parse_faults", "strip_fault_tags"]
 
 _TAG = re.compile(r"\[sandbox:([a-z][a-z-]*)(?:=([0-9]+(?:\.[0-9]+)?))?\]")
 
@@ -76,3 +79,24 @@ def parse_faults(prompt: str) -> Faults:
 def strip_fault_tags(prompt: str) -> str:
     """The prompt without its fault tags, as a vendor's model would "see" it."""
     return " ".join(_TAG.sub(" ", prompt).split())
+
+
+async def drop_connection(
+    request: web.Request,
+    start: bytes,
+    *,
+    promised: int,
+    headers: Mapping[str, str] | None = None,
+    content_type: str = "application/json",
+) -> web.StreamResponse:
+    """`[sandbox:disconnect]`: answer 200 promising `promised` bytes, send `start`, close the socket.
+
+    The client sees a truncated payload, as when a proxy or the vendor's server dies mid-response.
+    """
+    response = web.StreamResponse(status=200, headers={**(headers or {}), "Content-Type": content_type})
+    response.content_length = promised
+    await response.prepare(request)
+    await response.write(start)
+    if request.transport is not None:
+        request.transport.close()
+    return response

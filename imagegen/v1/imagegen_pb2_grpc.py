@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from server._gen.imagegen.v1 import imagegen_pb2 as server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2
+from imagegen.v1 import imagegen_pb2 as imagegen_dot_v1_dot_imagegen__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in server/_gen/imagegen/v1/imagegen_pb2_grpc.py depends on'
+        + ' but the generated code in imagegen/v1/imagegen_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,38 +37,38 @@ class ImageGenerationStub:
         """
         self.GenerateImage = channel.unary_unary(
                 '/imagegen.v1.ImageGeneration/GenerateImage',
-                request_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.GenerateImageRequest.SerializeToString,
-                response_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
+                request_serializer=imagegen_dot_v1_dot_imagegen__pb2.GenerateImageRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/imagegen.v1.ImageGeneration/GetJob',
-                request_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
+                request_serializer=imagegen_dot_v1_dot_imagegen__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
                 _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/imagegen.v1.ImageGeneration/WatchJob',
-                request_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.WatchJobRequest.SerializeToString,
-                response_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.JobEvent.FromString,
+                request_serializer=imagegen_dot_v1_dot_imagegen__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_imagegen__pb2.JobEvent.FromString,
                 _registered_method=True)
         self.WatchJobs = channel.unary_stream(
                 '/imagegen.v1.ImageGeneration/WatchJobs',
-                request_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.WatchJobsRequest.SerializeToString,
-                response_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.JobEvent.FromString,
+                request_serializer=imagegen_dot_v1_dot_imagegen__pb2.WatchJobsRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_imagegen__pb2.JobEvent.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/imagegen.v1.ImageGeneration/ListJobs',
-                request_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListJobsRequest.SerializeToString,
-                response_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListJobsResponse.FromString,
+                request_serializer=imagegen_dot_v1_dot_imagegen__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_imagegen__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/imagegen.v1.ImageGeneration/CancelJob',
-                request_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.CancelJobRequest.SerializeToString,
-                response_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
+                request_serializer=imagegen_dot_v1_dot_imagegen__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
                 _registered_method=True)
         self.ListProviders = channel.unary_unary(
                 '/imagegen.v1.ImageGeneration/ListProviders',
-                request_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListProvidersRequest.SerializeToString,
-                response_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListProvidersResponse.FromString,
+                request_serializer=imagegen_dot_v1_dot_imagegen__pb2.ListProvidersRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_imagegen__pb2.ListProvidersResponse.FromString,
                 _registered_method=True)
 
 
@@ -134,38 +134,38 @@ def add_ImageGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GenerateImage': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateImage,
-                    request_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.GenerateImageRequest.FromString,
-                    response_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.Job.SerializeToString,
+                    request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.GenerateImageRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_imagegen__pb2.Job.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
-                    request_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.GetJobRequest.FromString,
-                    response_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.Job.SerializeToString,
+                    request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.GetJobRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_imagegen__pb2.Job.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
-                    request_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.WatchJobRequest.FromString,
-                    response_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.JobEvent.SerializeToString,
+                    request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.WatchJobRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_imagegen__pb2.JobEvent.SerializeToString,
             ),
             'WatchJobs': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJobs,
-                    request_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.WatchJobsRequest.FromString,
-                    response_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.JobEvent.SerializeToString,
+                    request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.WatchJobsRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_imagegen__pb2.JobEvent.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
-                    request_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListJobsRequest.FromString,
-                    response_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListJobsResponse.SerializeToString,
+                    request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.ListJobsRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_imagegen__pb2.ListJobsResponse.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
-                    request_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.CancelJobRequest.FromString,
-                    response_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.Job.SerializeToString,
+                    request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.CancelJobRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_imagegen__pb2.Job.SerializeToString,
             ),
             'ListProviders': grpc.unary_unary_rpc_method_handler(
                     servicer.ListProviders,
-                    request_deserializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListProvidersRequest.FromString,
-                    response_serializer=server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListProvidersResponse.SerializeToString,
+                    request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.ListProvidersRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_imagegen__pb2.ListProvidersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -194,8 +194,8 @@ class ImageGeneration:
             request,
             target,
             '/imagegen.v1.ImageGeneration/GenerateImage',
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.GenerateImageRequest.SerializeToString,
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
+            imagegen_dot_v1_dot_imagegen__pb2.GenerateImageRequest.SerializeToString,
+            imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -221,8 +221,8 @@ class ImageGeneration:
             request,
             target,
             '/imagegen.v1.ImageGeneration/GetJob',
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.GetJobRequest.SerializeToString,
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
+            imagegen_dot_v1_dot_imagegen__pb2.GetJobRequest.SerializeToString,
+            imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -248,8 +248,8 @@ class ImageGeneration:
             request,
             target,
             '/imagegen.v1.ImageGeneration/WatchJob',
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.WatchJobRequest.SerializeToString,
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.JobEvent.FromString,
+            imagegen_dot_v1_dot_imagegen__pb2.WatchJobRequest.SerializeToString,
+            imagegen_dot_v1_dot_imagegen__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -275,8 +275,8 @@ class ImageGeneration:
             request,
             target,
             '/imagegen.v1.ImageGeneration/WatchJobs',
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.WatchJobsRequest.SerializeToString,
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.JobEvent.FromString,
+            imagegen_dot_v1_dot_imagegen__pb2.WatchJobsRequest.SerializeToString,
+            imagegen_dot_v1_dot_imagegen__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -302,8 +302,8 @@ class ImageGeneration:
             request,
             target,
             '/imagegen.v1.ImageGeneration/ListJobs',
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListJobsRequest.SerializeToString,
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListJobsResponse.FromString,
+            imagegen_dot_v1_dot_imagegen__pb2.ListJobsRequest.SerializeToString,
+            imagegen_dot_v1_dot_imagegen__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -329,8 +329,8 @@ class ImageGeneration:
             request,
             target,
             '/imagegen.v1.ImageGeneration/CancelJob',
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.CancelJobRequest.SerializeToString,
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
+            imagegen_dot_v1_dot_imagegen__pb2.CancelJobRequest.SerializeToString,
+            imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -356,8 +356,8 @@ class ImageGeneration:
             request,
             target,
             '/imagegen.v1.ImageGeneration/ListProviders',
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListProvidersRequest.SerializeToString,
-            server_dot___gen_dot_imagegen_dot_v1_dot_imagegen__pb2.ListProvidersResponse.FromString,
+            imagegen_dot_v1_dot_imagegen__pb2.ListProvidersRequest.SerializeToString,
+            imagegen_dot_v1_dot_imagegen__pb2.ListProvidersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,11 +66,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from PIL import Image, ImageDraw, ImageFont
 
-from providers.sandbox.drawing import draw_placeholder
-from providers.sandbox.faults import Faults, parse_faults, strip_fault_tags
+from sandbox.drawing import draw_placeholder
+from sandbox.faults import Faults, drop_connection, parse_faults, strip_fault_tags
 
 if TYPE_CHECKING:
-    from providers.sandbox.app import Sandbox
+    from sandbox.app import Sandbox
 
 __all__ = ["MAX_PIXELS", "URL_TTL_S", "ArkApi", "ArkImage", "SeedreamRules", "output_tokens", "render_image"]
 
@@ -246,7 +246,7 @@ class ArkApi:
             await asyncio.sleep(delay)
         headers = {"X-Request-Id": request_id}
         if faults.disconnect and sandbox.first_time(VENDOR, "disconnect", inputs.prompt):
-            return await _drop_connection(request, headers)
+            return await drop_connection(request, b'{"model": "', promised=4096, headers=headers)
         if faults.malformed:
             return web.Response(
                 text=f'{{"model": "{inputs.model}", "created": {int(time.time())}, "data": [{{"url": "ht',
@@ -574,14 +574,3 @@ def _request_id() -> str:
 
 def _event(payload: Mapping[str, Any]) -> bytes:
     return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
-
-
-async def _drop_connection(request: web.Request, headers: Mapping[str, str]) -> web.StreamResponse:
-    # Promise more body than is sent, then close the socket: the client sees a truncated payload.
-    response = web.StreamResponse(status=200, headers={**headers, "Content-Type": "application/json"})
-    response.content_length = 4096
-    await response.prepare(request)
-    await response.write(b'{"model": "')
-    if request.transport is not None:
-        request.transport.close()
-    return response
