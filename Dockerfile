@@ -12,6 +12,8 @@ COPY server/ server/
 COPY providers/ providers/
 COPY storage/ storage/
 COPY client/ client/
+COPY sandbox/ sandbox/
+COPY imagegen/ imagegen/
 RUN pip --python /opt/imagegen/bin/python install --no-cache-dir . \
     && /opt/imagegen/bin/python -m compileall -q /opt/imagegen
 

@@ -2,7 +2,8 @@
 
 A pending job is *claimable* when it is due and a claim would take it: its vendor's cap
 (IMAGEGEN_VENDOR_CONCURRENCY) has room for it after the older due jobs of that vendor, and its account is
-under IMAGEGEN_MAX_IN_FLIGHT_PER_ACCOUNT. The rules mirror `SqlJobStore.claim`: a capped vendor's due
+under IMAGEGEN_MAX_IN_FLIGHT_PER_ACCOUNT. The rules mirror the claim's (`claimable` in
+storage/dialects.py): a capped vendor's due
 jobs are taken oldest first while their tasks (variants) fit in the room the processing ones leave, a
 job too big to ever fit runs alone once nothing of its vendor runs, a full account's jobs wait, and a
 partly full account gets its oldest jobs up to its limit. Jobs held back by a cap are not work more
@@ -15,26 +16,16 @@ literals; `python -m server backlog --sql` prints it for the settings it is run 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from storage.port import ConcurrencyCap
+
 #: what may be written into the statement as a literal (model ids and vendor names are like this)
 _SAFE_NAME = re.compile(r"^[a-z0-9_.-]{1,64}$")
-
-
-class Cap(Protocol):
-    """A vendor's cap, as the worker applies it (server.app.vendor_caps builds them from the settings)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def providers(self) -> Collection[str]: ...
-    @property
-    def max_tasks(self) -> int: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +47,7 @@ def _literal(name: str) -> str:
     return f"'{name}'"
 
 
-def _cap_of(caps: Sequence[Cap]) -> str:
+def _cap_of(caps: Sequence[ConcurrencyCap]) -> str:
     """A SQL expression naming the cap a job's provider falls under (NULL: uncapped)."""
     if not caps:
         return "NULL::text"
@@ -69,7 +60,9 @@ def _cap_of(caps: Sequence[Cap]) -> str:
     return f"CASE {whens} END" if whens else "NULL::text"
 
 
-def claimable_sql(caps: Sequence[Cap] = (), *, per_account: int = 0, with_processing: bool = False) -> str:
+def claimable_sql(
+    caps: Sequence[ConcurrencyCap] = (), *, per_account: int = 0, with_processing: bool = False
+) -> str:
     """One statement answering one integer: claimable jobs (plus processing ones with `with_processing`)."""
     if any(cap.max_tasks < 1 for cap in caps) or per_account < 0:
         raise ValueError("caps are at least 1 task; per_account is 0 (none) or more")
@@ -129,7 +122,9 @@ def claimable_sql(caps: Sequence[Cap] = (), *, per_account: int = 0, with_proces
 SELECT {counted}{processing}"""
 
 
-async def backlog(engine: AsyncEngine, caps: Sequence[Cap] = (), *, per_account: int = 0) -> Backlog:
+async def backlog(
+    engine: AsyncEngine, caps: Sequence[ConcurrencyCap] = (), *, per_account: int = 0
+) -> Backlog:
     """The claimable and processing jobs of the database behind `engine` (PostgreSQL)."""
     if engine.dialect.name != "postgresql":
         raise ValueError("the backlog is counted on PostgreSQL (the store replicas and the autoscaler share)")

@@ -14,8 +14,9 @@ from sqlalchemy import func, select, text, update
 
 from storage import backlog
 from storage.db import make_engine
-from storage.jobs import ConcurrencyCap, SqlJobStore
+from storage.jobs import SqlJobStore
 from storage.models import JobSpec, NewJob, utcnow
+from storage.port import ConcurrencyCap
 from storage.schema import jobs
 
 BFL = ConcurrencyCap(name="bfl", providers=frozenset({"flux_2_pro"}), max_tasks=5)

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,11 @@ def _image() -> dict[str, Any]:
             current = ""
     stages = [i for i, line in enumerate(lines) if line.upper().startswith("FROM ")]
     final = lines[stages[-1] :]
+    build = lines[stages[0] : stages[-1]]
     image: dict[str, Any] = {
         "env": {},
         "final": final,
+        "build": build,
         "instructions": [line.split()[0].upper() for line in final],
     }
     image["from"] = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
@@ -209,8 +212,16 @@ def test_the_image_is_slim_python_non_root_and_has_no_healthcheck() -> None:
     building = ("apt-get install", "apk add", "pip install", "gcc", "build-essential", "COPY . ")
     assert not [line for line in image["final"] if any(word in line for word in building)]
     assert image["entrypoint"] + image["cmd"] == ["python", "-m", "server", "serve"]
+    # the build context and the build stage hold every package the project installs, and only those
     dockerignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in dockerignore and "!.venv" not in dockerignore
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {name.rstrip("*") for name in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = {line.split()[1].rstrip("/") for line in image["build"] if line.startswith("COPY ")}
+    assert copied - {"pyproject.toml"} == packages
+    assert {line[1:].rstrip("/") for line in dockerignore if line.startswith("!")} == packages | {
+        "pyproject.toml"
+    }
 
 
 # ------------------------------------------------------------------ the manifests' own rules
