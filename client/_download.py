@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import mimetypes
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -30,9 +31,17 @@ class DownloadError(ImagegenError):
 
 
 def image_path(out_dir: Path, job_id: str, number: int, content_type: str) -> Path:
-    """Where variant `number` (from 1) of a job is saved: `<out_dir>/<job_id>-<number>.<ext>`."""
+    """Where variant `number` (from 1) of a job is saved: `<out_dir>/<job_id>-<number>.<ext>`.
+
+    The job id comes from the server: it names a file only as the UUID it must be, so no answer can
+    lead a download outside `out_dir` (DownloadError otherwise).
+    """
+    try:
+        name = str(uuid.UUID(job_id))
+    except ValueError:
+        raise DownloadError(f"the server sent a job id that is not a UUID: {job_id[:80]!r}") from None
     ext = EXTENSIONS.get(content_type) or (mimetypes.guess_extension(content_type) or ".bin").lstrip(".")
-    return out_dir / f"{job_id}-{number}.{ext}"
+    return out_dir / f"{name}-{int(number)}.{ext}"
 
 
 async def save_images(

@@ -471,7 +471,9 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 def _size(text: str) -> tuple[int, int]:
     width, sep, height = text.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit() or int(width) <= 0 or int(height) <= 0:
+    if not (sep and f"{width}{height}".isascii() and width.isdigit() and height.isdigit()) or (
+        int(width) <= 0 or int(height) <= 0
+    ):
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1080x1920, got {text!r}")
     return int(width), int(height)
 

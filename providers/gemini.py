@@ -298,6 +298,8 @@ class GeminiProvider:
                         f"{what} is {mime_type}; Gemini reads {', '.join(_INLINE_TYPES)} only"
                     )
                 data = await read_limited(response, self._max_reference_bytes, what, error=ProviderRejected)
+        except aiohttp.InvalidURL as exc:  # the caller's mistake: no retry will fetch it
+            raise ProviderRejected(f"{what} is not a URL that can be fetched ({exc})") from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderUnavailable(
                 f"could not download {what}: {describe(exc)}", reason=RetryReason.of_transport(exc)

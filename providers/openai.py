@@ -281,6 +281,8 @@ class OpenAIProvider:
                         f"{what} is not an image (Content-Type {response.content_type or 'missing'})"
                     )
                 data = await read_limited(response, self._max_reference_bytes, what, error=ProviderRejected)
+        except aiohttp.InvalidURL as exc:  # the caller's mistake: no retry will fetch it
+            raise ProviderRejected(f"{what} is not a URL that can be fetched ({exc})") from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderUnavailable(
                 f"could not fetch {what}: {describe(exc)}", reason=RetryReason.of_transport(exc)

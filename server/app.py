@@ -15,7 +15,6 @@ import aiohttp
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
@@ -31,6 +30,8 @@ from server.http import http_routes
 from server.hub import EventHub
 from server.metrics import GrpcMetrics, QueueSampler, ServiceMetrics
 from server.reaper import Reaper
+from server.reflection import SERVICE_NAMES as REFLECTION_SERVICES
+from server.reflection import add_reflection
 from server.servicer import Admission, ImageGenerationServicer
 from server.settings import Settings, split_address
 from server.worker import Worker, WorkerPolicy
@@ -265,7 +266,7 @@ async def running_app(
         readiness = Readiness(store, health_servicer, on_change=metrics.database_up.set)
         await readiness.check()
         sampler = QueueSampler(store, metrics, interval_s=max(1.0, settings.poll_interval_s))
-        reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3))
+        reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3), blobs=blobs)
         for background in (readiness.run(), sampler.run(), reaper.run()):
             task = asyncio.create_task(background)
             stack.callback(task.cancel)
@@ -280,7 +281,7 @@ async def running_app(
             maximum_concurrent_rpcs=None,
         )
         registrar = _Registrar(server, GrpcMetrics(registry))
-        services = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        services = [health.SERVICE_NAME, *REFLECTION_SERVICES]
         if settings.role in ("all", "api"):
             pb_grpc.add_ImageGenerationServicer_to_server(
                 ImageGenerationServicer(
@@ -292,6 +293,8 @@ async def running_app(
                     reference_allow=parse_networks(settings.reference_allow_networks),
                     deadline_s=settings.job_deadline_s,
                     auth=authenticator,
+                    max_watch_streams_per_caller=settings.max_watch_streams_per_caller,
+                    blobs=blobs,
                     admission=Admission(
                         max_pending=settings.max_pending_jobs,
                         max_pending_per_account=settings.max_pending_jobs_per_account,
@@ -303,10 +306,7 @@ async def running_app(
             )
             services.append(SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
-        # what `reflection.enable_server_reflection` does for a grpc.aio server, which `registrar` is not
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(services), registrar
-        )
+        add_reflection(services, registrar)
         grpc_port = _listen(server, settings)
         if grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {settings.grpc_address}")

@@ -88,6 +88,10 @@ class Authenticator:
 
     def account(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
         """The account this call acts for, or UNAUTHENTICATED / PERMISSION_DENIED / INVALID_ARGUMENT."""
+        return self.identify(metadata)[1]
+
+    def identify(self, metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str, str]:
+        """(the caller's name, the account the call acts for); in local mode both are the one account."""
         token = requested = None
         for key, value in metadata:
             text = value if isinstance(value, str) else value.decode(errors="replace")
@@ -106,11 +110,11 @@ class Authenticator:
                     f"this server runs in local mode and serves only the {LOCAL_ACCOUNT!r} account; "
                     "configure IMAGEGEN_AUTH_TOKENS_FILE to serve others",
                 )
-            return LOCAL_ACCOUNT
+            return LOCAL_ACCOUNT, LOCAL_ACCOUNT
         caller = self._caller(token)
         if requested is None:
             if caller.accounts is not None and len(caller.accounts) == 1:
-                return next(iter(caller.accounts))
+                return caller.name, next(iter(caller.accounts))
             raise InvalidRequest(
                 [FieldViolation(ACCOUNT_HEADER, f"is required: {caller.name} may act for several accounts")]
             )
@@ -118,7 +122,7 @@ class Authenticator:
             raise ServiceError(
                 grpc.StatusCode.PERMISSION_DENIED, f"{caller.name} may not act for account {requested}"
             )
-        return requested
+        return caller.name, requested
 
     def _caller(self, authorization: str | None) -> Caller:
         assert self._callers is not None

@@ -17,6 +17,7 @@ from storage.errors import (
     InvalidTransition,
     JobNotFound,
     LeaseLost,
+    SchemaBehind,
     StorageError,
     StoreUnavailable,
 )
@@ -33,6 +34,14 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
 
 #: how long a client should wait before retrying after UNAVAILABLE from the database
 STORE_RETRY_DELAY_S = 1
+
+# Errors echo what the caller sent (an unknown provider, a bad label key); bounded here, once, so that
+# the trailers stay well under the 8 KiB of metadata a default client accepts, whatever the input.
+_MAX_MESSAGE_BYTES = 512
+_MAX_FIELD_BYTES = 128
+_MAX_DESCRIPTION_BYTES = 256
+#: all the violations listed, together (a request with every field wrong takes about 2 KiB)
+_MAX_VIOLATION_BYTES = 4096
 
 
 class ServiceError(Exception):
@@ -61,16 +70,31 @@ def status_for(exc: Exception) -> grpc.StatusCode:
 
 def bad_request(violations: Sequence[FieldViolation]) -> any_pb2.Any:
     """google.rpc.BadRequest naming every bad field."""
+    listed: list[error_details_pb2.BadRequest.FieldViolation] = []
+    size = 0
+    for index, violation in enumerate(violations):
+        field = clip(violation.field, _MAX_FIELD_BYTES)
+        description = clip(violation.description, _MAX_DESCRIPTION_BYTES)
+        size += len(field.encode()) + len(description.encode())
+        if size > _MAX_VIOLATION_BYTES:
+            listed.append(
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="...", description=f"and {len(violations) - index} more bad fields"
+                )
+            )
+            break
+        listed.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
     detail = any_pb2.Any()
-    detail.Pack(
-        error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in violations
-            ]
-        )
-    )
+    detail.Pack(error_details_pb2.BadRequest(field_violations=listed))
     return detail
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8 (on a character boundary), ending in "..." when cut."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
 def quota_failure(subject: str, description: str) -> any_pb2.Any:
@@ -104,13 +128,18 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
         details.append(quota_failure(f"account:{exc.account_id}", str(exc)))
     elif isinstance(exc, Overloaded):
         details.append(retry_info(exc.retry_after_s))
+    elif isinstance(exc, SchemaBehind):
+        message = f"this server cannot serve yet: {exc}"
+        details.append(retry_info(STORE_RETRY_DELAY_S))
     elif isinstance(exc, StoreUnavailable):
         message = "the job database is unreachable; try again"
         details.append(retry_info(STORE_RETRY_DELAY_S))
     elif code is grpc.StatusCode.INTERNAL and not isinstance(exc, (StorageError, ServiceError)):
         message = "internal error"  # never a stack trace or driver text to the caller
     status = rpc_status.to_status(
-        status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+        status_pb2.Status(
+            code=getattr(code_pb2, code.name), message=clip(message, _MAX_MESSAGE_BYTES), details=details
+        )
     )
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("unreachable: context.abort raises")

@@ -33,7 +33,8 @@ class UrlSigner:
 
     def verify(self, blob_key: str, expires: str, signature: str, *, now: float | None = None) -> bool:
         """Whether the signature is ours for this key and expiry, and the expiry has not passed."""
-        if not expires.isdigit():
+        # ASCII digits only (str.isdigit accepts "²", which int() refuses) and a sane length
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 20):
             return False
         if int(expires) < (time.time() if now is None else now):
             return False

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from server.files import UrlSigner, file_routes
 from server.health import Readiness
 from storage.blobs import LocalBlobStore
+
+#: the text format generate_latest writes; scrapers pick their parser by this version
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def http_routes(
@@ -23,10 +26,7 @@ def http_routes(
         return web.json_response({"ready": ready, "reason": readiness.reason}, status=200 if ready else 503)
 
     async def metrics(_request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(registry))
-        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        response.charset = "utf-8"
-        return response
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     return [
         web.get("/healthz", healthz),

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from storage.errors import StorageError
+from storage.errors import SchemaBehind, StorageError
 from storage.models import JobEvent, JobNotice, JobStatus, utcnow
 from storage.port import JobEvents
 
@@ -246,7 +246,8 @@ class EventHub:
             notices += await self._store.changed_since(list(self._by_account), since)
             await self._deliver(notices, from_catch_up=True)
         except StorageError as exc:
-            log.warning("event hub catch-up failed: %s", exc)
+            if not isinstance(exc, SchemaBehind):  # the store logs that, once a minute
+                log.warning("event hub catch-up failed: %s", exc)
             return
         except Exception:
             log.exception("event hub catch-up failed unexpectedly")

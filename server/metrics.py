@@ -258,22 +258,23 @@ class GrpcMetrics:
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method_path: str) -> grpc.RpcMethodHandler:
         service, _, method = method_path.lstrip("/").partition("/")
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, self._counts(("unary", service, method), unary=True)),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._server_stream(handler.unary_stream, self._counts(("server_stream", service, method))),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 self._bidi(handler.stream_stream, self._counts(("bidi_stream", service, method))),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # client streaming: this service has none
@@ -315,6 +316,8 @@ class GrpcMetrics:
             begun = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
+                if request.__class__ is Undecodable:
+                    await request.refuse(context)
                 response = await behaviour(request, context)
                 code = context.code() or grpc.StatusCode.OK
                 counts.sent.inc()
@@ -332,6 +335,8 @@ class GrpcMetrics:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             counts.received.inc()
             with self._handled(counts, context):
+                if request.__class__ is Undecodable:
+                    await request.refuse(context)
                 async for message in behaviour(request, context):
                     counts.sent.inc()
                     yield message
@@ -345,6 +350,8 @@ class GrpcMetrics:
             async def counted() -> AsyncIterator[Any]:
                 async for request in requests:
                     counts.received.inc()
+                    if request.__class__ is Undecodable:
+                        await request.refuse(context)
                     yield request
 
             with self._handled(counts, context):
@@ -381,6 +388,39 @@ class _MeasuredHandler(grpc.GenericRpcHandler):
                 return None
             wrapped = self._wrapped[method] = self._wrap(handler, method)
         return wrapped
+
+
+class Undecodable:
+    """A request message whose bytes did not parse, handed to the wrapped handler in its place.
+
+    grpc.aio calls the deserializer outside any handler, so an exception there ends the call UNKNOWN
+    ("Unexpected <class 'DecodeError'>") and uncounted; a value lets the wrapper answer for every method.
+    """
+
+    __slots__ = ("message",)
+
+    def __init__(self, expected: str) -> None:
+        self.message = f"the request is not a valid {expected} (its protobuf encoding does not parse)"
+
+    async def refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """End the call INVALID_ARGUMENT."""
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.message)
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+    # generated handlers pass the message class's FromString: its class names the type expected
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    undecodable = Undecodable(getattr(descriptor, "full_name", "request message"))
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError, and whatever else malformed bytes make a parser raise
+            return undecodable
+
+    return tolerant
 
 
 class _MethodMetrics:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -34,6 +35,8 @@ from server.validation import (
     normalise_folder,
     validate_generate,
 )
+from server.worker import remove_other_attempts
+from storage.blobs import LocalBlobStore
 from storage.models import EventKind, Job, JobEvent, JobStatus, NewJob, utcnow
 from storage.port import JobFilter, JobStore, JobSubmissions, PageCursor
 
@@ -105,6 +108,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         admission: Admission | None = None,
         auth: Authenticator | None = None,
         reference_allow: Sequence[IPNetwork] = (),
+        max_watch_streams_per_caller: int = 0,
+        blobs: LocalBlobStore | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -116,6 +121,10 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._auth = auth or Authenticator.local()
         self._reference_allow = tuple(reference_allow)
         self._events = EventEncoder(signer)
+        self._max_watches = max_watch_streams_per_caller
+        self._blobs = blobs
+        #: open watch streams per caller, for the cap above
+        self._watches: dict[str, int] = {}
 
     # ------------------------------------------------------------ unary
 
@@ -182,6 +191,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         if not cancelled_now:
             return job_to_pb(job, self._signer)
         self._metrics.observe_finished(job)
+        if self._blobs is not None and job.attempt:
+            await remove_other_attempts(self._blobs, job)  # a running attempt discards its own as well
         log.info(
             "job cancelled",
             extra={
@@ -232,6 +243,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
     async def ListProviders(
         self, request: pb.ListProvidersRequest, context: Context
     ) -> pb.ListProvidersResponse:
+        self._account(context)  # the catalog says which vendors are configured: callers only
         providers = []
         for model in CATALOG.values():
             providers.append(
@@ -264,12 +276,13 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     @_streaming
     async def WatchJob(self, request: pb.WatchJobRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
-        account = self._account(context)
+        caller, account = self._auth.identify(context.invocation_metadata() or ())
         job_id = _job_id(request.job_id)
         if request.after_version < 0:
             raise InvalidRequest([FieldViolation("after_version", "must not be negative")])
         # Subscribe before reading, so no transition can slip between the read and the subscription.
         with (
+            self._watch_slot(caller),
             self._hub.subscribe(Subscription(account_id=account, job_id=job_id)) as subscription,
             self._counted("WatchJob"),
         ):
@@ -313,7 +326,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     @_streaming
     async def WatchJobs(self, request: pb.WatchJobsRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
-        account = self._account(context)
+        caller, account = self._auth.identify(context.invocation_metadata() or ())
         statuses, violation = _statuses(request.statuses, "statuses")
         bad = [v for v in (violation, folder_violation(request.folder_id)) if v is not None]
         if bad:
@@ -324,7 +337,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             statuses=statuses,
             max_queued=WATCH_JOBS_MAX_QUEUED,
         )
-        with self._hub.subscribe(subscription), self._counted("WatchJobs"):
+        with self._watch_slot(caller), self._hub.subscribe(subscription), self._counted("WatchJobs"):
             await context.send_initial_metadata(())  # the caller knows the watch is live
             while True:
                 item = await subscription.queue.get()
@@ -344,6 +357,26 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
 
     def _counted(self, method: str) -> _StreamGauge:
         return _StreamGauge(self._metrics, method)
+
+    @contextlib.contextmanager
+    def _watch_slot(self, caller: str) -> Iterator[None]:
+        """One of the caller's watch streams, or RESOURCE_EXHAUSTED when it holds as many as it may."""
+        held = self._watches.get(caller, 0)
+        if self._max_watches and held >= self._max_watches:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{caller} has {held} watch streams open here, the most a caller may; close some "
+                "(WatchJobs follows many jobs on one stream)",
+            )
+        self._watches[caller] = held + 1
+        try:
+            yield
+        finally:
+            left = self._watches[caller] - 1
+            if left:
+                self._watches[caller] = left
+            else:
+                del self._watches[caller]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -452,6 +485,11 @@ def _decode_page_token(token: str, where: JobFilter) -> PageCursor | None:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if data["f"] != _filter_digest(where):
             return None
-        return PageCursor(create_time=datetime.fromisoformat(data["t"]), job_id=uuid.UUID(data["id"]))
-    except (ValueError, KeyError, TypeError):
+        created = datetime.fromisoformat(data["t"])
+        if created.tzinfo is None:
+            return None
+        # in UTC, as the database compares it: a forged offset can push the year out of range
+        created = created.astimezone(UTC)
+        return PageCursor(create_time=created, job_id=uuid.UUID(data["id"]))
+    except (ValueError, KeyError, TypeError, OverflowError):
         return None

@@ -85,6 +85,8 @@ class Settings:
     retry_base_s: float = 1.0
     retry_max_s: float = 30.0
     watch_heartbeat_s: float = 15.0
+    #: WatchJob and WatchJobs streams one caller (token) may hold open in this process (0: no cap)
+    max_watch_streams_per_caller: int = 1_000
     shutdown_grace_s: float = 10.0
     #: per HTTP request to a vendor
     provider_timeout_s: float = 120.0
@@ -191,7 +193,7 @@ class Settings:
             vendor, sep, value = item.partition("=")
             if (
                 not sep
-                or not value.strip().isdigit()
+                or not (value.strip().isascii() and value.strip().isdigit())
                 or vendor.strip() not in ("bfl", "openai", "ark", "gemini")
             ):
                 raise SettingsError(
@@ -236,6 +238,6 @@ def _is_loopback(host: str) -> bool:
 def split_address(address: str) -> tuple[str, int]:
     """'host:port' or '[v6]:port' into (host, port)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise SettingsError(f"address {address!r} must be host:port")
     return host.strip("[]"), int(port)

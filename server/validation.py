@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from providers.catalog import (
     CostQuery,
     ModelSpec,
 )
-from providers.references import IPNetwork, is_public
+from providers.references import IPNetwork, host_problem
 from storage.models import ROOT_FOLDER, JobSpec
 
 DEFAULT_SIDE = 1024
@@ -253,25 +252,9 @@ def _url_problem(url: str, allow: Sequence[IPNetwork]) -> str | None:
         return "must be an http(s) URL"
     if parts.username or parts.password:
         return "must not carry credentials"
-    # The fetcher checks every address it connects to; refusing the obvious cases here tells the caller
-    # now rather than in a failed job.
-    if host == "localhost" or host.endswith((".localhost", ".internal", ".local")):
-        return f"{host} is not a public host"
-    if re.fullmatch(r"[0-9a-fx.]+", host) and not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]+", host):
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return f"{host} is not a canonical IP address"
-        if not is_public(address) and not any(address in network for network in allow):
-            return f"{host} is not a public address"
-    elif ":" in host:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return f"{host} is not a valid IPv6 address"
-        if not is_public(address) and not any(address in network for network in allow):
-            return f"{host} is not a public address"
-    return None
+    # The fetcher checks every address it connects to; refusing what it would refuse tells the caller
+    # now rather than in a failed job (and vendors that fetch URLs themselves never see these).
+    return host_problem(host, allow)
 
 
 def _check_options(model: ModelSpec, options: dict[str, Any]) -> tuple[dict[str, Any], list[FieldViolation]]:

@@ -29,7 +29,7 @@ from providers.catalog import CATALOG
 from providers.imaging import FittedImage, fit_image
 from server.metrics import ServiceMetrics
 from storage.blobs import LocalBlobStore, attempt_prefix, image_key
-from storage.errors import LeaseLost, StorageError, StoreUnavailable
+from storage.errors import LeaseLost, SchemaBehind, StorageError, StoreUnavailable
 from storage.models import Job, JobError, JobNotice, JobStatus, StoredImage, utcnow
 from storage.port import Claim, ConcurrencyCap, Fence, JobQueue
 
@@ -54,15 +54,38 @@ class WorkerPolicy:
 
 
 class _Checkpoint:
-    """providers.base.Checkpoint backed by the job row, fenced like every other write of the attempt."""
+    """providers.base.Checkpoint backed by the job row, fenced like every other write of the attempt.
 
-    def __init__(self, store: JobQueue, fence: Fence) -> None:
-        self._store, self._fence = store, fence
+    A save is retried through a database blip for as long as the lease lasts, as the final write is
+    (`Worker._durably`): what it records was paid for (BFL bills at submit), and an attempt that ended
+    without it would make the next one pay again. The adapter holds the state in memory meanwhile.
+    """
+
+    def __init__(self, store: JobQueue, fence: Fence, *, lease_s: float) -> None:
+        self._store, self._fence, self._lease_s = store, fence, lease_s
 
     async def save(self, state: Mapping[str, Any]) -> None:
-        # No shield: the statement runs in the store's group-commit writer, so cancelling the attempt
-        # leaves it to finish there rather than abandoning a connection in the middle of it.
-        await self._store.save_provider_state(self._fence, state)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._lease_s
+        delay = 0.1
+        while True:
+            try:
+                # No shield: the statement runs in the store's group-commit writer, so cancelling the
+                # attempt leaves it to finish there rather than abandoning a connection mid-statement.
+                await self._store.save_provider_state(self._fence, state)
+                return
+            except StoreUnavailable as exc:
+                if loop.time() + delay > give_up:
+                    raise
+                log.warning(
+                    "job %s attempt %s: checkpoint not saved (%s); retrying in %.1f s",
+                    self._fence.job_id,
+                    self._fence.attempt,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 class Worker:
@@ -165,7 +188,8 @@ class Worker:
                     )
                     backoff = self._policy.poll_interval_s
                 except StoreUnavailable as exc:
-                    log.warning("worker cannot reach the database (%s); pausing %.1f s", exc, backoff)
+                    if not isinstance(exc, SchemaBehind):  # the store logs that, once a minute
+                        log.warning("worker cannot reach the database (%s); pausing %.1f s", exc, backoff)
                     await self._idle(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
@@ -308,7 +332,9 @@ class Worker:
         remaining = (job.deadline_at - now).total_seconds()
         try:
             async with asyncio.timeout(remaining):
-                result = await provider.generate(request, _Checkpoint(self._store, fence))
+                result = await provider.generate(
+                    request, _Checkpoint(self._store, fence, lease_s=self._policy.lease_s)
+                )
                 images = await self._store_images(job, result)
         except TimeoutError:
             await self._fail(
@@ -335,6 +361,8 @@ class Worker:
             raise
         self._metrics.observe_finished(done)
         log.info("job completed", extra=_fields(done, "completed", images=len(images), cost_usd_micros=cost))
+        if done.attempt > 1:
+            await remove_other_attempts(self._blobs, done)
 
     async def _store_images(self, job: Job, result: GenerationResult) -> list[StoredImage]:
         spec = job.spec
@@ -450,6 +478,7 @@ class Worker:
         failed = await self._durably(fence, lambda: self._store.fail(fence, error))
         self._metrics.observe_finished(failed)
         log.info("job failed", extra=_fields(failed, "failed", code=error.code, error=error.message))
+        await remove_other_attempts(self._blobs, failed)
 
     async def _discard(self, job: Job, why: str) -> None:
         log.info("job result discarded", extra=_fields(job, "discarded", why=why))
@@ -457,6 +486,19 @@ class Worker:
             await self._blobs.delete_prefix(
                 attempt_prefix(job.account_id, job.spec.folder_id, job.id, job.attempt)
             )
+
+
+async def remove_other_attempts(blobs: LocalBlobStore, job: Job) -> None:
+    """Delete the images of every attempt of an ended job but the one it completed with.
+
+    An attempt killed mid-write, or one that stored part of its images and then failed, leaves files
+    that nothing references; whatever ends the job removes them.
+    """
+    keep = job.attempt if job.status is JobStatus.COMPLETED else None
+    for attempt in range(1, job.attempt + 1):
+        if attempt != keep:
+            with contextlib.suppress(OSError):
+                await blobs.delete_prefix(attempt_prefix(job.account_id, job.spec.folder_id, job.id, attempt))
 
 
 def _fields(job: Job, outcome: str, **extra: Any) -> dict[str, Any]:

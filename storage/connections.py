@@ -9,13 +9,17 @@ connections and transactions, and asyncpg connections for the statements written
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from storage.errors import StoreUnavailable
+from storage.errors import SchemaBehind, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class Connections:
@@ -109,6 +113,7 @@ class HeldConnection:
             yield self._driver
         except Exception as exc:
             if not is_lost_connection(exc):
+                raise_if_schema_behind(exc)
                 raise
             await self.release(invalidate=True)
             raise StoreUnavailable(f"database unreachable: {exc!s}") from exc
@@ -138,9 +143,32 @@ async def unavailable_on_connection_errors() -> AsyncIterator[None]:
             or _is_connection_error(exc)
         ):
             raise StoreUnavailable(f"database unreachable: {exc.orig!s}") from exc
+        raise_if_schema_behind(exc.orig)
         raise
     except (OSError, TimeoutError, sqlalchemy.exc.TimeoutError) as exc:
         raise StoreUnavailable(f"database unreachable: {exc!s}") from exc
+    except Exception as exc:  # asyncpg's own errors, from statements run on the driver itself
+        raise_if_schema_behind(exc)
+        raise
+
+
+#: SQLSTATEs of a statement naming a table or column the database does not have
+_UNDEFINED = ("42P01", "42703")
+#: the most often an unmigrated database is logged (every RPC and every loop meets it)
+_SCHEMA_LOG_INTERVAL_S = 60.0
+_schema_logged_at = -_SCHEMA_LOG_INTERVAL_S
+
+
+def raise_if_schema_behind(error: BaseException) -> None:
+    """SchemaBehind when `error` (a driver error, or what it wraps) says a table or column is missing."""
+    global _schema_logged_at
+    for candidate in (error, error.__cause__):
+        if getattr(candidate, "sqlstate", None) in _UNDEFINED:
+            behind = SchemaBehind(str(candidate).splitlines()[0])
+            if time.monotonic() - _schema_logged_at >= _SCHEMA_LOG_INTERVAL_S:
+                _schema_logged_at = time.monotonic()
+                log.error("%s", behind)
+            raise behind from error
 
 
 async def _discard_if_broken(conn: AsyncConnection, exc: sqlalchemy.exc.DBAPIError) -> None:
@@ -158,13 +186,14 @@ def _is_connection_error(exc: sqlalchemy.exc.DBAPIError) -> bool:
 def is_lost_connection(error: BaseException) -> bool:
     """Whether a driver error means "this connection is gone; try again later" rather than a bad statement.
 
-    PostgreSQL's SQLSTATE class 08 (connection exception) and 57P (operator intervention: admin shutdown,
-    terminated backend), socket errors and timeouts, and asyncpg's client-side state errors ("another
+    PostgreSQL's SQLSTATE class 08 (connection exception), 53 (insufficient resources: too many
+    connections, out of memory or disk) and 57P (operator intervention: admin shutdown, terminated
+    backend), socket errors and timeouts, and asyncpg's client-side state errors ("another
     operation is in progress", after a query was interrupted or its server connection cut): the
     connection is unusable, the database may be fine.
     """
     sqlstate = getattr(error, "sqlstate", None)
-    if isinstance(sqlstate, str) and sqlstate.startswith(("08", "57P")):
+    if isinstance(sqlstate, str) and sqlstate.startswith(("08", "53", "57P")):
         return True
     if isinstance(error, (OSError, TimeoutError, ConnectionError)):
         return True

@@ -8,6 +8,7 @@ StorageError
 ├── InsufficientCredit     the account's budget cannot cover the job's quote
 ├── NoBudget               credit was added to an account that has no budget
 └── StoreUnavailable       the database could not be reached
+    └── SchemaBehind       the database answers, but its schema was not migrated to this release's
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ class LeaseLost(StorageError):
 
 class StoreUnavailable(StorageError):
     """The database could not be reached or answered with a connection-level error."""
+
+
+class SchemaBehind(StoreUnavailable):
+    """The database lacks this release's tables or columns: it must be migrated before it can serve."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"the database schema is not current ({detail}): run `python -m server migrate` "
+            "(or serve --migrate)"
+        )
 
 
 class InsufficientCredit(StorageError):

@@ -149,14 +149,22 @@ class SqlJobStore(JobReads, Budgets):
         if inserted is None:
             async with self._db.transaction() as conn:
                 reservations = await Reservations.lock(conn, [item.job for item in batch])
+                # a retry must get its job back, not be refused for the credit that job already reserved
+                retried = await _taken_request_ids(conn, batch)
                 rows: list[dict[str, Any]] = []
                 planned: list[int] = []
                 for index, item in enumerate(batch):
+                    taken = (item.job.account_id, item.job.request_id)
+                    if item.job.request_id and taken in retried:
+                        conflicted.append(index)  # answered after the commit with the job holding the id
+                        continue
                     try:
                         item.job = reservations.reserve(item.job)
                     except InsufficientCredit as exc:
                         outcomes[index] = exc
                         continue
+                    if item.job.request_id:
+                        retried.add(taken)  # a duplicate later in this batch
                     rows.append(job_values(item.job, item.request_hash))
                     planned.append(index)
                 inserted = (
@@ -495,3 +503,21 @@ class SqlJobStore(JobReads, Budgets):
     def _committed(self, changed: Sequence[Job]) -> None:
         if self._on_commit is not None and changed:
             self._on_commit([notice(job) for job in changed])
+
+
+async def _taken_request_ids(conn: AsyncConnection, batch: Sequence[Submit]) -> set[tuple[str, str]]:
+    """(account, request_id) of this batch's submits whose request_id a job already holds.
+
+    Read under the budget rows' locks, which every create of a budgeted account takes first; only that
+    path asks (an account without a budget gets its job back from the insert's conflict).
+    """
+    keys = {(item.job.account_id, item.job.request_id) for item in batch if item.job.request_id}
+    if not keys:
+        return set()
+    rows = await conn.execute(
+        select(jobs.c.account_id, jobs.c.request_id).where(
+            jobs.c.account_id.in_({account for account, _ in keys}),
+            jobs.c.request_id.in_({request_id for _, request_id in keys}),
+        )
+    )
+    return {(row.account_id, row.request_id) for row in rows} & keys
