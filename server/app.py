@@ -129,8 +129,11 @@ def build_providers(
     return providers
 
 
-def vendor_caps(settings: Settings, catalog: Catalog) -> tuple[ConcurrencyCap, ...]:
-    """IMAGEGEN_VENDOR_CONCURRENCY as claim-time caps over each vendor's models (aliases included)."""
+def vendor_caps(settings: Settings, catalog: Catalog | None = None) -> tuple[ConcurrencyCap, ...]:
+    """IMAGEGEN_VENDOR_CONCURRENCY as claim-time caps over each vendor's models (aliases included).
+
+    Without `catalog`, the one the settings name (the backlog command and the manifests' generator)."""
+    catalog = catalog or load_catalog(settings.catalog_file or SHIPPED_CATALOG_FILE)
     return tuple(
         ConcurrencyCap(
             name=vendor,
