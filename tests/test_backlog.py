@@ -137,7 +137,9 @@ def test_the_command_prints_the_statement_for_the_settings() -> None:
         IMAGEGEN_MAX_IN_FLIGHT_PER_ACCOUNT="3",
     )
     assert "WHEN active_provider IN ('flux_2_max', 'flux_2_pro') THEN 'bfl'" in printed
-    assert "WHEN provider IN ('nano_banana', 'nano_banana_pro') THEN 'gemini'" in printed
+    assert (
+        "WHEN active_provider IN ('nano_banana', 'nano_banana_2', 'nano_banana_pro') THEN 'gemini'" in printed
+    )
     assert "'openai'" not in printed  # 0: uncapped
     assert "HAVING count(*) >= 3" in printed and "status = 'processing')" in printed
 
