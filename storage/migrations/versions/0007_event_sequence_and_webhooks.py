@@ -1,7 +1,7 @@
 """the account stream's sequence, and webhooks: secrets, endpoints, and the outbox with its trigger
 
 Revision ID: 0007
-Revises: 0008
+Revises: 0005
 Create Date: 2026-12-06
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 from storage.schema import UtcDateTime
 
 revision = "0007"
-down_revision = "0008"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
