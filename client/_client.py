@@ -9,6 +9,7 @@ import random
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal, TypeVar
@@ -199,12 +200,15 @@ class ImagegenClient:
         fallback_on_moderation: bool = False,
         request_id: str | None = None,
         validate_only: bool = False,
+        ttl_s: float | None = None,
         timeout_s: float | None = None,
     ) -> pb.Job:
         """Submit a job and return it (PENDING); with `validate_only`, the normalised request and its quote.
 
-        Zero / empty values take the server's defaults. A `request_id` (uuid4) is generated when none is
-        given, so the client's own retries of this call can never create a second job.
+        Zero / empty values take the server's defaults. `ttl_s`: delete the job (and its images) that
+        many seconds after its creation (`Job.expire_time`); unset, the server's retention applies.
+        A `request_id` (uuid4) is generated when none is given, so the client's own retries of this
+        call can never create a second job.
         """
         request = pb.GenerateImageRequest(
             prompt=prompt,
@@ -231,6 +235,8 @@ class ImagegenClient:
             options = struct_pb2.Struct()
             options.update(dict(provider_options))
             request.provider_options.CopyFrom(options)
+        if ttl_s is not None:
+            request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
         if request_id:
             request.request_id = request_id
         elif not validate_only:
@@ -244,6 +250,10 @@ class ImagegenClient:
     async def cancel(self, job_id: str, *, timeout_s: float | None = None) -> pb.Job:
         """Cancel a job (idempotent); FailedPrecondition when it already completed or failed."""
         return await self._unary(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout_s)
+
+    async def delete(self, job_id: str, *, timeout_s: float | None = None) -> None:
+        """Delete a finished job and its images; FailedPrecondition while it runs, NotFound afterwards."""
+        await self._unary(self._stub.DeleteJob, pb.DeleteJobRequest(job_id=job_id), timeout_s)
 
     async def providers(self, *, timeout_s: float | None = None) -> Sequence[pb.Provider]:
         """The model catalog: limits, options, prices, and whether each model is configured."""

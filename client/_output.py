@@ -173,6 +173,9 @@ def job_details(job: pb.Job) -> str:
         items.insert(6, ("seed", str(job.seed)))
     if job.HasField("error") and job.error.code:
         items.append(("error", f"{job.error.code}: {job.error.message}"))
+    if job.HasField("expire_time"):
+        expires = datetime.fromtimestamp(job.expire_time.ToNanoseconds() / 1e9)
+        items.append(("expires", expires.strftime("%Y-%m-%d %H:%M:%S")))
     for number, image in enumerate(job.images, 1):
         items.append((f"image {number}", f"{image.width}x{image.height} {image.content_type} {image.url}"))
     return pairs(items)

@@ -193,6 +193,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     cancel = command("cancel", "cancel a job", _cancel)
     cancel.add_argument("job_id", metavar="JOB")
 
+    delete = command("delete", "delete finished jobs and their images (cancel running ones first)", _delete)
+    delete.add_argument("job_ids", metavar="JOB", nargs="+")
+
     command(
         "providers", "the model catalog: limits, prices, and whether each model is configured", _providers
     )
@@ -252,6 +255,18 @@ async def _get(client: ImagegenClient, args: argparse.Namespace, ui: Ui) -> int:
 async def _cancel(client: ImagegenClient, args: argparse.Namespace, ui: Ui) -> int:
     job = await client.cancel(args.job_id)
     ui.result(to_dict(job) if ui.json else f"{job.id}  {status_name(job.status)}")
+    return EXIT_OK
+
+
+async def _delete(client: ImagegenClient, args: argparse.Namespace, ui: Ui) -> int:
+    deleted = []
+    for job_id in dict.fromkeys(args.job_ids):
+        await client.delete(job_id)
+        deleted.append(job_id)
+        if not ui.json:
+            ui.result(f"{job_id}  deleted")
+    if ui.json:
+        ui.result({"deleted": deleted})
     return EXIT_OK
 
 
@@ -461,6 +476,14 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="label kept with the job (repeatable)",
     )
+    parser.add_argument(
+        "--ttl",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="delete the job and its images this long after it was created: 3600, 90s, 30m, 12h, 7d "
+        "(default: the server's retention)",
+    )
 
 
 def _request(args: argparse.Namespace) -> dict[str, Any]:
@@ -479,6 +502,7 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         "reference_image_urls": args.ref,
         "provider_options": dict(args.option),
         "labels": dict(args.label),
+        "ttl_s": args.ttl,
         "fallback_providers": args.fallback,
         "fallback_on_moderation": args.fallback_on_moderation,
     }
@@ -500,6 +524,22 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _duration(text: str) -> float:
+    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in _UNITS else (text, "s")
+    try:
+        value = float(number) * _UNITS[unit.lower()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 3600, 90s, 30m, 12h or 7d, got {text!r}"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 
 

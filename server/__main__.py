@@ -1,4 +1,4 @@
-"""Entry point: `python -m server serve | migrate` (also installed as `imagegen-server`)."""
+"""Entry point: `python -m server serve | migrate | backlog | token | budget` (also `imagegen-server`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import sys
 from decimal import Decimal, InvalidOperation
 
 from providers.catalog import CatalogError
-from server.app import freeze_startup_heap, running_app
+from server.app import freeze_startup_heap, running_app, vendor_caps
 from server.auth import AuthConfigError, caller_entry, new_token
 from server.logs import configure_logging
 from server.settings import Settings, SettingsError
-from storage import migrate
+from storage import backlog, migrate
 from storage.db import make_engine
 from storage.errors import NoBudget
 from storage.jobs import SqlJobStore
@@ -31,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--role", choices=("all", "api", "worker"), help="overrides IMAGEGEN_ROLE")
     serve.add_argument("--migrate", action="store_true", help="migrate the database before serving")
     commands.add_parser("migrate", help="bring the database to the newest schema and exit")
+    count = commands.add_parser(
+        "backlog", help="count the pending jobs a worker could claim now, under the vendor and account caps"
+    )
+    count.add_argument(
+        "--with-processing",
+        action="store_true",
+        help="add the processing jobs: the worker slots wanted now (what the autoscaler scales on)",
+    )
+    count.add_argument("--sql", action="store_true", help="print the statement instead of running it")
     token = commands.add_parser("token", help="make a caller token and print its tokens-file entry")
     token.add_argument("--name", required=True, help="who will use the token, e.g. ads-backend")
     token.add_argument("--accounts", default="*", help="comma-separated account ids, or * for all")
@@ -64,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "budget":
         return asyncio.run(_budget(settings, args))
+    if args.command == "backlog":
+        return _backlog(settings, args)
     try:
         asyncio.run(_serve(settings, migrate_schema=args.migrate))
     except (AuthConfigError, CatalogError) as exc:
@@ -80,6 +91,28 @@ async def _migrate(settings: Settings) -> None:
         log.info("database at revision %s", await migrate.current_revision(engine))
     finally:
         await engine.dispose()
+
+
+def _backlog(settings: Settings, args: argparse.Namespace) -> int:
+    caps, per_account = vendor_caps(settings), settings.max_in_flight_per_account
+    if args.sql:
+        print(backlog.claimable_sql(caps, per_account=per_account, with_processing=args.with_processing))
+        return 0
+
+    async def count() -> backlog.Backlog:
+        engine = make_engine(settings.database_url, statement_timeout_s=settings.db_timeout_s)
+        try:
+            return await backlog.backlog(engine, caps, per_account=per_account)
+        finally:
+            await engine.dispose()
+
+    try:
+        counted = asyncio.run(count())
+    except ValueError as exc:
+        print(f"backlog: {exc}", file=sys.stderr)
+        return 2
+    print(counted.demand if args.with_processing else counted.claimable)
+    return 0
 
 
 async def _budget(settings: Settings, args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from providers.vendors import VENDORS, endpoint_of
 from sandbox import Sandbox
 from server import tracing
 from server.auth import LOCAL_ACCOUNT, Authenticator
+from server.blobs import MeasuredBlobStore, image_urls
 from server.breakers import Breakers
 from server.files import UrlSigner, signing_key
 from server.health import SERVICE_NAME, Readiness
@@ -37,15 +38,17 @@ from server.reflection import SERVICE_NAMES as REFLECTION_SERVICES
 from server.reflection import add_reflection
 from server.servicer import Admission, ImageGenerationServicer
 from server.settings import Settings, split_address
+from server.sweeper import Sweeper
 from server.worker import Worker, WorkerPolicy
 from storage import migrate
-from storage.blobs import LocalBlobStore
+from storage.blobs import LocalBlobStore, S3Options, open_blob_store
 from storage.breakers import BreakerPolicy, SqlBreakers
 from storage.db import is_postgres, make_engine
 from storage.errors import StorageError
 from storage.jobs import SqlJobStore
 from storage.listener import PgListener
 from storage.port import ConcurrencyCap, JobStore
+from storage.retention import JobDeleter
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +129,11 @@ def build_providers(
     return providers
 
 
-def vendor_caps(settings: Settings, catalog: Catalog) -> tuple[ConcurrencyCap, ...]:
-    """IMAGEGEN_VENDOR_CONCURRENCY as claim-time caps over each vendor's models (aliases included)."""
+def vendor_caps(settings: Settings, catalog: Catalog | None = None) -> tuple[ConcurrencyCap, ...]:
+    """IMAGEGEN_VENDOR_CONCURRENCY as claim-time caps over each vendor's models (aliases included).
+
+    Without `catalog`, the one the settings name (the backlog command and the manifests' generator)."""
+    catalog = catalog or load_catalog(settings.catalog_file or SHIPPED_CATALOG_FILE)
     return tuple(
         ConcurrencyCap(
             name=vendor,
@@ -180,7 +186,9 @@ async def running_app(
             engine, linger_s=settings.group_commit_linger_s, saturated_share=settings.saturated_share
         )
         stack.push_async_callback(store.close)  # before the engine is disposed of: its writers' connections
-        blobs = LocalBlobStore(settings.blob_dir)
+        blobs = MeasuredBlobStore(open_blob_store(settings.blob_url, s3=s3_options(settings)), metrics)
+        stack.push_async_callback(blobs.close)
+        deleter = JobDeleter(engine, blobs)
         # Bind the HTTP port first: with port 0 the image URLs must name the port actually bound.
         http_host, http_port = split_address(settings.http_address)
         http_socket = stack.enter_context(
@@ -195,6 +203,7 @@ async def running_app(
             base_url=public_base_url,
             ttl_s=settings.url_ttl_s,
         )
+        urls = image_urls(blobs, signer, settings.url_ttl_s)
 
         sandbox: Sandbox | None = None
         if providers is None and needs_sandbox(settings):
@@ -299,14 +308,21 @@ async def running_app(
             stack.push_async_callback(listener.close)
 
         health_servicer = health.aio.HealthServicer()
-        readiness = Readiness(store, health_servicer, on_change=metrics.database_up.set)
+        readiness = Readiness(
+            store,
+            health_servicer,
+            on_change=metrics.database_up.set,
+            blobs=blobs,
+            on_blob_change=metrics.blob_store_up.set,
+        )
         await readiness.check()
         sampler = QueueSampler(store, metrics, interval_s=max(1.0, settings.poll_interval_s))
         reaper = Reaper(store, metrics, interval_s=max(0.5, settings.lease_s / 3), blobs=blobs)
+        sweeper = Sweeper(deleter, blobs, metrics, interval_s=settings.sweep_interval_s)
         lifecycle = _lifecycle_watcher(settings, catalog, metrics, session_for, sandbox)
         with contextlib.suppress(StorageError):  # unreachable: readiness says so; the loop retries
             await breakers.refresh()
-        backgrounds = [readiness.run(), sampler.run(), reaper.run(), breakers.run()]
+        backgrounds = [readiness.run(), sampler.run(), reaper.run(), breakers.run(), sweeper.run()]
         if lifecycle is not None:
             # At start, before the API serves: the vendor's dates decide the first submits too.
             await lifecycle.refresh_logged()
@@ -331,7 +347,7 @@ async def running_app(
                 ImageGenerationServicer(
                     store,
                     hub,
-                    signer,
+                    urls,
                     providers,
                     metrics,
                     catalog=catalog,
@@ -341,6 +357,8 @@ async def running_app(
                     auth=authenticator,
                     max_watch_streams_per_caller=settings.max_watch_streams_per_caller,
                     blobs=blobs,
+                    deleter=deleter,
+                    retention_s=settings.retention_days * 86_400 or None,
                     admission=Admission(
                         max_pending=settings.max_pending_jobs,
                         max_pending_per_account=settings.max_pending_jobs_per_account,
@@ -357,7 +375,7 @@ async def running_app(
         if grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {settings.grpc_address}")
 
-        http_runner = web.AppRunner(_http_app(registry, readiness, blobs, signer), access_log=None)
+        http_runner = web.AppRunner(_http_app(registry, readiness, blobs.local, signer), access_log=None)
         await http_runner.setup()
         stack.push_async_callback(http_runner.cleanup)
         await web.SockSite(http_runner, http_socket).start()
@@ -470,11 +488,24 @@ def _trace_configs(metrics: ServiceMetrics, settings: Settings, vendor: str) -> 
 
 
 def _http_app(
-    registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlobStore, signer: UrlSigner
+    registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlobStore | None, signer: UrlSigner
 ) -> web.Application:
     app = web.Application()
     app.add_routes(http_routes(registry, readiness, blobs, signer))
     return app
+
+
+def s3_options(settings: Settings) -> S3Options:
+    """The S3 client settings (used only when IMAGEGEN_BLOB_URL is s3://…)."""
+    return S3Options(
+        endpoint=settings.s3_endpoint,
+        public_endpoint=settings.s3_public_endpoint,
+        region=settings.aws_region,
+        access_key_id=settings.aws_access_key_id,
+        secret_access_key=settings.aws_secret_access_key,
+        session_token=settings.aws_session_token,
+        timeout_s=settings.s3_timeout_s,
+    )
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:

@@ -11,7 +11,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from imagegen.v1 import imagegen_pb2 as pb
 from providers.catalog import usd_micros_to_cents
-from server.files import UrlSigner
+from server.files import ImageUrls
 from storage.models import EventKind, Job, JobEvent, JobStatus
 
 STATUS_TO_PB = {
@@ -44,7 +44,7 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     )
 
 
-def job_to_pb(job: Job, signer: UrlSigner) -> pb.Job:
+def job_to_pb(job: Job, signer: ImageUrls) -> pb.Job:
     """The Job message, with freshly signed image URLs."""
     spec = job.spec
     message = pb.Job(
@@ -72,6 +72,7 @@ def job_to_pb(job: Job, signer: UrlSigner) -> pb.Job:
         end_time=timestamp(job.end_time),
         update_time=timestamp(job.update_time),
         account_id=job.account_id,
+        expire_time=timestamp(job.expire_time),
         served_model=job.served_model,
         served_provider=job.serving_provider,
     )
@@ -117,7 +118,7 @@ class EventEncoder:
     are kept for `max_age_s` so that the image URLs they carry are freshly signed enough.
     """
 
-    def __init__(self, signer: UrlSigner, *, size: int = 4096, max_age_s: float = 30.0) -> None:
+    def __init__(self, signer: ImageUrls, *, size: int = 4096, max_age_s: float = 30.0) -> None:
         self._signer = signer
         self._size = size
         self._max_age_s = max_age_s
@@ -140,7 +141,7 @@ class EventEncoder:
         return message
 
 
-def event_to_pb(event: JobEvent, signer: UrlSigner) -> pb.JobEvent:
+def event_to_pb(event: JobEvent, signer: ImageUrls) -> pb.JobEvent:
     """The JobEvent message."""
     return pb.JobEvent(
         job=job_to_pb(event.job, signer),

@@ -12,6 +12,7 @@ from grpc_status import rpc_status
 
 from server.validation import FieldViolation, InvalidRequest
 from storage.errors import (
+    BlobStoreUnavailable,
     IdempotencyConflict,
     InsufficientCredit,
     InvalidTransition,
@@ -30,6 +31,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     InvalidTransition: grpc.StatusCode.FAILED_PRECONDITION,
     LeaseLost: grpc.StatusCode.ABORTED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    BlobStoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 #: how long a client should wait before retrying after UNAVAILABLE from the database
@@ -133,6 +135,9 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> NoRet
         details.append(retry_info(STORE_RETRY_DELAY_S))
     elif isinstance(exc, StoreUnavailable):
         message = "the job database is unreachable; try again"
+        details.append(retry_info(STORE_RETRY_DELAY_S))
+    elif isinstance(exc, BlobStoreUnavailable):
+        message = "the image store is unreachable; try again"
         details.append(retry_info(STORE_RETRY_DELAY_S))
     elif code is grpc.StatusCode.INTERNAL and not isinstance(exc, (StorageError, ServiceError)):
         message = "internal error"  # never a stack trace or driver text to the caller

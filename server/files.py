@@ -8,6 +8,7 @@ import hmac
 import secrets
 import time
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import quote
 
 from aiohttp import web
@@ -15,6 +16,13 @@ from aiohttp import web
 from storage.blobs import BlobKeyError, LocalBlobStore
 
 _CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
+
+
+class ImageUrls(Protocol):
+    """Turns a blob key into a URL a caller can download the image from, for a while."""
+
+    def sign(self, blob_key: str) -> str:
+        """A fresh URL for `blob_key`."""
 
 
 class UrlSigner:

@@ -14,9 +14,9 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def http_routes(
-    registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlobStore, signer: UrlSigner
+    registry: CollectorRegistry, readiness: Readiness, blobs: LocalBlobStore | None, signer: UrlSigner
 ) -> list[web.RouteDef]:
-    """Every route of the HTTP side."""
+    """Every route of the HTTP side (the image files only with a file store: S3 serves its own)."""
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -32,5 +32,5 @@ def http_routes(
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
         web.get("/metrics", metrics),
-        *file_routes(blobs, signer),
+        *(file_routes(blobs, signer) if blobs is not None else []),
     ]

@@ -114,6 +114,36 @@ class ServiceMetrics:
             "1 while the database answers and its schema is current.",
             registry=registry,
         )
+        self.jobs_deleted = Counter(
+            "imagegen_jobs_deleted",
+            "Jobs deleted with their images (reason: requested by DeleteJob, expired by retention).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("requested", "expired"):
+            self.jobs_deleted.labels(reason)
+        self.blob_store_up = Gauge(
+            "imagegen_blob_store_up", "1 while the blob store answers (readiness checks).", registry=registry
+        )
+        self.blob_latency = Histogram(
+            "imagegen_blob_operation_seconds",
+            "Duration of blob store operations (op: put, get, delete_prefix, ping; store: file, s3).",
+            ["store", "op"],
+            buckets=_RPC_BUCKETS,
+            registry=registry,
+        )
+        self.blob_bytes = Counter(
+            "imagegen_blob_bytes",
+            "Bytes written to and read from the blob store.",
+            ["store", "op"],
+            registry=registry,
+        )
+        self.blob_errors = Counter(
+            "imagegen_blob_errors",
+            "Blob store operations that failed because the store was down or refused (not missing keys).",
+            ["store", "op"],
+            registry=registry,
+        )
         self.model_unavailable = Counter(
             "imagegen_model_unavailable",
             "Jobs failed because the vendor no longer serves their model (MODEL_UNAVAILABLE).",

@@ -7,7 +7,7 @@ import logging
 
 from server.metrics import ServiceMetrics
 from server.worker import remove_other_attempts
-from storage.blobs import LocalBlobStore
+from storage.blobs import BlobStore
 from storage.errors import SchemaBehind, StorageError
 from storage.models import JobStatus
 from storage.port import JobQueue
@@ -24,7 +24,7 @@ class Reaper:
         metrics: ServiceMetrics,
         *,
         interval_s: float,
-        blobs: LocalBlobStore | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self._store, self._metrics, self._interval_s = store, metrics, interval_s
         self._blobs = blobs

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import empty_pb2
 
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
@@ -27,7 +28,7 @@ from server.auth import Authenticator
 from server.breakers import Breakers
 from server.convert import FORMAT_TO_PB, STATUS_FROM_PB, EventEncoder, event_to_pb, job_to_pb, timestamp
 from server.errors import Overloaded, ServiceError, abort_with, status_for
-from server.files import UrlSigner
+from server.files import ImageUrls
 from server.hub import Closed, EventHub, Subscription
 from server.metrics import ServiceMetrics
 from server.validation import (
@@ -38,9 +39,10 @@ from server.validation import (
     validate_generate,
 )
 from server.worker import remove_other_attempts
-from storage.blobs import LocalBlobStore
+from storage.blobs import BlobStore
 from storage.models import EventKind, Job, JobEvent, JobStatus, NewJob, utcnow
 from storage.port import JobFilter, JobStore, JobSubmissions, PageCursor
+from storage.retention import JobDeleter
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self,
         store: JobStore,
         hub: EventHub,
-        signer: UrlSigner,
+        signer: ImageUrls,
         providers: Mapping[str, ImageProvider],
         metrics: ServiceMetrics,
         *,
@@ -113,7 +115,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         reference_allow: Sequence[IPNetwork] = (),
         breakers: Breakers | None = None,
         max_watch_streams_per_caller: int = 0,
-        blobs: LocalBlobStore | None = None,
+        blobs: BlobStore | None = None,
+        deleter: JobDeleter | None = None,
+        retention_s: float | None = None,
     ) -> None:
         self._breakers = breakers
         self._store = store
@@ -126,6 +130,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
         self._admission = admission or Admission()
         self._auth = auth or Authenticator.local()
         self._reference_allow = tuple(reference_allow)
+        self._deleter = deleter
+        self._retention_s = retention_s
         self._events = EventEncoder(signer)
         self._max_watches = max_watch_streams_per_caller
         self._blobs = blobs
@@ -152,6 +158,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             estimated_cost_usd_micros=valid.estimated_cost_usd_micros,
             request_id=valid.request_id,
             deadline_s=self._deadline_s,
+            expire_after_s=valid.ttl_s or self._retention_s,
             served_model=valid.served_model,
             notice=valid.notice,
             trace_context=tracing.current_traceparent() if tracing.enabled else None,
@@ -169,6 +176,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
                 create_time=now,
                 update_time=now,
                 deadline_at=now,
+                expire_time=now + timedelta(seconds=new.expire_after_s) if new.expire_after_s else None,
                 served_model=valid.served_model,
                 active_provider=valid.spec.provider,
             )
@@ -220,6 +228,17 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServicer):
             },
         )
         return job_to_pb(job, self._signer)
+
+    @_unary
+    async def DeleteJob(self, request: pb.DeleteJobRequest, context: Context) -> empty_pb2.Empty:
+        account = self._account(context)
+        job_id = _job_id(request.job_id)
+        if self._deleter is None:
+            raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "this server does not delete jobs")
+        await self._deleter.delete(account, job_id)
+        self._metrics.jobs_deleted.labels("requested").inc()
+        log.info("job deleted", extra={"job_id": str(job_id), "account": account, "outcome": "deleted"})
+        return empty_pb2.Empty()
 
     @_unary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:

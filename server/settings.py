@@ -46,8 +46,27 @@ class Settings:
     db_pool_size: int = 20
     #: seconds any single database statement or connection attempt may take
     db_timeout_s: float = 10.0
-    #: result images; default data_dir/blobs
+    #: result images; default data_dir/blobs (the directory of the file store)
     blob_dir: Path | None = None
+    #: where result images live: file:///path (default: file://<blob_dir>) or s3://bucket/prefix
+    blob_url: str = ""
+    #: the S3 API endpoint for stores other than AWS (MinIO, SeaweedFS, R2, GCS interoperability…)
+    s3_endpoint: str = ""
+    #: the endpoint image URLs are presigned for (callers download from it); default: s3_endpoint
+    s3_public_endpoint: str = ""
+    #: seconds one request to the blob store may take
+    s3_timeout_s: float = 10.0
+    #: from the standard AWS variables (AWS_REGION, AWS_ACCESS_KEY_ID, …); empty credentials leave the
+    #: rest of AWS's chain (web identity, instance profile) to find them
+    aws_region: str = ""
+    aws_access_key_id: str = field(default="", repr=False)
+    aws_secret_access_key: str = field(default="", repr=False)
+    aws_session_token: str = field(default="", repr=False)
+    #: jobs (rows, events, images) are deleted this many days after they were created, unless the
+    #: request's ttl says otherwise; 0 keeps them forever
+    retention_days: float = 0.0
+    #: how often each replica looks for expired jobs and stale temporary files
+    sweep_interval_s: float = 60.0
     #: base of the signed image URLs handed to callers; default http://<host:port the HTTP side bound>
     public_base_url: str = ""
     #: HMAC key for image URLs; default: a random key kept in data_dir (share one key across replicas)
@@ -139,7 +158,7 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("bfl", "openai", "ark", "gemini"):
+            if f.name in ("bfl", "openai", "ark", "gemini") or f.name in _AWS_VARIABLES:
                 continue
             raw = env.get(PREFIX + f.name.upper())
             if raw is not None and raw != "":
@@ -153,6 +172,10 @@ class Settings:
             values[vendor] = VendorSettings(
                 api_key=env.get(key_var, ""), base_url=env.get(f"{PREFIX}{vendor.upper()}_BASE_URL", "")
             )
+        for name, variables in _AWS_VARIABLES.items():
+            found = next((env[v] for v in variables if env.get(v)), "")
+            if found:
+                values[name] = found
         values.setdefault("tracing", tracing_wanted(env))
         values.update(overrides)
         return cls(**values).validated()
@@ -166,6 +189,9 @@ class Settings:
             changes["database_url"] = f"sqlite+aiosqlite:///{(self.data_dir / 'imagegen.db').resolve()}"
         if self.blob_dir is None:
             changes["blob_dir"] = self.data_dir / "blobs"
+        if not self.blob_url:
+            blob_dir: Path = changes.get("blob_dir") or self.blob_dir or self.data_dir / "blobs"
+            changes["blob_url"] = f"file://{blob_dir.resolve()}"
         return dataclasses.replace(self, **changes) if changes else self
 
     def _check_values(self) -> None:
@@ -192,6 +218,8 @@ class Settings:
             "watch_heartbeat_s",
             "bfl_poll_interval_s",
             "bfl_max_polls_per_s",
+            "s3_timeout_s",
+            "sweep_interval_s",
             "lifecycle_refresh_s",
             "breaker_window_s",
             "breaker_cooldown_s",
@@ -206,6 +234,13 @@ class Settings:
         if not 0 < self.breaker_failure_ratio <= 1:
             raise SettingsError(f"{PREFIX}BREAKER_FAILURE_RATIO must be in (0, 1]")
         self.vendor_caps()  # raises on a malformed value
+        if self.retention_days < 0:
+            raise SettingsError(f"{PREFIX}RETENTION_DAYS must be 0 (keep forever) or more")
+        if self.blob_url and not self.blob_url.startswith(("file://", "s3://")):
+            raise SettingsError(f"{PREFIX}BLOB_URL must be file:///path or s3://bucket/prefix")
+        if self.blob_url.startswith("s3://") and self.url_ttl_s > 7 * 86_400:
+            # SigV4 presigned URLs are valid for at most 7 days
+            raise SettingsError(f"{PREFIX}URL_TTL_S must be at most 604800 (7 days) with an S3 store")
 
     def _check_security(self) -> None:
         try:
@@ -251,6 +286,15 @@ class Settings:
         value = getattr(self, name)
         assert isinstance(value, VendorSettings)
         return value
+
+
+#: settings read from the standard AWS variables rather than IMAGEGEN_ ones (first set wins)
+_AWS_VARIABLES = {
+    "aws_region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    "aws_access_key_id": ("AWS_ACCESS_KEY_ID",),
+    "aws_secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+    "aws_session_token": ("AWS_SESSION_TOKEN",),
+}
 
 
 def _parse(name: str, raw: str, annotation: Any) -> Any:

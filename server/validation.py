@@ -9,7 +9,7 @@ from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 
 from imagegen.v1 import imagegen_pb2 as pb
 from providers.catalog import (
@@ -28,6 +28,7 @@ MAX_REQUEST_ID = 128
 MAX_LABELS = 32
 MAX_URL_CHARS = 2048
 MAX_SEED = 2**32 - 1
+MAX_TTL_S = 3650 * 86_400
 MAX_FALLBACKS = 4
 
 #: PostgreSQL text (and JSON) cannot hold NUL; nobody's prompt needs one
@@ -69,6 +70,8 @@ class ValidatedRequest:
     model: ModelSpec
     estimated_cost_usd_micros: int
     request_id: str
+    #: the request's ttl in seconds; None when unset (the server's retention applies)
+    ttl_s: float | None = None
     #: the vendor model the job is sent to
     served_model: str = ""
     #: what the job's first event says about the id (alias, deprecation), or ""
@@ -142,6 +145,11 @@ def validate_generate(
         bad.append(FieldViolation("request_id", f"must be 1-{MAX_REQUEST_ID} printable ASCII characters"))
     if labels:
         bad += _label_violations(labels)
+    ttl_s = None
+    if request.HasField("ttl"):
+        ttl_s, ttl_problem = _ttl(request.ttl)
+        if ttl_problem:
+            bad.append(FieldViolation("ttl", ttl_problem))
     shape = _Shape(
         width=width,
         height=height,
@@ -188,10 +196,25 @@ def validate_generate(
         model=model,
         estimated_cost_usd_micros=estimate,
         request_id=request.request_id,
+        ttl_s=ttl_s,
         served_model=model.vendor_model_for(options),
         notice=notice,
         refusal=refusal,
     )
+
+
+def _ttl(ttl: duration_pb2.Duration) -> tuple[float, str]:
+    """The ttl in seconds, and what is wrong with it ("" when nothing)."""
+    if not -999_999_999 <= ttl.nanos <= 999_999_999 or (
+        ttl.seconds and ttl.nanos and (ttl.seconds > 0) != (ttl.nanos > 0)
+    ):
+        return 0.0, "is not a valid google.protobuf.Duration"
+    seconds = ttl.seconds + ttl.nanos / 1e9
+    if seconds <= 0:
+        return 0.0, "must be positive (leave it unset for the server's retention)"
+    if seconds > MAX_TTL_S:
+        return 0.0, f"must be at most {MAX_TTL_S // 86_400} days"
+    return seconds, ""
 
 
 @dataclass(frozen=True, kw_only=True)

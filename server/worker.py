@@ -31,8 +31,15 @@ from providers.imaging import FittedImage, fit_image
 from server import tracing
 from server.breakers import GO, Admission, Breakers, counts_against_vendor
 from server.metrics import ServiceMetrics
-from storage.blobs import LocalBlobStore, attempt_prefix, image_key
-from storage.errors import LeaseLost, SchemaBehind, StorageError, StoreUnavailable
+from storage.blobs import BlobStore, attempt_prefix, image_key
+from storage.errors import (
+    BlobExists,
+    BlobStoreUnavailable,
+    LeaseLost,
+    SchemaBehind,
+    StorageError,
+    StoreUnavailable,
+)
 from storage.models import Job, JobError, JobNotice, JobStatus, StoredImage, utcnow
 from storage.port import Claim, ConcurrencyCap, Fence, JobQueue
 
@@ -104,7 +111,7 @@ class Worker:
     def __init__(
         self,
         store: JobQueue,
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         providers: Mapping[str, ImageProvider],
         metrics: ServiceMetrics,
         *,
@@ -351,7 +358,6 @@ class Worker:
             log.warning("job %s attempt %s: database unreachable (%s)", job.id, job.attempt, exc)
 
     async def _run(self, job: Job, fence: Fence) -> None:
-        spec = job.spec
         now = utcnow()
         if now >= job.deadline_at:
             await self._fail(
@@ -409,7 +415,7 @@ class Worker:
                     await self._record(active, admission, failed=admission.probe)
                     raise
                 await self._record(active, admission, failed=False)
-                images = await self._store_images(job, result)
+                fitted = await self._fit_images(job, result)
         except TimeoutError:
             await self._fail(
                 job,
@@ -423,15 +429,27 @@ class Worker:
         except ProviderError as exc:
             await self._provider_failed(job, fence, exc)
             return
+        try:
+            images = await self._write_images(job, fitted)
+        except BlobStoreUnavailable as exc:
+            await self._delete_attempt(job)
+            await self._fail(
+                job,
+                fence,
+                JobError(
+                    code="STORAGE_UNAVAILABLE",
+                    message=f"the images could not be stored before the job deadline: {exc}",
+                    retryable=True,
+                ),
+            )
+            return
         cost = result.cost_usd_micros if result.cost_usd_micros is not None else self._quote(job)
         try:
             done = await self._durably(
                 fence, lambda: self._store.complete(fence, images=images, cost_usd_micros=cost)
             )
         except LeaseLost:
-            await self._blobs.delete_prefix(
-                attempt_prefix(job.account_id, spec.folder_id, job.id, job.attempt)
-            )
+            await self._delete_attempt(job)
             raise
         self._metrics.observe_finished(done)
         if tracing.enabled:
@@ -440,38 +458,107 @@ class Worker:
         if done.attempt > 1:
             await remove_other_attempts(self._blobs, done)
 
-    async def _store_images(self, job: Job, result: GenerationResult) -> list[StoredImage]:
+    async def _fit_images(self, job: Job, result: GenerationResult) -> list[tuple[FittedImage, int | None]]:
         spec = job.spec
         if len(result.images) != spec.num_variants:
             raise InvalidProviderResponse(f"asked for {spec.num_variants} images, got {len(result.images)}")
-        stored: list[StoredImage] = []
-        for index, image in enumerate(result.images):
+        fitted: list[tuple[FittedImage, int | None]] = []
+        for image in result.images:
             # decode, crop and encode are CPU work: off the event loop, so RPCs never wait on them
-            fitted: FittedImage = await asyncio.to_thread(
-                fit_image, image.data, width=spec.width, height=spec.height, output_format=spec.output_format
-            )
-            key = image_key(job.account_id, spec.folder_id, job.id, job.attempt, index, fitted.content_type)
-            if tracing.enabled:
-                with tracing.child_span(
-                    "blob put", {"imagegen.blob.key": key, "imagegen.blob.bytes": len(fitted.data)}
-                ):
-                    await self._blobs.put(key, fitted.data)
-            else:
-                await self._blobs.put(key, fitted.data)
-            stored.append(
-                StoredImage(
-                    key=key,
-                    width=fitted.width,
-                    height=fitted.height,
-                    content_type=fitted.content_type,
-                    size_bytes=len(fitted.data),
-                    sha256=fitted.sha256,
-                    seed=image.seed,
-                    native_width=fitted.native_width,
-                    native_height=fitted.native_height,
+            fitted.append(
+                (
+                    await asyncio.to_thread(
+                        fit_image,
+                        image.data,
+                        width=spec.width,
+                        height=spec.height,
+                        output_format=spec.output_format,
+                    ),
+                    image.seed,
                 )
             )
-        return stored
+        return fitted
+
+    async def _write_images(
+        self, job: Job, fitted: Sequence[tuple[FittedImage, int | None]]
+    ) -> list[StoredImage]:
+        """Store every image, retrying through a blob store outage until the job's deadline.
+
+        The vendor has made (and billed) these images: they stay in memory and the writes are retried
+        rather than the vendor called again. The job completes only after the store acknowledged all of
+        them. The lease keeps being extended meanwhile; if it is lost, this attempt is cancelled.
+        """
+        spec = job.spec
+        keys = [
+            image_key(job.account_id, spec.folder_id, job.id, job.attempt, index, image.content_type)
+            for index, (image, _seed) in enumerate(fitted)
+        ]
+        loop = asyncio.get_running_loop()
+        # leave time for the final write that fails the job, inside the deadline
+        give_up = loop.time() + (job.deadline_at - utcnow()).total_seconds() - self._policy.lease_s / 3
+        waiting = list(range(len(fitted)))
+        delay = 0.1
+        while True:
+            outcomes = await asyncio.gather(
+                *(self._put(keys[i], fitted[i][0]) for i in waiting), return_exceptions=True
+            )
+            errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+            for error in errors:
+                if not isinstance(error, BlobStoreUnavailable):
+                    raise error
+            if not errors:
+                break
+            failed = [i for i, outcome in zip(waiting, outcomes, strict=True) if outcome is not None]
+            error = errors[0]
+            if loop.time() + delay > give_up:
+                raise error
+            log.warning(
+                "job %s: blob store unavailable (%s); retrying %d image writes in %.1f s",
+                job.id,
+                error,
+                len(failed),
+                delay,
+            )
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 5.0)
+            waiting = failed
+        return [
+            StoredImage(
+                key=key,
+                width=image.width,
+                height=image.height,
+                content_type=image.content_type,
+                size_bytes=len(image.data),
+                sha256=image.sha256,
+                seed=seed,
+                native_width=image.native_width,
+                native_height=image.native_height,
+            )
+            for key, (image, seed) in zip(keys, fitted, strict=True)
+        ]
+
+    async def _put(self, key: str, image: FittedImage) -> None:
+        try:
+            if tracing.enabled:
+                with tracing.child_span(
+                    "blob put", {"imagegen.blob.key": key, "imagegen.blob.bytes": len(image.data)}
+                ):
+                    await self._blobs.put(key, image.data, content_type=image.content_type)
+            else:
+                await self._blobs.put(key, image.data, content_type=image.content_type)
+        except BlobExists:
+            # Only this attempt writes its keys: a blob already there is an earlier try of this write
+            # whose answer was lost. Same size, it is ours; otherwise something else wrote it.
+            if await self._blobs.size(key) != len(image.data):
+                raise
+        return None
+
+    async def _delete_attempt(self, job: Job) -> None:
+        """Remove what this attempt stored (best effort: a store that is down keeps it for the sweeper)."""
+        with contextlib.suppress(StorageError):
+            await self._blobs.delete_prefix(
+                attempt_prefix(job.account_id, job.spec.folder_id, job.id, job.attempt)
+            )
 
     def _quote(self, job: Job) -> int:
         """The quote of the model that served the job (with fallbacks, the job's own is the chain's most)."""
@@ -658,13 +745,10 @@ class Worker:
         log.info("job result discarded", extra=_fields(job, "discarded", why=why))
         if tracing.enabled:
             tracing.attempt_outcome("discarded", error=why)
-        with contextlib.suppress(OSError):
-            await self._blobs.delete_prefix(
-                attempt_prefix(job.account_id, job.spec.folder_id, job.id, job.attempt)
-            )
+        await self._delete_attempt(job)
 
 
-async def remove_other_attempts(blobs: LocalBlobStore, job: Job) -> None:
+async def remove_other_attempts(blobs: BlobStore, job: Job) -> None:
     """Delete the images of every attempt of an ended job but the one it completed with.
 
     An attempt killed mid-write, or one that stored part of its images and then failed, leaves files
@@ -673,7 +757,8 @@ async def remove_other_attempts(blobs: LocalBlobStore, job: Job) -> None:
     keep = job.attempt if job.status is JobStatus.COMPLETED else None
     for attempt in range(1, job.attempt + 1):
         if attempt != keep:
-            with contextlib.suppress(OSError):
+            # best effort: a store that is down keeps them for the retention sweep of the whole job
+            with contextlib.suppress(StorageError):
                 await blobs.delete_prefix(attempt_prefix(job.account_id, job.spec.folder_id, job.id, attempt))
 
 

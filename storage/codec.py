@@ -111,6 +111,7 @@ def created_row(job: Job, request_hash: str) -> dict[str, Any]:
         "create_time": created,
         "update_time": created,
         "next_attempt_at": created,
+        "expire_time": job.expire_time.isoformat() if job.expire_time else None,
         "trace_context": job.trace_context,
     }
 
@@ -150,6 +151,7 @@ def job_values(job: Job, request_hash: str) -> dict[str, Any]:
         "attempt_base": job.attempt_base,
         "create_time": job.create_time,
         "update_time": job.update_time,
+        "expire_time": job.expire_time,
         "trace_context": job.trace_context,
     }
 
@@ -222,6 +224,7 @@ def job_from_row(row: Row[Any] | Mapping[str, Any]) -> Job:
         lease_expires_at=m["lease_expires_at"],
         provider_state=m["provider_state"],
         message=m["message"],
+        expire_time=m.get("expire_time"),
         served_model=m["served_model"],
         active_provider=m["active_provider"],
         attempt_base=m["attempt_base"],
@@ -251,6 +254,7 @@ def job_to_json(job: Job) -> dict[str, Any]:
         "end_time": job.end_time.isoformat() if job.end_time else None,
         "deadline_at": job.deadline_at.isoformat(),
         "message": job.message,
+        "expire_time": job.expire_time.isoformat() if job.expire_time else None,
         "served_model": job.served_model,
         "active_provider": job.active_provider,
         "attempt_base": job.attempt_base,
@@ -286,6 +290,7 @@ def job_from_json(data: Mapping[str, Any]) -> Job:
         end_time=when("end_time"),
         deadline_at=datetime.fromisoformat(data["deadline_at"]),
         message=data["message"],
+        expire_time=when("expire_time") if "expire_time" in data else None,
         # events written before the column existed have none
         served_model=data.get("served_model", ""),
         active_provider=data.get("active_provider", ""),

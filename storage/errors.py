@@ -7,8 +7,11 @@ StorageError
 ├── LeaseLost              a worker's fenced write found the job no longer held by it
 ├── InsufficientCredit     the account's budget cannot cover the job's quote
 ├── NoBudget               credit was added to an account that has no budget
-└── StoreUnavailable       the database could not be reached
-    └── SchemaBehind       the database answers, but its schema was not migrated to this release's
+├── StoreUnavailable       the database could not be reached
+│   └── SchemaBehind       the database answers, but its schema was not migrated to this release's
+├── BlobExists             a create-only blob write found its key taken
+├── BlobNotFound           no blob under this key
+└── BlobStoreUnavailable   the blob store could not be reached or refused to work
 """
 
 from __future__ import annotations
@@ -90,3 +93,23 @@ class NoBudget(StorageError):
     def __init__(self, account_id: str) -> None:
         super().__init__(f"account {account_id} has no budget")
         self.account_id = account_id
+
+
+class BlobExists(StorageError):
+    """A create-only write found its key already holding a blob (which it left as it was)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"blob {key} already exists")
+        self.key = key
+
+
+class BlobNotFound(StorageError):
+    """No blob is stored under this key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"blob {key} not found")
+        self.key = key
+
+
+class BlobStoreUnavailable(StorageError):
+    """The blob store could not be reached, timed out, or refused the request (e.g. bad credentials)."""

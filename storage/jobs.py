@@ -145,6 +145,7 @@ class SqlJobStore(JobReads, Budgets):
             next_attempt_at=now,
             message=f"accepted; {new.notice}" if new.notice else "accepted",
             served_model=new.served_model,
+            expire_time=now + timedelta(seconds=new.expire_after_s) if new.expire_after_s else None,
             active_provider=new.spec.provider,
             trace_context=new.trace_context,
         )

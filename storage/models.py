@@ -154,6 +154,8 @@ class NewJob:
     request_id: str = ""
     #: how long the job may take overall, from its creation
     deadline_s: float = 300.0
+    #: how long after its creation the job is deleted (request ttl or server retention); None: never
+    expire_after_s: float | None = None
     #: the vendor model the job is sent to, as the catalog resolved it at submit
     served_model: str = ""
     #: said in the job's first event (an alias or a deprecation of the id asked for), after "accepted"
@@ -191,6 +193,8 @@ class Job:
     provider_state: Mapping[str, Any] | None = None
     #: the message of the latest transition
     message: str = ""
+    #: when the retention sweeper deletes the job (once it is terminal); None: kept until DeleteJob
+    expire_time: datetime | None = None
     #: the vendor model the job is sent to, recorded at submit ("" for jobs from before it was recorded);
     #: after a fallback, the fallback's
     served_model: str = ""

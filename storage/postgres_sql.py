@@ -63,7 +63,8 @@ _SNAPSHOT = f"""jsonb_build_object(
         'create_time', {_iso_utc("create_time")}, 'update_time', {_iso_utc("update_time")},
         'start_time', {_iso_utc("start_time")}, 'end_time', {_iso_utc("end_time")},
         'deadline_at', {_iso_utc("deadline_at")}, 'message', message, 'served_model', served_model,
-        'active_provider', active_provider, 'attempt_base', attempt_base)"""
+        'active_provider', active_provider, 'attempt_base', attempt_base,
+        'expire_time', {_iso_utc("expire_time")})"""
 #: `JobNotice.encode` in SQL, over the same values
 _NOTICE_PAYLOAD = "id::text || ' ' || version::text || ' ' || status || ' ' || account_id"
 

@@ -112,6 +112,8 @@ jobs = Table(
     Column("update_time", UtcDateTime, nullable=False),
     Column("start_time", UtcDateTime, nullable=True),
     Column("end_time", UtcDateTime, nullable=True),
+    # when the job is deleted (request ttl or server retention); NULL: kept until DeleteJob
+    Column("expire_time", UtcDateTime, nullable=True),
     # the submit's W3C traceparent, when it was traced: each attempt's span links to it
     Column("trace_context", String(64), nullable=True),
     # the claim scans only these small partial indexes
@@ -140,6 +142,13 @@ jobs = Table(
     Index("uq_jobs_account_request", "account_id", "request_id", unique=True),
     # the event hub's periodic catch-up reads recently changed jobs
     Index("ix_jobs_update_time", "update_time"),
+    # the retention sweeper; jobs kept forever are not in it
+    Index(
+        "ix_jobs_expire_time",
+        "expire_time",
+        postgresql_where=text("expire_time IS NOT NULL"),
+        sqlite_where=text("expire_time IS NOT NULL"),
+    ),
 )
 
 job_events = Table(

@@ -26,6 +26,7 @@ from server.auth import caller_entry
 from server.settings import Settings
 from storage import migrate
 from storage.db import make_engine
+from tests.s3_server import SeaweedS3
 
 pytest_plugins = ["tests.vendor_fixtures"]
 DEFAULT_TEST_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -65,6 +66,17 @@ def pg_url() -> Iterator[str]:
     asyncio.run(create())
     yield url
     asyncio.run(drop())
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedS3]:
+    """One SeaweedFS S3 server for the whole run (tests keep apart by key prefix), started on first use."""
+    server = SeaweedS3()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

@@ -350,3 +350,22 @@ def test_terminal_progress_redraws_one_line_per_job_and_keeps_retry_reasons() ->
     assert "11111111  retry 1: retrying in 1.2 s after: BFL answered HTTP 429 (attempt 2 of 4)" in last_frame
     assert "11111111  pending     attempt 1   10.0s  1 retry" in last_frame
     assert "22222222  pending" in last_frame
+
+
+async def test_ttl_and_delete(app: App, capsys) -> None:
+    address = ("--address", app.grpc_target)
+    assert await imagegen(*address, "generate", "brief", "--size", "256x256", "--ttl", "2h", "--no-wait") == 0
+    job_id = capsys.readouterr().out.strip()
+    assert await imagegen(*address, "watch", job_id) == 0
+    capsys.readouterr()
+    assert await imagegen(*address, "get", job_id, "--json") == 0
+    job = read_json(capsys.readouterr().out)
+    assert job["status"] == "JOB_STATUS_COMPLETED" and job["expire_time"] > job["create_time"], job
+    assert await imagegen(*address, "get", job_id) == 0
+    assert "expires" in capsys.readouterr().out
+
+    assert await imagegen(*address, "delete", job_id) == 0
+    assert capsys.readouterr().out.strip() == f"{job_id}  deleted"
+    assert await imagegen(*address, "get", job_id) == 2  # NOT_FOUND now
+    assert await imagegen(*address, "generate", "x", "--ttl", "soon") == 2  # a usage error
+    assert "expected a duration" in capsys.readouterr().err

@@ -183,7 +183,7 @@ async def test_promtool_accepts_the_exposition_and_the_rules(mixed_run: tuple[Ap
         timeout=30,
     )
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 11 rules found" in rules.stdout
+    assert "SUCCESS: 12 rules found" in rules.stdout
 
 
 def test_promtool_unit_tests_of_the_model_alerts() -> None:

@@ -222,6 +222,35 @@ def test_settings_from_environment(tmp_path: Path) -> None:
         Settings.from_env({"IMAGEGEN_TLS_CERT_FILE": "/x.pem"})
 
 
+def test_blob_store_and_retention_settings(tmp_path: Path) -> None:
+    default = Settings.from_env({"IMAGEGEN_DATA_DIR": str(tmp_path)})
+    assert default.blob_url == f"file://{(tmp_path / 'blobs').resolve()}" and default.retention_days == 0
+    s3 = Settings.from_env(
+        {
+            "IMAGEGEN_BLOB_URL": "s3://images/prod",
+            "IMAGEGEN_S3_ENDPOINT": "http://minio:9000",
+            "IMAGEGEN_S3_PUBLIC_ENDPOINT": "https://images.example.com",
+            "IMAGEGEN_RETENTION_DAYS": "30",
+            "AWS_DEFAULT_REGION": "eu-west-1",
+            "AWS_ACCESS_KEY_ID": "AKIA-test",
+            "AWS_SECRET_ACCESS_KEY": "secret-test",
+        }
+    )
+    assert (s3.blob_url, s3.s3_endpoint, s3.s3_public_endpoint) == (
+        "s3://images/prod",
+        "http://minio:9000",
+        "https://images.example.com",
+    )
+    assert (s3.aws_region, s3.aws_access_key_id, s3.retention_days) == ("eu-west-1", "AKIA-test", 30.0)
+    assert "secret-test" not in repr(s3)
+    with pytest.raises(SettingsError, match="IMAGEGEN_BLOB_URL"):
+        Settings.from_env({"IMAGEGEN_BLOB_URL": "ftp://host/images"})
+    with pytest.raises(SettingsError, match="IMAGEGEN_RETENTION_DAYS"):
+        Settings.from_env({"IMAGEGEN_RETENTION_DAYS": "-1"})
+    with pytest.raises(SettingsError, match="7 days"):
+        Settings.from_env({"IMAGEGEN_BLOB_URL": "s3://b", "IMAGEGEN_URL_TTL_S": "700000"})
+
+
 async def test_the_hub_wants_notices_while_a_stream_is_open_or_a_worker_listens(database_url: str) -> None:
     engine = make_engine(database_url)
     store = SqlJobStore(engine)

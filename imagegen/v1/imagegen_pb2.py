@@ -22,11 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aimagegen/v1/imagegen.proto\x12\x0bimagegen.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x04\n\x14GenerateImageRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x14\n\x0cnum_variants\x18\x05 \x01(\x05\x12\x11\n\tfolder_id\x18\x06 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x07 \x01(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\routput_format\x18\t \x01(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14reference_image_urls\x18\n \x03(\t\x12\x31\n\x10provider_options\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x15\n\rvalidate_only\x18\r \x01(\x08\x12=\n\x06labels\x18\x0e \x03(\x0b\x32-.imagegen.v1.GenerateImageRequest.LabelsEntry\x12\x1a\n\x12\x66\x61llback_providers\x18\x10 \x03(\t\x12\x1e\n\x16\x66\x61llback_on_moderation\x18\x11 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\"O\n\x10WatchJobsRequest\x12\x11\n\tfolder_id\x18\x01 \x01(\t\x12(\n\x08statuses\x18\x02 \x03(\x0e\x32\x16.imagegen.v1.JobStatus\"\x87\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x08statuses\x18\x03 \x03(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x11\n\tfolder_id\x18\x05 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.imagegen.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x16\n\x14ListProvidersRequest\"A\n\x15ListProvidersResponse\x12(\n\tproviders\x18\x01 \x03(\x0b\x32\x15.imagegen.v1.Provider\"\xaf\x05\n\x08Provider\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06vendor\x18\x03 \x01(\t\x12\x11\n\tstrengths\x18\x04 \x01(\t\x12\x11\n\tmin_width\x18\x05 \x01(\x05\x12\x11\n\tmax_width\x18\x06 \x01(\x05\x12\x12\n\nmin_height\x18\x07 \x01(\x05\x12\x12\n\nmax_height\x18\x08 \x01(\x05\x12\x14\n\x0cmax_variants\x18\t \x01(\x05\x12\x15\n\rsupports_seed\x18\n \x01(\x08\x12 \n\x18supports_negative_prompt\x18\x0b \x01(\x08\x12\x1c\n\x14max_reference_images\x18\x0c \x01(\x05\x12\x31\n\x0eoutput_formats\x18\r \x03(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14provider_option_keys\x18\x0e \x03(\t\x12\x15\n\rprice_summary\x18\x0f \x01(\t\x12\x1b\n\x13price_table_version\x18\x10 \x01(\t\x12\x12\n\nconfigured\x18\x11 \x01(\x08\x12\x1d\n\x15price_1024_usd_micros\x18\x12 \x01(\x03\x12\x17\n\x0flifecycle_state\x18\x13 \x01(\t\x12\x15\n\rshutdown_date\x18\x14 \x01(\t\x12\x13\n\x0breplacement\x18\x15 \x01(\t\x12\x14\n\x0cserved_model\x18\x16 \x01(\t\x12\x10\n\x08\x61lias_of\x18\x17 \x01(\t\x12\x18\n\x10lifecycle_source\x18\x18 \x01(\t\x12\x15\n\rbreaker_state\x18\x1e \x01(\t\x12\x15\n\rfailure_ratio\x18\x1f \x01(\x01\x12\x36\n\x12\x62reaker_probe_time\x18  \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\t\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x14\n\x0cnum_variants\x18\x07 \x01(\x05\x12\x11\n\tfolder_id\x18\x08 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\t \x01(\t\x12\x11\n\x04seed\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x30\n\routput_format\x18\x0b \x01(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14reference_image_urls\x18\x0c \x03(\t\x12\x31\n\x10provider_options\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12,\n\x06labels\x18\x0f \x03(\x0b\x32\x1c.imagegen.v1.Job.LabelsEntry\x12\"\n\x06images\x18\x10 \x03(\x0b\x32\x12.imagegen.v1.Image\x12\x13\n\x0bresult_urls\x18\x11 \x03(\t\x12$\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x15.imagegen.v1.JobError\x12\x1c\n\x14\x65stimated_cost_cents\x18\x13 \x01(\x03\x12\x12\n\ncost_cents\x18\x14 \x01(\x03\x12\x17\n\x0f\x63ost_usd_micros\x18\x15 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x16 \x01(\x05\x12\x0f\n\x07version\x18\x17 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x1b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\naccount_id\x18\x1c \x01(\t\x12!\n\x19\x65stimated_cost_usd_micros\x18\x1d \x01(\x03\x12\x14\n\x0cserved_model\x18\x1e \x01(\t\x12\x1a\n\x12\x66\x61llback_providers\x18  \x03(\t\x12\x1e\n\x16\x66\x61llback_on_moderation\x18! \x01(\x08\x12\x17\n\x0fserved_provider\x18\" \x01(\t\x12P\n\x19\x66\x61llback_provider_options\x18# \x03(\x0b\x32-.imagegen.v1.Job.FallbackProviderOptionsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aW\n\x1c\x46\x61llbackProviderOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct:\x02\x38\x01\x42\x07\n\x05_seed\"\xb6\x01\n\x05Image\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0cnative_width\x18\x08 \x01(\x05\x12\x15\n\rnative_height\x18\t \x01(\x05\x42\x07\n\x05_seed\"<\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xd5\x01\n\x08JobEvent\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.imagegen.v1.Job\x12/\n\x0fprevious_status\x18\x02 \x01(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04kind\x18\x05 \x01(\x0e\x32\x19.imagegen.v1.JobEventKind\x12\x0f\n\x07message\x18\x06 \x01(\t*\xa5\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x19\n\x15JOB_STATUS_PROCESSING\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03*\x88\x01\n\x0cJobEventKind\x12\x1e\n\x1aJOB_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17JOB_EVENT_KIND_SNAPSHOT\x10\x01\x12\x1d\n\x19JOB_EVENT_KIND_TRANSITION\x10\x02\x12\x1c\n\x18JOB_EVENT_KIND_HEARTBEAT\x10\x03\x32\xf6\x03\n\x0fImageGeneration\x12\x44\n\rGenerateImage\x12!.imagegen.v1.GenerateImageRequest\x1a\x10.imagegen.v1.Job\x12\x36\n\x06GetJob\x12\x1a.imagegen.v1.GetJobRequest\x1a\x10.imagegen.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.imagegen.v1.WatchJobRequest\x1a\x15.imagegen.v1.JobEvent0\x01\x12\x43\n\tWatchJobs\x12\x1d.imagegen.v1.WatchJobsRequest\x1a\x15.imagegen.v1.JobEvent0\x01\x12G\n\x08ListJobs\x12\x1c.imagegen.v1.ListJobsRequest\x1a\x1d.imagegen.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.imagegen.v1.CancelJobRequest\x1a\x10.imagegen.v1.Job\x12V\n\rListProviders\x12!.imagegen.v1.ListProvidersRequest\x1a\".imagegen.v1.ListProvidersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aimagegen/v1/imagegen.proto\x12\x0bimagegen.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x04\n\x14GenerateImageRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x14\n\x0cnum_variants\x18\x05 \x01(\x05\x12\x11\n\tfolder_id\x18\x06 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x07 \x01(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\routput_format\x18\t \x01(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14reference_image_urls\x18\n \x03(\t\x12\x31\n\x10provider_options\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x15\n\rvalidate_only\x18\r \x01(\x08\x12=\n\x06labels\x18\x0e \x03(\x0b\x32-.imagegen.v1.GenerateImageRequest.LabelsEntry\x12&\n\x03ttl\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x66\x61llback_providers\x18\x10 \x03(\t\x12\x1e\n\x16\x66\x61llback_on_moderation\x18\x11 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\"O\n\x10WatchJobsRequest\x12\x11\n\tfolder_id\x18\x01 \x01(\t\x12(\n\x08statuses\x18\x02 \x03(\x0e\x32\x16.imagegen.v1.JobStatus\"\x87\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x08statuses\x18\x03 \x03(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x11\n\tfolder_id\x18\x05 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.imagegen.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x16\n\x14ListProvidersRequest\"A\n\x15ListProvidersResponse\x12(\n\tproviders\x18\x01 \x03(\x0b\x32\x15.imagegen.v1.Provider\"\xaf\x05\n\x08Provider\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0e\n\x06vendor\x18\x03 \x01(\t\x12\x11\n\tstrengths\x18\x04 \x01(\t\x12\x11\n\tmin_width\x18\x05 \x01(\x05\x12\x11\n\tmax_width\x18\x06 \x01(\x05\x12\x12\n\nmin_height\x18\x07 \x01(\x05\x12\x12\n\nmax_height\x18\x08 \x01(\x05\x12\x14\n\x0cmax_variants\x18\t \x01(\x05\x12\x15\n\rsupports_seed\x18\n \x01(\x08\x12 \n\x18supports_negative_prompt\x18\x0b \x01(\x08\x12\x1c\n\x14max_reference_images\x18\x0c \x01(\x05\x12\x31\n\x0eoutput_formats\x18\r \x03(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14provider_option_keys\x18\x0e \x03(\t\x12\x15\n\rprice_summary\x18\x0f \x01(\t\x12\x1b\n\x13price_table_version\x18\x10 \x01(\t\x12\x12\n\nconfigured\x18\x11 \x01(\x08\x12\x1d\n\x15price_1024_usd_micros\x18\x12 \x01(\x03\x12\x17\n\x0flifecycle_state\x18\x13 \x01(\t\x12\x15\n\rshutdown_date\x18\x14 \x01(\t\x12\x13\n\x0breplacement\x18\x15 \x01(\t\x12\x14\n\x0cserved_model\x18\x16 \x01(\t\x12\x10\n\x08\x61lias_of\x18\x17 \x01(\t\x12\x18\n\x10lifecycle_source\x18\x18 \x01(\t\x12\x15\n\rbreaker_state\x18\x1e \x01(\t\x12\x15\n\rfailure_ratio\x18\x1f \x01(\x01\x12\x36\n\x12\x62reaker_probe_time\x18  \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd6\t\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x14\n\x0cnum_variants\x18\x07 \x01(\x05\x12\x11\n\tfolder_id\x18\x08 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\t \x01(\t\x12\x11\n\x04seed\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x30\n\routput_format\x18\x0b \x01(\x0e\x32\x19.imagegen.v1.OutputFormat\x12\x1c\n\x14reference_image_urls\x18\x0c \x03(\t\x12\x31\n\x10provider_options\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12,\n\x06labels\x18\x0f \x03(\x0b\x32\x1c.imagegen.v1.Job.LabelsEntry\x12\"\n\x06images\x18\x10 \x03(\x0b\x32\x12.imagegen.v1.Image\x12\x13\n\x0bresult_urls\x18\x11 \x03(\t\x12$\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x15.imagegen.v1.JobError\x12\x1c\n\x14\x65stimated_cost_cents\x18\x13 \x01(\x03\x12\x12\n\ncost_cents\x18\x14 \x01(\x03\x12\x17\n\x0f\x63ost_usd_micros\x18\x15 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x16 \x01(\x05\x12\x0f\n\x07version\x18\x17 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x1b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\naccount_id\x18\x1c \x01(\t\x12!\n\x19\x65stimated_cost_usd_micros\x18\x1d \x01(\x03\x12\x14\n\x0cserved_model\x18\x1e \x01(\t\x12/\n\x0b\x65xpire_time\x18\x1f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x66\x61llback_providers\x18  \x03(\t\x12\x1e\n\x16\x66\x61llback_on_moderation\x18! \x01(\x08\x12\x17\n\x0fserved_provider\x18\" \x01(\t\x12P\n\x19\x66\x61llback_provider_options\x18# \x03(\x0b\x32-.imagegen.v1.Job.FallbackProviderOptionsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aW\n\x1c\x46\x61llbackProviderOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct:\x02\x38\x01\x42\x07\n\x05_seed\"\xb6\x01\n\x05Image\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0cnative_width\x18\x08 \x01(\x05\x12\x15\n\rnative_height\x18\t \x01(\x05\x42\x07\n\x05_seed\"<\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xd5\x01\n\x08JobEvent\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.imagegen.v1.Job\x12/\n\x0fprevious_status\x18\x02 \x01(\x0e\x32\x16.imagegen.v1.JobStatus\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04kind\x18\x05 \x01(\x0e\x32\x19.imagegen.v1.JobEventKind\x12\x0f\n\x07message\x18\x06 \x01(\t*\xa5\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x19\n\x15JOB_STATUS_PROCESSING\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03*\x88\x01\n\x0cJobEventKind\x12\x1e\n\x1aJOB_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17JOB_EVENT_KIND_SNAPSHOT\x10\x01\x12\x1d\n\x19JOB_EVENT_KIND_TRANSITION\x10\x02\x12\x1c\n\x18JOB_EVENT_KIND_HEARTBEAT\x10\x03\x32\xba\x04\n\x0fImageGeneration\x12\x44\n\rGenerateImage\x12!.imagegen.v1.GenerateImageRequest\x1a\x10.imagegen.v1.Job\x12\x36\n\x06GetJob\x12\x1a.imagegen.v1.GetJobRequest\x1a\x10.imagegen.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.imagegen.v1.WatchJobRequest\x1a\x15.imagegen.v1.JobEvent0\x01\x12\x43\n\tWatchJobs\x12\x1d.imagegen.v1.WatchJobsRequest\x1a\x15.imagegen.v1.JobEvent0\x01\x12G\n\x08ListJobs\x12\x1c.imagegen.v1.ListJobsRequest\x1a\x1d.imagegen.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.imagegen.v1.CancelJobRequest\x1a\x10.imagegen.v1.Job\x12\x42\n\tDeleteJob\x12\x1d.imagegen.v1.DeleteJobRequest\x1a\x16.google.protobuf.Empty\x12V\n\rListProviders\x12!.imagegen.v1.ListProvidersRequest\x1a\".imagegen.v1.ListProvidersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,46 +41,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_JOB_FALLBACKPROVIDEROPTIONSENTRY']._loaded_options = None
   _globals['_JOB_FALLBACKPROVIDEROPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATUS']._serialized_start=3494
-  _globals['_JOBSTATUS']._serialized_end=3659
-  _globals['_OUTPUTFORMAT']._serialized_start=3661
-  _globals['_OUTPUTFORMAT']._serialized_end=3777
-  _globals['_JOBEVENTKIND']._serialized_start=3780
-  _globals['_JOBEVENTKIND']._serialized_end=3916
-  _globals['_GENERATEIMAGEREQUEST']._serialized_start=107
-  _globals['_GENERATEIMAGEREQUEST']._serialized_end=632
-  _globals['_GENERATEIMAGEREQUEST_LABELSENTRY']._serialized_start=578
-  _globals['_GENERATEIMAGEREQUEST_LABELSENTRY']._serialized_end=623
-  _globals['_GETJOBREQUEST']._serialized_start=634
-  _globals['_GETJOBREQUEST']._serialized_end=665
-  _globals['_WATCHJOBREQUEST']._serialized_start=667
-  _globals['_WATCHJOBREQUEST']._serialized_end=723
-  _globals['_WATCHJOBSREQUEST']._serialized_start=725
-  _globals['_WATCHJOBSREQUEST']._serialized_end=804
-  _globals['_LISTJOBSREQUEST']._serialized_start=807
-  _globals['_LISTJOBSREQUEST']._serialized_end=942
-  _globals['_LISTJOBSRESPONSE']._serialized_start=944
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1019
-  _globals['_CANCELJOBREQUEST']._serialized_start=1021
-  _globals['_CANCELJOBREQUEST']._serialized_end=1055
-  _globals['_LISTPROVIDERSREQUEST']._serialized_start=1057
-  _globals['_LISTPROVIDERSREQUEST']._serialized_end=1079
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=1081
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=1146
-  _globals['_PROVIDER']._serialized_start=1149
-  _globals['_PROVIDER']._serialized_end=1836
-  _globals['_JOB']._serialized_start=1839
-  _globals['_JOB']._serialized_end=3028
-  _globals['_JOB_LABELSENTRY']._serialized_start=578
-  _globals['_JOB_LABELSENTRY']._serialized_end=623
-  _globals['_JOB_FALLBACKPROVIDEROPTIONSENTRY']._serialized_start=2932
-  _globals['_JOB_FALLBACKPROVIDEROPTIONSENTRY']._serialized_end=3019
-  _globals['_IMAGE']._serialized_start=3031
-  _globals['_IMAGE']._serialized_end=3213
-  _globals['_JOBERROR']._serialized_start=3215
-  _globals['_JOBERROR']._serialized_end=3275
-  _globals['_JOBEVENT']._serialized_start=3278
-  _globals['_JOBEVENT']._serialized_end=3491
-  _globals['_IMAGEGENERATION']._serialized_start=3919
-  _globals['_IMAGEGENERATION']._serialized_end=4421
+  _globals['_JOBSTATUS']._serialized_start=3680
+  _globals['_JOBSTATUS']._serialized_end=3845
+  _globals['_OUTPUTFORMAT']._serialized_start=3847
+  _globals['_OUTPUTFORMAT']._serialized_end=3963
+  _globals['_JOBEVENTKIND']._serialized_start=3966
+  _globals['_JOBEVENTKIND']._serialized_end=4102
+  _globals['_GENERATEIMAGEREQUEST']._serialized_start=168
+  _globals['_GENERATEIMAGEREQUEST']._serialized_end=733
+  _globals['_GENERATEIMAGEREQUEST_LABELSENTRY']._serialized_start=679
+  _globals['_GENERATEIMAGEREQUEST_LABELSENTRY']._serialized_end=724
+  _globals['_GETJOBREQUEST']._serialized_start=735
+  _globals['_GETJOBREQUEST']._serialized_end=766
+  _globals['_WATCHJOBREQUEST']._serialized_start=768
+  _globals['_WATCHJOBREQUEST']._serialized_end=824
+  _globals['_WATCHJOBSREQUEST']._serialized_start=826
+  _globals['_WATCHJOBSREQUEST']._serialized_end=905
+  _globals['_LISTJOBSREQUEST']._serialized_start=908
+  _globals['_LISTJOBSREQUEST']._serialized_end=1043
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1045
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1120
+  _globals['_CANCELJOBREQUEST']._serialized_start=1122
+  _globals['_CANCELJOBREQUEST']._serialized_end=1156
+  _globals['_DELETEJOBREQUEST']._serialized_start=1158
+  _globals['_DELETEJOBREQUEST']._serialized_end=1192
+  _globals['_LISTPROVIDERSREQUEST']._serialized_start=1194
+  _globals['_LISTPROVIDERSREQUEST']._serialized_end=1216
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=1218
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=1283
+  _globals['_PROVIDER']._serialized_start=1286
+  _globals['_PROVIDER']._serialized_end=1973
+  _globals['_JOB']._serialized_start=1976
+  _globals['_JOB']._serialized_end=3214
+  _globals['_JOB_LABELSENTRY']._serialized_start=679
+  _globals['_JOB_LABELSENTRY']._serialized_end=724
+  _globals['_JOB_FALLBACKPROVIDEROPTIONSENTRY']._serialized_start=3118
+  _globals['_JOB_FALLBACKPROVIDEROPTIONSENTRY']._serialized_end=3205
+  _globals['_IMAGE']._serialized_start=3217
+  _globals['_IMAGE']._serialized_end=3399
+  _globals['_JOBERROR']._serialized_start=3401
+  _globals['_JOBERROR']._serialized_end=3461
+  _globals['_JOBEVENT']._serialized_start=3464
+  _globals['_JOBEVENT']._serialized_end=3677
+  _globals['_IMAGEGENERATION']._serialized_start=4105
+  _globals['_IMAGEGENERATION']._serialized_end=4675
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ models, and every status change is streamed to watchers.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -143,6 +144,7 @@ class GenerateImageRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
     FALLBACK_PROVIDERS_FIELD_NUMBER: _builtins.int
     FALLBACK_ON_MODERATION_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
@@ -186,6 +188,13 @@ class GenerateImageRequest(_message.Message):
         """The caller's own bookkeeping; returned with the job."""
 
     @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long after its creation the job (images, row and events) is deleted (AIP-214; input only,
+        returned as Job.expire_time). Unset: the server's retention, which may keep jobs forever.
+        At most 3650 days.
+        """
+
+    @_builtins.property
     def fallback_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Models to continue on, in order, when `provider` cannot serve the job: its attempts are spent on
         transient failures, the vendor answers MODEL_UNAVAILABLE or PROVIDER_AUTH, or its vendor's circuit
@@ -211,12 +220,13 @@ class GenerateImageRequest(_message.Message):
         request_id: _builtins.str = ...,
         validate_only: _builtins.bool = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
         fallback_providers: _abc.Iterable[_builtins.str] | None = ...,
         fallback_on_moderation: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "provider_options", b"provider_options", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "provider_options", b"provider_options", "seed", b"seed", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "fallback_on_moderation", b"fallback_on_moderation", "fallback_providers", b"fallback_providers", "folder_id", b"folder_id", "height", b"height", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "seed", b"seed", "validate_only", b"validate_only", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "fallback_on_moderation", b"fallback_on_moderation", "fallback_providers", b"fallback_providers", "folder_id", b"folder_id", "height", b"height", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "seed", b"seed", "ttl", b"ttl", "validate_only", b"validate_only", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -368,6 +378,25 @@ class CancelJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobRequest: _TypeAlias = DeleteJobRequest  # noqa: Y015
 
 @_typing.final
 class ListProvidersRequest(_message.Message):
@@ -598,6 +627,7 @@ class Job(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     ESTIMATED_COST_USD_MICROS_FIELD_NUMBER: _builtins.int
     SERVED_MODEL_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     FALLBACK_PROVIDERS_FIELD_NUMBER: _builtins.int
     FALLBACK_ON_MODERATION_FIELD_NUMBER: _builtins.int
     SERVED_PROVIDER_FIELD_NUMBER: _builtins.int
@@ -665,6 +695,12 @@ class Job(_message.Message):
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job is deleted (from the request's ttl or the server's retention); unset: kept until
+        DeleteJob. A job still running then is deleted once it has finished.
+        """
+
+    @_builtins.property
     def fallback_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The fallback chain as requested (see GenerateImageRequest.fallback_providers)."""
 
@@ -705,14 +741,15 @@ class Job(_message.Message):
         account_id: _builtins.str = ...,
         estimated_cost_usd_micros: _builtins.int = ...,
         served_model: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
         fallback_providers: _abc.Iterable[_builtins.str] | None = ...,
         fallback_on_moderation: _builtins.bool = ...,
         served_provider: _builtins.str = ...,
         fallback_provider_options: _abc.Mapping[_builtins.str, _struct_pb2.Struct] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "provider_options", b"provider_options", "seed", b"seed", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "provider_options", b"provider_options", "seed", b"seed", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "account_id", b"account_id", "attempt", b"attempt", "cost_cents", b"cost_cents", "cost_usd_micros", b"cost_usd_micros", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "estimated_cost_cents", b"estimated_cost_cents", "estimated_cost_usd_micros", b"estimated_cost_usd_micros", "fallback_on_moderation", b"fallback_on_moderation", "fallback_provider_options", b"fallback_provider_options", "fallback_providers", b"fallback_providers", "folder_id", b"folder_id", "height", b"height", "id", b"id", "images", b"images", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "result_urls", b"result_urls", "seed", b"seed", "served_model", b"served_model", "served_provider", b"served_provider", "start_time", b"start_time", "status", b"status", "update_time", b"update_time", "version", b"version", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "account_id", b"account_id", "attempt", b"attempt", "cost_cents", b"cost_cents", "cost_usd_micros", b"cost_usd_micros", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "estimated_cost_cents", b"estimated_cost_cents", "estimated_cost_usd_micros", b"estimated_cost_usd_micros", "expire_time", b"expire_time", "fallback_on_moderation", b"fallback_on_moderation", "fallback_provider_options", b"fallback_provider_options", "fallback_providers", b"fallback_providers", "folder_id", b"folder_id", "height", b"height", "id", b"id", "images", b"images", "labels", b"labels", "negative_prompt", b"negative_prompt", "num_variants", b"num_variants", "output_format", b"output_format", "prompt", b"prompt", "provider", b"provider", "provider_options", b"provider_options", "reference_image_urls", b"reference_image_urls", "request_id", b"request_id", "result_urls", b"result_urls", "seed", b"seed", "served_model", b"served_model", "served_provider", b"served_provider", "start_time", b"start_time", "status", b"status", "update_time", b"update_time", "version", b"version", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -736,7 +773,7 @@ class Image(_message.Message):
     NATIVE_WIDTH_FIELD_NUMBER: _builtins.int
     NATIVE_HEIGHT_FIELD_NUMBER: _builtins.int
     url: _builtins.str
-    """Signed, expiring URL served by the service's HTTP side; GetJob signs a fresh one."""
+    """Signed, expiring URL (the service's own, or the S3 store's presigned GET); GetJob signs a fresh one."""
     width: _builtins.int
     height: _builtins.int
     content_type: _builtins.str
@@ -780,7 +817,8 @@ class JobError(_message.Message):
     code: _builtins.str
     """CONTENT_MODERATED, PROVIDER_UNAVAILABLE, DEADLINE_EXCEEDED, INVALID_PROVIDER_RESPONSE,
     PROVIDER_REJECTED, PROVIDER_AUTH, MODEL_UNAVAILABLE (the vendor no longer serves the model; not
-    retried), BREAKER_OPEN (while waiting: the vendor's circuit breaker is open), INTERNAL.
+    retried), BREAKER_OPEN (while waiting: the vendor's circuit breaker is open), STORAGE_UNAVAILABLE
+    (the images could not be stored), INTERNAL.
     """
     message: _builtins.str
     retryable: _builtins.bool

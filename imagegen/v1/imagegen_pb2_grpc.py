@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from imagegen.v1 import imagegen_pb2 as imagegen_dot_v1_dot_imagegen__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -65,6 +66,11 @@ class ImageGenerationStub:
                 request_serializer=imagegen_dot_v1_dot_imagegen__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/imagegen.v1.ImageGeneration/DeleteJob',
+                request_serializer=imagegen_dot_v1_dot_imagegen__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
         self.ListProviders = channel.unary_unary(
                 '/imagegen.v1.ImageGeneration/ListProviders',
                 request_serializer=imagegen_dot_v1_dot_imagegen__pb2.ListProvidersRequest.SerializeToString,
@@ -123,6 +129,15 @@ class ImageGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Deletes a finished job (completed, failed or cancelled): its images leave the blob store, then its
+        row and events; afterwards the job answers NOT_FOUND. A pending or processing job answers
+        FAILED_PRECONDITION (cancel it first); an unknown id NOT_FOUND (AIP-135).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListProviders(self, request, context):
         """The model catalog: limits, prices, and whether each model is configured on this server.
         """
@@ -162,6 +177,11 @@ def add_ImageGenerationServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.CancelJobRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_imagegen__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=imagegen_dot_v1_dot_imagegen__pb2.DeleteJobRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'ListProviders': grpc.unary_unary_rpc_method_handler(
                     servicer.ListProviders,
@@ -332,6 +352,33 @@ class ImageGeneration:
             '/imagegen.v1.ImageGeneration/CancelJob',
             imagegen_dot_v1_dot_imagegen__pb2.CancelJobRequest.SerializeToString,
             imagegen_dot_v1_dot_imagegen__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.ImageGeneration/DeleteJob',
+            imagegen_dot_v1_dot_imagegen__pb2.DeleteJobRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ models, and every status change is streamed to watchers.
 """
 
 from collections import abc as _abc
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 from imagegen.v1 import imagegen_pb2 as _imagegen_pb2
 import abc as _abc_1
@@ -55,6 +56,11 @@ class ImageGenerationStub:
     """Cancels a job: pending at once, processing best effort (the provider's result is discarded).
     Cancelling a cancelled job returns it; a completed or failed job answers FAILED_PRECONDITION.
     """
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_imagegen_pb2.DeleteJobRequest, _empty_pb2.Empty]
+    """Deletes a finished job (completed, failed or cancelled): its images leave the blob store, then its
+    row and events; afterwards the job answers NOT_FOUND. A pending or processing job answers
+    FAILED_PRECONDITION (cancel it first); an unknown id NOT_FOUND (AIP-135).
+    """
     ListProviders: _grpc.UnaryUnaryMultiCallable[_imagegen_pb2.ListProvidersRequest, _imagegen_pb2.ListProvidersResponse]
     """The model catalog: limits, prices, and whether each model is configured on this server."""
 
@@ -82,6 +88,11 @@ class ImageGenerationAsyncStub(ImageGenerationStub):
     CancelJob: _aio.UnaryUnaryMultiCallable[_imagegen_pb2.CancelJobRequest, _imagegen_pb2.Job]  # type: ignore[assignment]
     """Cancels a job: pending at once, processing best effort (the provider's result is discarded).
     Cancelling a cancelled job returns it; a completed or failed job answers FAILED_PRECONDITION.
+    """
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_imagegen_pb2.DeleteJobRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes a finished job (completed, failed or cancelled): its images leave the blob store, then its
+    row and events; afterwards the job answers NOT_FOUND. A pending or processing job answers
+    FAILED_PRECONDITION (cancel it first); an unknown id NOT_FOUND (AIP-135).
     """
     ListProviders: _aio.UnaryUnaryMultiCallable[_imagegen_pb2.ListProvidersRequest, _imagegen_pb2.ListProvidersResponse]  # type: ignore[assignment]
     """The model catalog: limits, prices, and whether each model is configured on this server."""
@@ -143,6 +154,17 @@ class ImageGenerationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_imagegen_pb2.Job, _abc.Awaitable[_imagegen_pb2.Job]]:
         """Cancels a job: pending at once, processing best effort (the provider's result is discarded).
         Cancelling a cancelled job returns it; a completed or failed job answers FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _imagegen_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes a finished job (completed, failed or cancelled): its images leave the blob store, then its
+        row and events; afterwards the job answers NOT_FOUND. A pending or processing job answers
+        FAILED_PRECONDITION (cancel it first); an unknown id NOT_FOUND (AIP-135).
         """
 
     @_abc_1.abstractmethod
