@@ -33,7 +33,7 @@ class VendorSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Everything the process is configured with. Field docs are the README's configuration table."""
+    """Everything the process is configured with; the README and the topic docs it links document each."""
 
     #: gRPC listen address; port 0 picks a free port (tests)
     grpc_address: str = "127.0.0.1:50051"

@@ -167,29 +167,51 @@ class Worker:
         return len(self._running)
 
     async def stop(self, grace_s: float) -> None:
-        """Stop claiming; give running jobs `grace_s` to finish, then hand the rest back to the queue."""
+        """Stop claiming; give running jobs `grace_s` to finish, then hand the rest back to the queue.
+
+        A claim in flight is let finish rather than cancelled: the database may already have given it
+        jobs, which would otherwise sit in PROCESSING until their leases ran out. The claim loop hands
+        those back itself (`_claim_loop`). Leases are kept up until every job is handed back.
+        """
         self._stopping = True
-        for task in (self._loop_task, self._lease_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        self._wake.set()  # an idle claim loop ends now
+        loop = asyncio.get_running_loop()
+        grace_ends = loop.time() + grace_s
+        if self._loop_task is not None:
+            # A claim is bounded by the store's statement and pool timeouts; past the lease, what it took
+            # is free for other workers anyway, so waiting longer could not save anything.
+            done, _ = await asyncio.wait({self._loop_task}, timeout=self._policy.lease_s)
+            if not done:
+                log.warning(
+                    "a claim did not end within the lease; jobs it took return when their leases expire"
+                )
+                self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
         if self._running:
-            await asyncio.wait(list(self._running.values()), timeout=grace_s)
+            await asyncio.wait(list(self._running.values()), timeout=max(0.0, grace_ends - loop.time()))
         leftovers = list(self._attempts.values())
         for _fence, attempt, _started in leftovers:
             attempt.cancel()
         for fence, attempt, _started in leftovers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await attempt
-            with contextlib.suppress(StorageError):
-                await self._store.release(fence, message="handed back: worker shutting down")
-                log.info(
-                    "job handed back",
-                    extra={"job_id": str(fence.job_id), "attempt": fence.attempt, "outcome": "handed_back"},
-                )
+            await self._hand_back(fence)
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=1.0)
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
+
+    async def _hand_back(self, fence: Fence) -> None:
+        """Return a job this worker holds to the queue at once (if this fails, its lease runs out instead)."""
+        with contextlib.suppress(StorageError):
+            await self._store.release(fence, message="handed back: worker shutting down")
+            log.info(
+                "job handed back",
+                extra={"job_id": str(fence.job_id), "attempt": fence.attempt, "outcome": "handed_back"},
+            )
 
     # ------------------------------------------------------------ claiming
 
@@ -220,6 +242,8 @@ class Worker:
                     await self._idle(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
+                if await self._handed_back(claimed):
+                    return
                 for claim in claimed:
                     job = claim.job
                     self._metrics.observe_claim(job, taken_over=claim.taken_over)
@@ -240,6 +264,15 @@ class Worker:
             if claimed and len(claimed) == min(free, self._policy.claim_batch):
                 continue  # there may be more due jobs right now
             await self._idle(self._policy.poll_interval_s)
+
+    async def _handed_back(self, claimed: Sequence[Claim]) -> bool:
+        """If the worker began to stop while this claim was in flight, hand back what it took, unrun."""
+        if not self._stopping:
+            return False
+        for claim in claimed:
+            job = claim.job
+            await self._hand_back(Fence(job_id=job.id, attempt=job.attempt, owner=self.owner, claimed=job))
+        return True
 
     async def _idle(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

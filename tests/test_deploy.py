@@ -558,7 +558,7 @@ async def test_the_api_and_worker_containers_serve_as_the_manifests_configure_th
 def test_the_readmes_first_rollout_step_applies_the_migration_without_the_deployments(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
-    # README "Deploying": kubectl apply -f imagegen.yaml -l 'app.kubernetes.io/component notin (api,worker)'
+    # deploy/README.md: kubectl apply -f imagegen.yaml -l 'app.kubernetes.io/component notin (api,worker)'
     # (a `notin` selector also takes the objects without the label)
     objects = rendered["example"]
     first = {

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import uuid
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import grpc
 import pytest
 from PIL import Image
+from prometheus_client import CollectorRegistry
 
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app
+from server.metrics import ServiceMetrics
+from server.worker import Worker, WorkerPolicy
+from storage.blobs import LocalBlobStore
+from storage.db import make_engine
+from storage.jobs import SqlJobStore
+from storage.models import JobSpec, JobStatus, NewJob
 from tests.conftest import authed_channel, test_settings
 from tests.helpers import events_until_end, eventually, finished, first_event_with_status, next_event
 
@@ -280,6 +289,105 @@ async def test_shutdown_ends_watch_streams_unavailable_and_hands_jobs_back(
         assert job.status == PENDING
         stored = await app.store.get("default", uuid.UUID(job.id))
         assert stored.provider_state and stored.provider_state["tasks"][0]["id"]
+
+
+class _JobsLock(threading.Thread):
+    """Holds `LOCK TABLE jobs` in a transaction of its own, on its own thread and event loop; once told
+    to let go, commits and waits until `job_id` is PROCESSING (a claim blocked on the lock committed)."""
+
+    def __init__(self, database_url: str, job_id: uuid.UUID) -> None:
+        super().__init__(daemon=True)
+        self._url, self._job_id = database_url, job_id
+        self.locked, self.release = threading.Event(), threading.Event()
+        self.claimed = False
+
+    def run(self) -> None:
+        asyncio.run(self._hold())
+
+    async def _hold(self) -> None:
+        connection = await asyncpg.connect(self._url, timeout=10)
+        try:
+            transaction = connection.transaction()
+            await transaction.start()
+            await connection.execute("LOCK TABLE jobs IN EXCLUSIVE MODE")  # a claim's FOR UPDATE waits
+            self.locked.set()
+            await asyncio.to_thread(self.release.wait, 10)
+            await transaction.commit()
+            async with asyncio.timeout(10):
+                while not self.claimed:
+                    status = await connection.fetchval("SELECT status FROM jobs WHERE id = $1", self._job_id)
+                    self.claimed = status == JobStatus.PROCESSING.value
+        finally:
+            await connection.close()
+
+
+async def test_stop_hands_back_what_a_claim_in_flight_took(tmp_path: Path, database_url: str) -> None:
+    """A stop that begins after a claim committed in the database, before its answer reached the worker."""
+    engine, worker_engine = make_engine(database_url), make_engine(database_url, pool_size=1)
+    store, worker_store = SqlJobStore(engine), SqlJobStore(worker_engine)
+    worker = Worker(
+        worker_store,
+        LocalBlobStore(tmp_path / "blobs"),
+        {},  # nothing may run: a claim that lands once the worker is stopping is handed back unrun
+        ServiceMetrics(CollectorRegistry()),
+        policy=WorkerPolicy(poll_interval_s=60.0),
+        owner="stopping-worker",
+    )
+    watcher = await asyncpg.connect(database_url, timeout=10)
+
+    async def worker_connection(state: str, waiting_on: str | None = None) -> bool:
+        return bool(
+            await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND query LIKE '%SKIP LOCKED%' AND state = $1"
+                " AND ($2::text IS NULL OR wait_event_type = $2)",
+                state,
+                waiting_on,
+            )
+        )
+
+    lock: _JobsLock | None = None
+    try:
+        # The first claim (of an empty queue) leaves the claim statement prepared on the worker's only
+        # connection, so the next one is sent whole and waits on the lock inside the database.
+        worker.start()
+        await eventually(lambda: worker_connection("idle"))
+        spec = JobSpec(
+            prompt="claimed as the worker stops", provider="flux_2_pro", width=256, height=256, num_variants=1
+        )
+        job, _ = await store.create(
+            NewJob(account_id="default", spec=spec, estimated_cost_usd_micros=1, deadline_s=300)
+        )
+        lock = _JobsLock(database_url, job.id)
+        lock.start()
+        assert await asyncio.to_thread(lock.locked.wait, 10)
+        worker.wake()
+        await eventually(lambda: worker_connection("active", "Lock"))
+        # Blocking this loop, not awaiting, is the point: the claim commits in the database while its
+        # answer waits unread in the worker's socket, and the stop below begins before it is read.
+        lock.release.set()
+        lock.join(timeout=15)
+        assert lock.claimed
+        async with asyncio.timeout(10):
+            await worker.stop(grace_s=0.0)
+
+        stored = await store.get("default", job.id)
+        assert stored.status is JobStatus.PENDING and stored.lease_owner is None
+        assert stored.attempt == 1  # claimed once, never run, never claimed again
+        events = await store.events(job.id, after_version=0)
+        assert [(e.job.status, e.message) for e in events[-2:]] == [
+            (JobStatus.PROCESSING, "started (attempt 1)"),
+            (JobStatus.PENDING, "handed back: worker shutting down"),
+        ]
+        assert worker.in_flight == 0
+    finally:
+        if lock is not None:
+            lock.release.set()
+        await watcher.close()
+        for closing in (worker_store, store):
+            await closing.close()
+        for disposing in (worker_engine, engine):
+            await disposing.dispose()
 
 
 async def app_stop(app: App) -> None:
