@@ -347,7 +347,9 @@ async def running_app(
             backgrounds.append(lifecycle.run())
         for background in backgrounds:
             task = asyncio.create_task(background)
-            stack.callback(task.cancel)
+            # ended before the engine is disposed of: a loop cancelled mid-statement must not find the
+            # embedded database's connection gone (its close would then wait forever)
+            stack.push_async_callback(_stop_task, task)
 
         server = grpc.aio.server(
             options=[
@@ -494,6 +496,13 @@ class _Registrar:
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Any]) -> None:
         """The generated code also passes its handlers here; they are already in its generic handler."""
+
+
+async def _stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel a background loop and wait (briefly) until it has ended."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
+        await asyncio.wait_for(task, timeout=5.0)
 
 
 async def _prune_events(store: SqlJobStore, keep: timedelta) -> None:
