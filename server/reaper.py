@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from server.metrics import ServiceMetrics
-from server.worker import remove_other_attempts
+from server.outputs import remove_other_attempts
 from storage.blobs import BlobStore
 from storage.errors import SchemaBehind, StorageError
 from storage.models import JobStatus

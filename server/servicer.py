@@ -31,6 +31,7 @@ from server.errors import Overloaded, ServiceError, StreamOutOfRange, abort_with
 from server.files import ImageUrls
 from server.hub import Closed, EventHub, Subscription
 from server.metrics import ServiceMetrics
+from server.outputs import remove_other_attempts
 from server.validation import (
     FieldViolation,
     InvalidRequest,
@@ -39,7 +40,6 @@ from server.validation import (
     validate_generate,
 )
 from server.webhooks import target_violation
-from server.worker import remove_other_attempts
 from storage.blobs import BlobStore
 from storage.models import EventKind, Job, JobEvent, JobStatus, NewJob, utcnow
 from storage.port import JobFilter, JobStore, JobSubmissions, PageCursor

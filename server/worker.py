@@ -14,33 +14,22 @@ import logging
 import random
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from providers.base import (
-    GenerationRequest,
-    GenerationResult,
-    ImageProvider,
-    InvalidProviderResponse,
-    ProviderError,
-)
-from providers.catalog import CATALOG, Catalog, CostQuery
-from providers.imaging import FittedImage, fit_image
+from providers.base import ImageProvider, ProviderError
+from providers.catalog import CATALOG, Catalog
 from server import tracing
 from server.breakers import GO, Admission, Breakers, counts_against_vendor
+from server.durable import Checkpoint, DurableWrites
 from server.metrics import ServiceMetrics
-from storage.blobs import BlobStore, attempt_prefix, image_key
-from storage.errors import (
-    BlobExists,
-    BlobStoreUnavailable,
-    LeaseLost,
-    SchemaBehind,
-    StorageError,
-    StoreUnavailable,
-)
-from storage.models import Job, JobError, JobNotice, JobStatus, StoredImage, utcnow
+from server.outputs import Outputs
+from server.serving import generation_request, next_model, quote
+from storage.blobs import BlobStore
+from storage.errors import BlobStoreUnavailable, LeaseLost, SchemaBehind, StorageError, StoreUnavailable
+from storage.models import Job, JobError, JobNotice, JobStatus, utcnow
 from storage.port import Claim, ConcurrencyCap, Fence, JobQueue
 
 log = logging.getLogger(__name__)
@@ -63,48 +52,6 @@ class WorkerPolicy:
     per_account: int = 0
 
 
-class _Checkpoint:
-    """providers.base.Checkpoint backed by the job row, fenced like every other write of the attempt.
-
-    A save is retried through a database blip for as long as the lease lasts, as the final write is
-    (`Worker._durably`): what it records was paid for (BFL bills at submit), and an attempt that ended
-    without it would make the next one pay again. The adapter holds the state in memory meanwhile.
-    """
-
-    def __init__(self, store: JobQueue, fence: Fence, *, lease_s: float) -> None:
-        self._store, self._fence, self._lease_s = store, fence, lease_s
-
-    async def save(self, state: Mapping[str, Any]) -> None:
-        if tracing.enabled:  # the shared statement has no span of its own: the wait for it is the job's
-            with tracing.child_span("job checkpoint", {"imagegen.job.id": str(self._fence.job_id)}):
-                await self._save(state)
-        else:
-            await self._save(state)
-
-    async def _save(self, state: Mapping[str, Any]) -> None:
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._lease_s
-        delay = 0.1
-        while True:
-            try:
-                # No shield: the statement runs in the store's group-commit writer, so cancelling the
-                # attempt leaves it to finish there rather than abandoning a connection mid-statement.
-                await self._store.save_provider_state(self._fence, state)
-                return
-            except StoreUnavailable as exc:
-                if loop.time() + delay > give_up:
-                    raise
-                log.warning(
-                    "job %s attempt %s: checkpoint not saved (%s); retrying in %.1f s",
-                    self._fence.job_id,
-                    self._fence.attempt,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-
 class Worker:
     """Runs jobs from the store on the configured providers, at most `policy.concurrency` at once."""
 
@@ -123,7 +70,7 @@ class Worker:
         self._catalog = catalog
         self._breakers = breakers
         self._store = store
-        self._blobs = blobs
+        self._outputs = Outputs(blobs, lease_s=policy.lease_s)
         self._providers = providers
         self._metrics = metrics
         self._policy = policy
@@ -132,8 +79,7 @@ class Worker:
         self._running: dict[uuid.UUID, asyncio.Task[None]] = {}
         #: job id -> (fence, attempt task, when the attempt started on the loop's clock)
         self._attempts: dict[uuid.UUID, tuple[Fence, asyncio.Task[None], float]] = {}
-        #: jobs whose attempt is making its final write: that write's fence decides, not a cancel
-        self._finishing: set[uuid.UUID] = set()
+        self._durable = DurableWrites(lease_s=policy.lease_s)
         self._lease_task: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -157,7 +103,7 @@ class Worker:
             elif (
                 notice.status is JobStatus.CANCELLED
                 and (held := self._attempts.get(notice.job_id))
-                and notice.job_id not in self._finishing
+                and not self._durable.finishing(notice.job_id)
             ):
                 held[1].cancel()  # `_execute` sees the attempt end without a result and discards it
 
@@ -342,7 +288,7 @@ class Worker:
                     and not attempt.done()
                     # a final write that committed while the leases were read leaves the job unheld;
                     # cancelling its attempt then would discard the images the job completed with
-                    and job_id not in self._finishing
+                    and not self._durable.finishing(job_id)
                 ):
                     attempt.cancel()
 
@@ -400,13 +346,13 @@ class Worker:
             if admission.wait_until is not None:
                 await self._vendor_down(job, fence, vendor, admission.wait_until)
                 return
-        request = _generation_request(job, self._catalog)
+        request = generation_request(job, self._catalog)
         remaining = (job.deadline_at - now).total_seconds()
         try:
             async with asyncio.timeout(remaining):
                 try:
                     result = await provider.generate(
-                        request, _Checkpoint(self._store, fence, lease_s=self._policy.lease_s)
+                        request, Checkpoint(self._store, fence, lease_s=self._policy.lease_s)
                     )
                 except ProviderError as exc:
                     await self._record(active, admission, failed=counts_against_vendor(exc))
@@ -415,7 +361,7 @@ class Worker:
                     await self._record(active, admission, failed=admission.probe)
                     raise
                 await self._record(active, admission, failed=False)
-                fitted = await self._fit_images(job, result)
+                fitted = await self._outputs.fit(job, result)
         except TimeoutError:
             await self._fail(
                 job,
@@ -430,9 +376,9 @@ class Worker:
             await self._provider_failed(job, fence, exc)
             return
         try:
-            images = await self._write_images(job, fitted)
+            images = await self._outputs.write(job, fitted)
         except BlobStoreUnavailable as exc:
-            await self._delete_attempt(job)
+            await self._outputs.delete_attempt(job)
             await self._fail(
                 job,
                 fence,
@@ -443,137 +389,20 @@ class Worker:
                 ),
             )
             return
-        cost = result.cost_usd_micros if result.cost_usd_micros is not None else self._quote(job)
+        cost = result.cost_usd_micros if result.cost_usd_micros is not None else quote(job, self._catalog)
         try:
-            done = await self._durably(
+            done = await self._durable.write(
                 fence, lambda: self._store.complete(fence, images=images, cost_usd_micros=cost)
             )
         except LeaseLost:
-            await self._delete_attempt(job)
+            await self._outputs.delete_attempt(job)
             raise
         self._metrics.observe_finished(done)
         if tracing.enabled:
             tracing.attempt_outcome("completed")
         log.info("job completed", extra=_fields(done, "completed", images=len(images), cost_usd_micros=cost))
         if done.attempt > 1:
-            await remove_other_attempts(self._blobs, done)
-
-    async def _fit_images(self, job: Job, result: GenerationResult) -> list[tuple[FittedImage, int | None]]:
-        spec = job.spec
-        if len(result.images) != spec.num_variants:
-            raise InvalidProviderResponse(f"asked for {spec.num_variants} images, got {len(result.images)}")
-        fitted: list[tuple[FittedImage, int | None]] = []
-        for image in result.images:
-            # decode, crop and encode are CPU work: off the event loop, so RPCs never wait on them
-            fitted.append(
-                (
-                    await asyncio.to_thread(
-                        fit_image,
-                        image.data,
-                        width=spec.width,
-                        height=spec.height,
-                        output_format=spec.output_format,
-                    ),
-                    image.seed,
-                )
-            )
-        return fitted
-
-    async def _write_images(
-        self, job: Job, fitted: Sequence[tuple[FittedImage, int | None]]
-    ) -> list[StoredImage]:
-        """Store every image, retrying through a blob store outage until the job's deadline.
-
-        The vendor has made (and billed) these images: they stay in memory and the writes are retried
-        rather than the vendor called again. The job completes only after the store acknowledged all of
-        them. The lease keeps being extended meanwhile; if it is lost, this attempt is cancelled.
-        """
-        spec = job.spec
-        keys = [
-            image_key(job.account_id, spec.folder_id, job.id, job.attempt, index, image.content_type)
-            for index, (image, _seed) in enumerate(fitted)
-        ]
-        loop = asyncio.get_running_loop()
-        # leave time for the final write that fails the job, inside the deadline
-        give_up = loop.time() + (job.deadline_at - utcnow()).total_seconds() - self._policy.lease_s / 3
-        waiting = list(range(len(fitted)))
-        delay = 0.1
-        while True:
-            outcomes = await asyncio.gather(
-                *(self._put(keys[i], fitted[i][0]) for i in waiting), return_exceptions=True
-            )
-            errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-            for error in errors:
-                if not isinstance(error, BlobStoreUnavailable):
-                    raise error
-            if not errors:
-                break
-            failed = [i for i, outcome in zip(waiting, outcomes, strict=True) if outcome is not None]
-            error = errors[0]
-            if loop.time() + delay > give_up:
-                raise error
-            log.warning(
-                "job %s: blob store unavailable (%s); retrying %d image writes in %.1f s",
-                job.id,
-                error,
-                len(failed),
-                delay,
-            )
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 5.0)
-            waiting = failed
-        return [
-            StoredImage(
-                key=key,
-                width=image.width,
-                height=image.height,
-                content_type=image.content_type,
-                size_bytes=len(image.data),
-                sha256=image.sha256,
-                seed=seed,
-                native_width=image.native_width,
-                native_height=image.native_height,
-            )
-            for key, (image, seed) in zip(keys, fitted, strict=True)
-        ]
-
-    async def _put(self, key: str, image: FittedImage) -> None:
-        try:
-            if tracing.enabled:
-                with tracing.child_span(
-                    "blob put", {"imagegen.blob.key": key, "imagegen.blob.bytes": len(image.data)}
-                ):
-                    await self._blobs.put(key, image.data, content_type=image.content_type)
-            else:
-                await self._blobs.put(key, image.data, content_type=image.content_type)
-        except BlobExists:
-            # Only this attempt writes its keys: a blob already there is an earlier try of this write
-            # whose answer was lost. Same size, it is ours; otherwise something else wrote it.
-            if await self._blobs.size(key) != len(image.data):
-                raise
-        return None
-
-    async def _delete_attempt(self, job: Job) -> None:
-        """Remove what this attempt stored (best effort: a store that is down keeps it for the sweeper)."""
-        with contextlib.suppress(StorageError):
-            await self._blobs.delete_prefix(
-                attempt_prefix(job.account_id, job.spec.folder_id, job.id, job.attempt)
-            )
-
-    def _quote(self, job: Job) -> int:
-        """The quote of the model that served the job (with fallbacks, the job's own is the chain's most)."""
-        spec = job.spec
-        if not spec.fallback_providers:
-            return job.estimated_cost_usd_micros
-        active = job.serving_provider
-        query = CostQuery(
-            width=spec.width,
-            height=spec.height,
-            num_variants=spec.num_variants,
-            reference_images=len(spec.reference_image_urls),
-            options=spec.options_for(active),
-        )
-        return self._catalog.serving(active).estimate_usd_micros(query)
+            await self._outputs.remove_other_attempts(done)
 
     async def _record(self, provider: str, admission: Admission, *, failed: bool) -> None:
         if self._breakers is not None:
@@ -583,7 +412,7 @@ class Worker:
 
     async def _cannot_run(self, job: Job, fence: Fence, error: JobError, reason: str) -> None:
         """The job's model cannot serve it: the next model of its chain, or failure."""
-        following = _next_model(job)
+        following = next_model(job)
         if following is None:
             await self._fail(job, fence, error)
         else:
@@ -592,7 +421,7 @@ class Worker:
 
     async def _vendor_down(self, job: Job, fence: Fence, vendor: str, until: datetime) -> None:
         """The vendor's breaker is open: on to the next model, or wait without spending an attempt."""
-        following = _next_model(job)
+        following = next_model(job)
         if following is not None:
             await self._switch(
                 job, fence, following, "breaker_open", f"{vendor} unavailable (breaker open)", None
@@ -601,7 +430,7 @@ class Worker:
         at = min(until, job.deadline_at)
         error = JobError(code="BREAKER_OPEN", message=f"{vendor} unavailable (breaker open)", retryable=True)
         message = f"waiting: {vendor} unavailable (breaker open); trying again at {at:%H:%M:%S} UTC"
-        await self._durably(
+        await self._durable.write(
             fence,
             lambda: self._store.wait_for_vendor(
                 fence, at=at, error=error, message=message, attempt_base=job.attempt_base + 1
@@ -621,7 +450,7 @@ class Worker:
             else ""
         )
         message = f"{why}; continuing on {following}"
-        await self._durably(
+        await self._durable.write(
             fence,
             lambda: self._store.switch_model(
                 fence, provider=following, served_model=served, error=error, message=message
@@ -643,7 +472,7 @@ class Worker:
 
     async def _provider_failed(self, job: Job, fence: Fence, exc: ProviderError) -> None:
         error = JobError(code=exc.code, message=exc.message, retryable=exc.retryable)
-        if job.spec.fallback_providers and (following := _next_model(job)) is not None:
+        if job.spec.fallback_providers and (following := next_model(job)) is not None:
             reason = self._fallback_reason(job, exc)
             if reason is not None:
                 spent = f" after {job.model_attempt} attempts" if reason == "attempts_spent" else ""
@@ -681,7 +510,7 @@ class Worker:
             f"retrying in {delay:.1f} s after: {exc.message} "
             f"(attempt {job.model_attempt + 1} of {self._policy.max_attempts})"
         )
-        await self._durably(
+        await self._durable.write(
             fence, lambda: self._store.retry_later(fence, error=error, at=at, message=message)
         )
         self._metrics.observe_retry(job, exc.reason.value)
@@ -701,30 +530,6 @@ class Worker:
         # wake this worker when the job is due, rather than at the next poll
         asyncio.get_running_loop().call_later(delay, self._wake.set)
 
-    async def _durably(self, fence: Fence, write: Callable[[], Awaitable[Job]]) -> Job:
-        """Retry an attempt's final write through a database blip, for as long as the lease would last.
-
-        Giving up sooner would throw away a result the vendor was paid for; past the lease, another
-        worker may own the job and the write would be refused anyway (LeaseLost). While it runs the
-        attempt is not cancelled from outside: the write's fence settles whether the attempt still
-        owns the job.
-        """
-        give_up = asyncio.get_running_loop().time() + self._policy.lease_s
-        delay = 0.1
-        self._finishing.add(fence.job_id)
-        try:
-            while True:
-                try:
-                    # shielded: a cancelled attempt must not abandon a connection mid-statement
-                    return await asyncio.shield(write())
-                except StoreUnavailable:
-                    if asyncio.get_running_loop().time() + delay > give_up:
-                        raise
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-        finally:
-            self._finishing.discard(fence.job_id)
-
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         """Exponential backoff with full jitter; a vendor's own Retry-After is honoured as a floor."""
         ceiling = min(self._policy.retry_max_s, self._policy.retry_base_s * 2 ** (attempt - 1))
@@ -734,32 +539,18 @@ class Worker:
         return delay
 
     async def _fail(self, job: Job, fence: Fence, error: JobError) -> None:
-        failed = await self._durably(fence, lambda: self._store.fail(fence, error))
+        failed = await self._durable.write(fence, lambda: self._store.fail(fence, error))
         self._metrics.observe_finished(failed)
         if tracing.enabled:
             tracing.attempt_outcome("failed", error_code=error.code, error=error.message)
         log.info("job failed", extra=_fields(failed, "failed", code=error.code, error=error.message))
-        await remove_other_attempts(self._blobs, failed)
+        await self._outputs.remove_other_attempts(failed)
 
     async def _discard(self, job: Job, why: str) -> None:
         log.info("job result discarded", extra=_fields(job, "discarded", why=why))
         if tracing.enabled:
             tracing.attempt_outcome("discarded", error=why)
-        await self._delete_attempt(job)
-
-
-async def remove_other_attempts(blobs: BlobStore, job: Job) -> None:
-    """Delete the images of every attempt of an ended job but the one it completed with.
-
-    An attempt killed mid-write, or one that stored part of its images and then failed, leaves files
-    that nothing references; whatever ends the job removes them.
-    """
-    keep = job.attempt if job.status is JobStatus.COMPLETED else None
-    for attempt in range(1, job.attempt + 1):
-        if attempt != keep:
-            # best effort: a store that is down keeps them for the retention sweep of the whole job
-            with contextlib.suppress(StorageError):
-                await blobs.delete_prefix(attempt_prefix(job.account_id, job.spec.folder_id, job.id, attempt))
+        await self._outputs.delete_attempt(job)
 
 
 def _fields(job: Job, outcome: str, **extra: Any) -> dict[str, Any]:
@@ -775,38 +566,3 @@ def _fields(job: Job, outcome: str, **extra: Any) -> dict[str, Any]:
     }
     fields.update(extra)
     return fields
-
-
-def _next_model(job: Job) -> str | None:
-    """The model after the one the job is on, in its chain; None at the end."""
-    chain = job.spec.chain
-    position = chain.index(job.serving_provider) if job.serving_provider in chain else len(chain)
-    return chain[position + 1] if position + 1 < len(chain) else None
-
-
-def _generation_request(job: Job, catalog: Catalog) -> GenerationRequest:
-    spec = job.spec
-    active = job.serving_provider
-    model = catalog.serving(active)
-    prompt, negative = spec.prompt, spec.negative_prompt or None
-    if negative and not model.supports_negative_prompt:
-        # No model of the catalog takes a negative prompt natively; saying it in the prompt is what
-        # each vendor's own guidance recommends.
-        prompt, negative = f"{prompt}\n\nAvoid: {negative}", None
-    return GenerationRequest(
-        job_id=str(job.id),
-        model=active,
-        prompt=prompt,
-        width=spec.width,
-        height=spec.height,
-        num_variants=spec.num_variants,
-        negative_prompt=negative,
-        seed=spec.seed,
-        output_format=spec.output_format,
-        reference_image_urls=spec.reference_image_urls,
-        options=spec.options_for(active),
-        resume_state=job.provider_state,
-        spec=model,
-        # what the job was accepted for, even if the catalog has moved on since
-        vendor_model=job.served_model,
-    )
