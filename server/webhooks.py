@@ -76,7 +76,8 @@ def payload(delivery: Delivery, event: JobEvent | None) -> str:
         data.update(
             sequence=event.sequence,
             folder_id=job.spec.folder_id,
-            served_model=job.spec.provider,
+            provider=job.serving_provider,
+            served_model=job.served_model,
             error_code=job.error.code if job.error is not None else "",
         )
     body = {"type": delivery.event_type, "timestamp": when.isoformat(), "data": data}

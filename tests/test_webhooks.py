@@ -175,7 +175,8 @@ async def test_deliveries_verify_with_standardwebhooks_before_during_and_after_a
         assert delivered["body"]["type"] == "job.completed"
         data = delivered["body"]["data"]
         assert data["job_id"] == job.id and data["status"] == "completed" and data["account_id"] == "default"
-        assert data["sequence"] > 0 and data["version"] >= 3 and data["served_model"] == "flux_2_pro"
+        assert data["sequence"] > 0 and data["version"] >= 3 and data["provider"] == "flux_2_pro"
+        assert data["served_model"] == "flux-2-pro"
         assert len(json.dumps(delivered["body"])) < 20_000
         assert delivered["headers"]["webhook-signature"].count("v1,") == 1
 
