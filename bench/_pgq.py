@@ -55,7 +55,7 @@ async def _main(args: argparse.Namespace) -> None:
     room.set()
     enqueued = 0
 
-    @manager.entrypoint("noop")  # type: ignore[untyped-decorator]  # pgqueuer: `make bench` installs it
+    @manager.entrypoint("noop")  # type: ignore[untyped-decorator, unused-ignore]  # pgqueuer: `make bench` installs it
     async def noop(job: Job) -> None:
         nonlocal done
         done += 1
