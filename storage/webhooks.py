@@ -1,6 +1,6 @@
 """Webhooks: accounts' signing secrets, their endpoints, and the outbox of deliveries.
 
-The outbox rows are written by a trigger on job_events (migration 0007), in the transaction of the
+The outbox rows are written by a trigger on job_events (migration 0008), in the transaction of the
 event that causes them; this module administers endpoints and secrets and hands deliveries to senders.
 A sender claims due rows with SKIP LOCKED and holds them under a lease (the row's `next_attempt_at`
 is pushed to the lease's end), so a sender that dies mid-delivery loses nothing: the row falls due

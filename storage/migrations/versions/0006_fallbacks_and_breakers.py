@@ -1,7 +1,7 @@
 """fallback chains on jobs, and the vendors' circuit breakers
 
-Revision ID: 0008
-Revises: 0006
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-06
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-revision = "0008"
-down_revision = "0006"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

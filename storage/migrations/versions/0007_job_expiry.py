@@ -1,7 +1,7 @@
 """when each job expires (request ttl or server retention), indexed for the retention sweeper
 
-Revision ID: 0005
-Revises: 0008
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-06
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 from storage.schema import UtcDateTime
 
-revision = "0005"
-down_revision = "0008"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

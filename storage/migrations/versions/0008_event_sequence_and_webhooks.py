@@ -1,7 +1,7 @@
 """the account stream's sequence, and webhooks: secrets, endpoints, and the outbox with its trigger
 
-Revision ID: 0007
-Revises: 0005
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-06
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 from storage.schema import UtcDateTime
 
-revision = "0007"
-down_revision = "0005"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
