@@ -295,6 +295,8 @@ def server_env(database_url: str, data_dir: Path, **settings: str | int | float)
             # Admission control answers RESOURCE_EXHAUSTED past its caps; a benchmark measures the rest.
             "IMAGEGEN_MAX_PENDING_JOBS_PER_ACCOUNT": "0",
             "IMAGEGEN_MAX_PENDING_JOBS": "0",
+            # the watch scenario opens 10,000 streams as one caller
+            "IMAGEGEN_MAX_WATCH_STREAMS_PER_CALLER": "0",
             "IMAGEGEN_SHUTDOWN_GRACE_S": "1",
         }
     )
