@@ -26,6 +26,7 @@ from server.auth import caller_entry
 from server.settings import Settings
 from storage import migrate
 from storage.db import make_engine
+from storage.jobs import SqlJobStore
 from tests.s3_server import SeaweedS3
 
 pytest_plugins = ["tests.vendor_fixtures"]
@@ -210,3 +211,21 @@ async def secured_stub(secured_app: App) -> AsyncIterator[pb_grpc.ImageGeneratio
     """A client of `secured_app` holding TEST_TOKEN (every account; "default" unless x-account-id says)."""
     async with authed_channel(secured_app.grpc_target) as channel:
         yield pb_grpc.ImageGenerationStub(channel)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def store_on_each_database(
+    request: pytest.FixtureRequest, tmp_path: Path, database_url: str
+) -> AsyncIterator[SqlJobStore]:
+    """A migrated, empty job store on each supported database."""
+    if request.param == "postgresql":
+        engine = make_engine(database_url)
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+        await migrate.upgrade(engine)
+    store = SqlJobStore(engine)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await engine.dispose()

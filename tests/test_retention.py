@@ -21,7 +21,6 @@ from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import App, running_app, s3_options
 from server.settings import Settings
-from storage import migrate
 from storage.blobs import BlobStore, LocalBlobStore, attempt_prefix, image_key, open_blob_store
 from storage.db import make_engine
 from storage.errors import BlobNotFound, InvalidTransition, JobNotFound
@@ -283,22 +282,9 @@ async def test_the_background_sweeper_deletes_expired_jobs(tmp_path: Path, datab
         assert app.registry.get_sample_value("imagegen_jobs_deleted_total", {"reason": "expired"}) == 1
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-async def job_store(
-    request: pytest.FixtureRequest, tmp_path: Path, database_url: str
-) -> AsyncIterator[SqlJobStore]:
-    """A migrated, empty store on each supported database."""
-    if request.param == "postgresql":
-        engine = make_engine(database_url)
-    else:
-        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
-        await migrate.upgrade(engine)
-    store = SqlJobStore(engine)
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
+@pytest.fixture
+def job_store(store_on_each_database: SqlJobStore) -> SqlJobStore:
+    return store_on_each_database
 
 
 async def test_deleting_and_sweeping_on_each_database(job_store: SqlJobStore, tmp_path: Path) -> None:

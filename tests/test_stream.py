@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,6 @@ from google.rpc import error_details_pb2
 from imagegen.v1 import imagegen_pb2 as pb
 from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from server.app import running_app
-from storage import migrate
 from storage.db import make_engine
 from storage.jobs import SqlJobStore
 from storage.models import JobSpec, NewJob, utcnow
@@ -27,21 +26,9 @@ TERMINAL = (pb.JOB_STATUS_COMPLETED, pb.JOB_STATUS_FAILED, pb.JOB_STATUS_CANCELL
 SPEC = JobSpec(prompt="a lighthouse", provider="flux_2_pro", width=256, height=256, num_variants=1)
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, database_url: str
-) -> AsyncIterator[SqlJobStore]:
-    if request.param == "postgresql":
-        engine = make_engine(database_url)
-    else:
-        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
-        await migrate.upgrade(engine)
-    store = SqlJobStore(engine)
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
+@pytest.fixture
+def store(store_on_each_database: SqlJobStore) -> SqlJobStore:
+    return store_on_each_database
 
 
 async def test_events_are_numbered_in_order_and_read_per_account(store: SqlJobStore) -> None:

@@ -28,7 +28,6 @@ from imagegen.v1 import imagegen_pb2_grpc as pb_grpc
 from providers.references import parse_networks
 from server.app import App, running_app
 from server.webhooks import backoff_s, retry_after_s, target_violation
-from storage import migrate
 from storage.db import make_engine
 from storage.jobs import SqlJobStore
 from storage.models import JobSpec, NewJob
@@ -385,21 +384,9 @@ async def test_a_replica_killed_mid_delivery_loses_no_webhook(database_url: str,
         await receiver.stop()
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, database_url: str
-) -> AsyncIterator[SqlJobStore]:
-    if request.param == "postgresql":
-        engine = make_engine(database_url)
-    else:
-        engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
-        await migrate.upgrade(engine)
-    store = SqlJobStore(engine)
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
+@pytest.fixture
+def store(store_on_each_database: SqlJobStore) -> SqlJobStore:
+    return store_on_each_database
 
 
 async def test_the_outbox_trigger_claims_and_leases_on_each_database(store: SqlJobStore) -> None:
